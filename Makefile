@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine with Python >= 3.10 and pip:
+#   make run    -> the main job (spectral analysis of the embedded example model)
+#   make test   -> ruff + the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull the CUDA stack.
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/bayes-spectral analyze --example digits-mlp
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -n 2 -q -ra
+
+bench: $(VENV)/.installed
+	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info
