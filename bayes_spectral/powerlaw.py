@@ -1,0 +1,342 @@
+"""Layer 1: power-law fits of the tail of an ESD (batched, vectorised, differentiable alpha).
+
+Default rule (``xmin="ks"``, the one WeightWatcher uses): for every candidate
+``xmin = lambda_i`` (ascending order, tail size ``n = N - i >= min_tail``)
+
+    alpha_i = 1 + n / sum_{j>=i} ln(lambda_j / lambda_i)
+    D_i     = max_{j>=i} | 1 - (lambda_j/lambda_i)^(1 - alpha_i) - (j - i)/n |
+
+and the fit is the first ``argmin_i D_i`` (``D_i = 1`` where ``alpha_i <= 1``). All
+candidates are evaluated at once, in chunks of candidates so that memory stays bounded
+(``O(chunk * N)``; ``N = 16384`` needs a few tens of MiB).
+
+Eigenvalues ``<= lambda_max * (N * eps)^2`` (``sigma <= N eps sigma_max``, the numerical-rank
+cut) are treated as zero and never used as ``xmin``; WeightWatcher instead drops
+``lambda <= 1e-5`` in absolute terms, which makes its fit depend on the scale of ``W``.
+
+The returned ``alpha`` is differentiable: the xmin index is chosen without gradient and
+``alpha`` is recomputed at that index from the eigenvalues, so gradients flow through them
+(``d alpha / d lambda`` of the MLE formula above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["PowerLawFit", "fit_powerlaw", "hill_estimator", "alpha_at_index"]
+
+_CHUNK_ELEMENTS = 1 << 21  # elements per temporary in the KS scan (16 MiB in float64)
+
+
+@dataclass
+class PowerLawFit:
+    """Result of a tail fit; tensors have the batch shape of the input (0-d for one ESD).
+
+    ``alpha`` (pdf exponent, differentiable), ``xmin`` (tail start), ``xmin_index`` (into
+    the ascending ESD), ``num_tail`` (eigenvalues >= xmin used), ``ks_distance`` (``D``),
+    ``sigma = (alpha - 1)/sqrt(num_tail)``, ``xmax`` (upper cut of the truncated fit, else
+    ``lambda_max``) and ``ks_distances`` (``D_i`` of every candidate, ``inf`` where not a
+    candidate) for plots.
+    """
+
+    alpha: torch.Tensor
+    xmin: torch.Tensor
+    xmin_index: torch.Tensor
+    num_tail: torch.Tensor
+    ks_distance: torch.Tensor
+    sigma: torch.Tensor
+    xmax: torch.Tensor
+    method: str
+    ks_distances: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain floats of an unbatched fit (``alpha``, ``xmin``, ``ks_distance``...)."""
+        if self.alpha.dim() != 0:
+            raise ValueError("to_dict() is for a single ESD; index the batch first")
+        return {
+            "alpha": float(self.alpha),
+            "xmin": float(self.xmin),
+            "xmax": float(self.xmax),
+            "ks_distance": float(self.ks_distance),
+            "num_tail": int(self.num_tail),
+            "sigma": float(self.sigma),
+        }
+
+
+def _prepare(evals: torch.Tensor, min_tail: int, name: str | None) -> tuple[torch.Tensor, int]:
+    """Validate, sort ascending, and return (sorted evals (B, N), first usable index per row)."""
+    where = f" (layer {name!r})" if name else ""
+    if not isinstance(evals, torch.Tensor):
+        raise TypeError(f"evals{where} must be a torch.Tensor, got {type(evals).__name__}")
+    if not evals.is_floating_point():
+        raise TypeError(f"evals{where} must be floating point, got {evals.dtype}")
+    if evals.dim() == 0 or evals.shape[-1] < 2:
+        raise ValueError(f"evals{where} of shape {tuple(evals.shape)}: need >= 2 eigenvalues")
+    if not bool(torch.isfinite(evals).all()):
+        raise ValueError(f"evals{where} contain NaN or Inf")
+    if bool((evals < 0).any()):
+        raise ValueError(f"evals{where} contain negative values; an ESD is >= 0")
+    if min_tail < 2:
+        raise ValueError(f"min_tail must be >= 2, got {min_tail}")
+    return torch.sort(evals, dim=-1).values, evals.shape[-1]
+
+
+def _zero_cut(lam: torch.Tensor, rtol: float | None) -> torch.Tensor:
+    """Index of the first eigenvalue above the zero cut, per row (lam sorted ascending)."""
+    n = lam.shape[-1]
+    if rtol is None:
+        rtol = (n * torch.finfo(lam.dtype).eps) ** 2
+    thresh = lam[..., -1:] * rtol
+    return (lam <= thresh).sum(-1)
+
+
+def alpha_at_index(evals_sorted: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
+    """MLE ``alpha = 1 + n / sum_{j>=i} ln(lambda_j/lambda_i)`` at a fixed xmin index ``i``.
+
+    ``evals_sorted`` ascending along the last dim; differentiable in the eigenvalues.
+    """
+    N = evals_sorted.shape[-1]
+    idx = torch.as_tensor(index, device=evals_sorted.device).expand(evals_sorted.shape[:-1])
+    logs = torch.log(evals_sorted.clamp_min(torch.finfo(evals_sorted.dtype).tiny))
+    j = torch.arange(N, device=evals_sorted.device)
+    in_tail = j >= idx.unsqueeze(-1)
+    log_xmin = torch.gather(logs, -1, idx.unsqueeze(-1).long())
+    total = torch.where(in_tail, logs - log_xmin, torch.zeros_like(logs)).sum(-1)
+    n = (N - idx).to(evals_sorted.dtype)
+    return 1.0 + n / total
+
+
+def _ks_scan(lam: torch.Tensor, first: torch.Tensor, min_tail: int) -> tuple[torch.Tensor, ...]:
+    """alpha_i and D_i for every candidate (rows of ``lam``: (B, N), ascending, no grad)."""
+    B, N = lam.shape
+    dtype = lam.dtype
+    logs = torch.log(lam.clamp_min(torch.finfo(dtype).tiny))
+    n_cand = N - min_tail + 1  # candidates i = 0 .. N - min_tail
+    i_all = torch.arange(n_cand, device=lam.device)
+    n_all = (N - i_all).to(dtype)
+    suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
+    denom = suffix - n_all * logs[:, :n_cand]
+    alphas = 1.0 + n_all / denom
+    D = torch.full((B, n_cand), float("inf"), dtype=dtype, device=lam.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N))
+    for c0 in range(0, n_cand, chunk):
+        c1 = min(n_cand, c0 + chunk)
+        idx = i_all[c0:c1]
+        tail_logs = logs[:, c0:]  # (B, N - c0)
+        rel = torch.arange(c0, N, device=lam.device)[None, :] - idx[:, None]  # (c, N - c0)
+        a = alphas[:, c0:c1, None]
+        log_ratio = tail_logs[:, None, :] - logs[:, c0:c1, None]
+        theo = -torch.expm1((1.0 - a) * log_ratio)
+        emp = rel.to(dtype) / n_all[c0:c1, None]
+        dev = (theo - emp).abs().masked_fill(rel < 0, 0.0)
+        D[:, c0:c1] = dev.amax(-1)
+    bad_alpha = ~(alphas > 1) | ~torch.isfinite(alphas)
+    D = torch.where(bad_alpha, torch.ones_like(D), D)
+    D = torch.where(i_all[None, :] < first[:, None], torch.full_like(D, float("inf")), D)
+    return alphas, D
+
+
+def _truncated_rate(mean_log: torch.Tensor, t: torch.Tensor, iters: int = 80) -> torch.Tensor:
+    """MLE rate ``b = alpha - 1`` of a power law truncated to ``[xmin, xmax]``.
+
+    With ``y = ln(x/xmin)`` on ``[0, t]``, ``t = ln(xmax/xmin)``, the density is a truncated
+    exponential ``b e^{-b y} / (1 - e^{-b t})`` and the MLE solves
+    ``mean(y) = 1/b - t / (e^{b t} - 1)`` (bisection on ``log b``; ``b -> 0`` where
+    ``mean(y) >= t/2``).
+    """
+    lo = torch.full_like(mean_log, -30.0)
+    hi = torch.full_like(mean_log, 30.0)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        b = torch.exp(mid)
+        rhs = 1.0 / b - t / torch.expm1(b * t)
+        go_up = rhs > mean_log  # rhs decreasing in b
+        lo = torch.where(go_up, mid, lo)
+        hi = torch.where(go_up, hi, mid)
+    return torch.exp(0.5 * (lo + hi))
+
+
+def _truncated_fit(lam: torch.Tensor, first: torch.Tensor, min_tail: int):
+    """alpha_i and D_i for the truncated power law on ``[lambda_i, lambda_max]``."""
+    B, N = lam.shape
+    dtype = lam.dtype
+    logs = torch.log(lam.clamp_min(torch.finfo(dtype).tiny))
+    n_cand = N - min_tail + 1
+    i_all = torch.arange(n_cand, device=lam.device)
+    n_all = (N - i_all).to(dtype)
+    suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
+    mean_log = (suffix - n_all * logs[:, :n_cand]) / n_all
+    t = logs[:, -1:] - logs[:, :n_cand]
+    b = _truncated_rate(mean_log, t)
+    alphas = 1.0 + b
+    D = torch.full((B, n_cand), float("inf"), dtype=dtype, device=lam.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N))
+    for c0 in range(0, n_cand, chunk):
+        c1 = min(n_cand, c0 + chunk)
+        rel = torch.arange(c0, N, device=lam.device)[None, :] - i_all[c0:c1, None]
+        y = logs[:, None, c0:] - logs[:, c0:c1, None]
+        bb = b[:, c0:c1, None]
+        theo = torch.expm1(-bb * y) / torch.expm1(-bb * t[:, c0:c1, None])
+        emp = rel.to(dtype) / n_all[c0:c1, None]
+        dev = (theo - emp).abs().masked_fill(rel < 0, 0.0)
+        D[:, c0:c1] = dev.amax(-1)
+    bad = ~torch.isfinite(D) | ~(t > 0)
+    D = torch.where(bad, torch.ones_like(D), D)
+    D = torch.where(i_all[None, :] < first[:, None], torch.full_like(D, float("inf")), D)
+    return alphas, D
+
+
+def _truncated_alpha_grad(lam_sorted: torch.Tensor, idx: torch.Tensor, b0: torch.Tensor):
+    """One Newton step from the detached root ``b0``: same value, implicit-function gradient."""
+    N = lam_sorted.shape[-1]
+    logs = torch.log(lam_sorted.clamp_min(torch.finfo(lam_sorted.dtype).tiny))
+    j = torch.arange(N, device=lam_sorted.device)
+    in_tail = j >= idx.unsqueeze(-1)
+    log_xmin = torch.gather(logs, -1, idx.unsqueeze(-1)).squeeze(-1)
+    n = (N - idx).to(lam_sorted.dtype)
+    mean_log = torch.where(in_tail, logs - log_xmin.unsqueeze(-1), 0.0).sum(-1) / n
+    t = logs[..., -1] - log_xmin
+    b0 = b0.detach()
+
+    def g(b):
+        return 1.0 / b - t / torch.expm1(b * t) - mean_log
+
+    ebt = torch.exp(b0 * t)
+    dg = -1.0 / b0**2 + t**2 * ebt / torch.expm1(b0 * t) ** 2
+    return 1.0 + b0 - g(b0) / dg
+
+
+def fit_powerlaw(
+    evals: torch.Tensor,
+    xmin: str | float = "ks",
+    *,
+    xmin_quantile: float | None = None,
+    xmin_index: int | None = None,
+    xmax: float | None = None,
+    num_fingers: int = 0,
+    min_tail: int = 2,
+    rtol: float | None = None,
+    name: str | None = None,
+) -> PowerLawFit:
+    """Fit a power law ``p(lambda) ~ lambda^(-alpha)`` to the tail of an ESD.
+
+    ``evals``: eigenvalues ``(..., N)`` (any order; batched over leading dims).
+    xmin choice, exactly one of: ``xmin="ks"`` (default, scan all candidates, minimise the
+    KS distance), ``xmin=<float>`` (tail is ``lambda >= xmin``), ``xmin_quantile=q``
+    (``xmin = lambda_(floor(q N))``, 0-based ascending) or ``xmin_index=i``.
+    Truncated variant: ``xmax=<float>`` drops eigenvalues above ``xmax`` and
+    ``num_fingers=k`` drops the ``k`` largest (outlier "fingers"); then the law is the
+    power law truncated to ``[xmin, xmax]`` (MLE by bisection, see ``_truncated_rate``).
+    """
+    fixed = [xmin != "ks", xmin_quantile is not None, xmin_index is not None]
+    if sum(fixed) > 1:
+        raise ValueError("give at most one of xmin=<value>, xmin_quantile, xmin_index")
+    if isinstance(xmin, str) and xmin != "ks":
+        raise ValueError(f"xmin must be 'ks' or a number, got {xmin!r}")
+    if num_fingers < 0:
+        raise ValueError(f"num_fingers must be >= 0, got {num_fingers}")
+    lam, N = _prepare(evals, min_tail, name)
+    where = f" (layer {name!r})" if name else ""
+    truncated = xmax is not None or num_fingers > 0
+    batch_shape = lam.shape[:-1]
+    lam2 = lam.reshape(-1, N)
+    if num_fingers:
+        if N - num_fingers < min_tail:
+            raise ValueError(f"num_fingers={num_fingers} leaves fewer than {min_tail} eigenvalues")
+        lam2 = lam2[:, : N - num_fingers]
+    if xmax is not None:
+        if lam2.shape[0] != 1:
+            raise ValueError("xmax=<value> is for a single ESD; use num_fingers for batches")
+        keep = int((lam2[0] <= xmax).sum())
+        if keep < min_tail:
+            raise ValueError(f"xmax={xmax} leaves {keep} eigenvalues{where}, need {min_tail}")
+        lam2 = lam2[:, :keep]
+    N2 = lam2.shape[-1]
+    with torch.no_grad():
+        lam_d = lam2.detach()
+        first = _zero_cut(lam_d, rtol)
+        usable = N2 - first
+        if bool((usable < min_tail).any()):
+            raise ValueError(
+                f"too few non-zero eigenvalues for a tail fit{where}: {int(usable.min())} "
+                f"above the zero cut, need at least {min_tail} (is the matrix all zeros or "
+                "rank-deficient?)"
+            )
+        scan = _truncated_fit if truncated else _ks_scan
+        alphas, D = scan(lam_d, first, min_tail)
+        if xmin == "ks" and xmin_quantile is None and xmin_index is None:
+            idx = torch.argmin(D, dim=-1)
+            if bool(torch.isinf(D.gather(-1, idx[:, None])).any()):
+                raise ValueError(f"no valid xmin candidate{where}")
+        else:
+            if xmin_index is not None:
+                i = int(xmin_index)
+            elif xmin_quantile is not None:
+                if not 0.0 <= float(xmin_quantile) < 1.0:
+                    raise ValueError(f"xmin_quantile must be in [0, 1), got {xmin_quantile}")
+                i = int(float(xmin_quantile) * N2)
+            else:
+                if not float(xmin) > 0:
+                    raise ValueError(f"xmin must be > 0, got {xmin}")
+                if lam_d.shape[0] != 1:
+                    raise ValueError("xmin=<value> is for a single ESD")
+                i = int(torch.searchsorted(lam_d[0].contiguous(), torch.tensor(
+                    [float(xmin)], dtype=lam_d.dtype, device=lam_d.device))[0])
+            if not 0 <= i <= N2 - min_tail:
+                raise ValueError(
+                    f"xmin choice gives tail index {i}{where}: need 0 <= index <= "
+                    f"{N2 - min_tail} so that at least {min_tail} eigenvalues are in the tail"
+                )
+            idx = torch.full((lam_d.shape[0],), i, dtype=torch.long, device=lam_d.device)
+            if bool((idx < first).any()):
+                raise ValueError(f"xmin index {i}{where} falls on a zero eigenvalue")
+        ks = D.gather(-1, idx[:, None]).squeeze(-1)
+    if truncated:
+        b0 = alphas.gather(-1, idx[:, None]).squeeze(-1) - 1.0
+        alpha = _truncated_alpha_grad(lam2, idx, b0)
+    else:
+        alpha = alpha_at_index(lam2, idx)
+    n_tail = N2 - idx
+    xmin_val = lam2.gather(-1, idx[:, None]).squeeze(-1)
+    sigma = (alpha - 1.0) / n_tail.to(alpha.dtype).sqrt()
+    return PowerLawFit(
+        alpha=alpha.reshape(batch_shape),
+        xmin=xmin_val.reshape(batch_shape),
+        xmin_index=idx.reshape(batch_shape),
+        num_tail=n_tail.reshape(batch_shape),
+        ks_distance=ks.reshape(batch_shape),
+        sigma=sigma.reshape(batch_shape),
+        xmax=lam2[:, -1].reshape(batch_shape),
+        method="truncated" if truncated else ("ks" if sum(fixed) == 0 else "fixed"),
+        ks_distances=D.reshape(*batch_shape, -1),
+    )
+
+
+def hill_estimator(evals: torch.Tensor, k: int, name: str | None = None) -> PowerLawFit:
+    """Hill estimator at fixed ``k`` (the ``k`` largest eigenvalues).
+
+    ``alpha = 1 + k / sum_{i=1..k} ln(lambda_(N-i+1) / lambda_(N-k))`` with the threshold
+    ``xmin = lambda_(N-k)`` the (k+1)-th largest (1-based order statistics).
+    """
+    lam, N = _prepare(evals, 2, name)
+    if not 1 <= k <= N - 1:
+        raise ValueError(f"Hill k must be in [1, {N - 1}] for {N} eigenvalues, got {k}")
+    logs = torch.log(lam.clamp_min(torch.finfo(lam.dtype).tiny))
+    thr = logs[..., N - k - 1]
+    if bool((lam[..., N - k - 1] <= 0).any()):
+        raise ValueError("Hill threshold eigenvalue is zero; choose k < number of non-zeros")
+    total = (logs[..., N - k:] - thr.unsqueeze(-1)).sum(-1)
+    alpha = 1.0 + k / total
+    num = torch.full(alpha.shape, k, dtype=torch.long, device=lam.device)
+    return PowerLawFit(
+        alpha=alpha,
+        xmin=lam[..., N - k - 1],
+        xmin_index=torch.full_like(num, N - k - 1),
+        num_tail=num,
+        ks_distance=torch.full_like(alpha, float("nan")).detach(),
+        sigma=(alpha - 1.0) / k**0.5,
+        xmax=lam[..., -1],
+        method="hill",
+    )
