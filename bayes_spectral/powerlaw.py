@@ -37,7 +37,7 @@ class PowerLawFit:
     ``alpha`` (pdf exponent, differentiable), ``xmin`` (tail start), ``xmin_index`` (into
     the ascending ESD), ``num_tail`` (eigenvalues >= xmin used), ``ks_distance`` (``D``),
     ``sigma = (alpha - 1)/sqrt(num_tail)``, ``xmax`` (upper cut of the truncated fit, else
-    ``lambda_max``) and ``ks_distances`` (``D_i`` of every candidate, ``inf`` where not a
+    ``lambda_max``; in the truncated fit the largest eigenvalue kept) and ``ks_distances`` (``D_i`` of every candidate, ``inf`` where not a
     candidate) for plots.
     """
 
@@ -108,12 +108,19 @@ def alpha_at_index(evals_sorted: torch.Tensor, index: torch.Tensor | int) -> tor
     return 1.0 + n / total
 
 
-def _ks_scan(lam: torch.Tensor, first: torch.Tensor, min_tail: int) -> tuple[torch.Tensor, ...]:
-    """alpha_i and D_i for every candidate (rows of ``lam``: (B, N), ascending, no grad)."""
+def _ks_scan(
+    lam: torch.Tensor, first: torch.Tensor, min_tail: int, lo: int = 0, hi: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """alpha_i and D_i for candidates ``lo <= i < hi`` (default all ``i <= N - min_tail``).
+
+    Rows of ``lam`` are ascending ESDs ``(B, N)``; no gradient. Other candidates get
+    ``D = inf``.
+    """
     B, N = lam.shape
     dtype = lam.dtype
     logs = torch.log(lam.clamp_min(torch.finfo(dtype).tiny))
     n_cand = N - min_tail + 1  # candidates i = 0 .. N - min_tail
+    hi = n_cand if hi is None else hi
     i_all = torch.arange(n_cand, device=lam.device)
     n_all = (N - i_all).to(dtype)
     suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
@@ -121,8 +128,8 @@ def _ks_scan(lam: torch.Tensor, first: torch.Tensor, min_tail: int) -> tuple[tor
     alphas = 1.0 + n_all / denom
     D = torch.full((B, n_cand), float("inf"), dtype=dtype, device=lam.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N))
-    for c0 in range(0, n_cand, chunk):
-        c1 = min(n_cand, c0 + chunk)
+    for c0 in range(lo, hi, chunk):
+        c1 = min(hi, c0 + chunk)
         idx = i_all[c0:c1]
         tail_logs = logs[:, c0:]  # (B, N - c0)
         rel = torch.arange(c0, N, device=lam.device)[None, :] - idx[:, None]  # (c, N - c0)
@@ -158,12 +165,15 @@ def _truncated_rate(mean_log: torch.Tensor, t: torch.Tensor, iters: int = 80) ->
     return torch.exp(0.5 * (lo + hi))
 
 
-def _truncated_fit(lam: torch.Tensor, first: torch.Tensor, min_tail: int):
-    """alpha_i and D_i for the truncated power law on ``[lambda_i, lambda_max]``."""
+def _truncated_fit(
+    lam: torch.Tensor, first: torch.Tensor, min_tail: int, lo: int = 0, hi: int | None = None
+):
+    """alpha_i and D_i for the truncated power law on ``[lambda_i, lambda_max]`` (as _ks_scan)."""
     B, N = lam.shape
     dtype = lam.dtype
     logs = torch.log(lam.clamp_min(torch.finfo(dtype).tiny))
     n_cand = N - min_tail + 1
+    hi = n_cand if hi is None else hi
     i_all = torch.arange(n_cand, device=lam.device)
     n_all = (N - i_all).to(dtype)
     suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
@@ -173,8 +183,8 @@ def _truncated_fit(lam: torch.Tensor, first: torch.Tensor, min_tail: int):
     alphas = 1.0 + b
     D = torch.full((B, n_cand), float("inf"), dtype=dtype, device=lam.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N))
-    for c0 in range(0, n_cand, chunk):
-        c1 = min(n_cand, c0 + chunk)
+    for c0 in range(lo, hi, chunk):
+        c1 = min(hi, c0 + chunk)
         rel = torch.arange(c0, N, device=lam.device)[None, :] - i_all[c0:c1, None]
         y = logs[:, None, c0:] - logs[:, c0:c1, None]
         bb = b[:, c0:c1, None]
@@ -265,8 +275,8 @@ def fit_powerlaw(
                 "rank-deficient?)"
             )
         scan = _truncated_fit if truncated else _ks_scan
-        alphas, D = scan(lam_d, first, min_tail)
-        if xmin == "ks" and xmin_quantile is None and xmin_index is None:
+        if sum(fixed) == 0:
+            alphas, D = scan(lam_d, first, min_tail)
             idx = torch.argmin(D, dim=-1)
             if bool(torch.isinf(D.gather(-1, idx[:, None])).any()):
                 raise ValueError(f"no valid xmin candidate{where}")
@@ -290,6 +300,7 @@ def fit_powerlaw(
                     f"{N2 - min_tail} so that at least {min_tail} eigenvalues are in the tail"
                 )
             idx = torch.full((lam_d.shape[0],), i, dtype=torch.long, device=lam_d.device)
+            alphas, D = scan(lam_d, first, min_tail, lo=i, hi=i + 1)
             if bool((idx < first).any()):
                 raise ValueError(f"xmin index {i}{where} falls on a zero eigenvalue")
         ks = D.gather(-1, idx[:, None]).squeeze(-1)
