@@ -36,9 +36,9 @@ class PowerLawFit:
 
     ``alpha`` (pdf exponent, differentiable), ``xmin`` (tail start), ``xmin_index`` (into
     the ascending ESD), ``num_tail`` (eigenvalues >= xmin used), ``ks_distance`` (``D``),
-    ``sigma = (alpha - 1)/sqrt(num_tail)``, ``xmax`` (upper cut of the truncated fit, else
-    ``lambda_max``; in the truncated fit the largest eigenvalue kept) and ``ks_distances`` (``D_i`` of every candidate, ``inf`` where not a
-    candidate) for plots.
+    ``sigma = (alpha - 1)/sqrt(num_tail)``, ``xmax`` (``lambda_max``; in the truncated fit
+    the largest eigenvalue kept) and ``ks_distances`` (``D_i`` of every candidate, ``inf``
+    where not a candidate) for plots.
     """
 
     alpha: torch.Tensor

@@ -58,7 +58,8 @@ def test_chunking_does_not_change_the_result(monkeypatch):
 
 
 def test_batched_fit_equals_one_by_one():
-    stack = torch.stack([torch.tensor(pareto_evals(a, 300, seed=s)) for s, a in enumerate([2, 3, 4])])
+    rows = [torch.tensor(pareto_evals(a, 300, seed=s)) for s, a in enumerate([2, 3, 4])]
+    stack = torch.stack(rows)
     batched = bs.fit_powerlaw(stack)
     for k in range(3):
         one = bs.fit_powerlaw(stack[k])
