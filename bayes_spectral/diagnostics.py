@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -25,18 +25,39 @@ __all__ = ["analyze", "weight_layers"]
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear)
 
 
+_STATE_DICT_TYPES = {2: "Matrix", 3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
+
+
+def _state_dict_layers(state: Mapping[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor]]:
+    found = []
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        is_weight = key.endswith("weight") and value.is_floating_point()
+        if is_weight and value.dim() in _STATE_DICT_TYPES:
+            name = key[: -len(".weight")] if key.endswith(".weight") else key
+            found.append((name, _STATE_DICT_TYPES[value.dim()], value))
+    return found
+
+
 def weight_layers(
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     include: Iterable[str] = (),
     layers: str | Iterable[str] | None = None,
 ) -> list[tuple[str, str, torch.Tensor]]:
     """``(name, type, weight)`` of every Linear/Conv layer plus opted-in 2-D parameters.
 
-    ``include``: names of extra parameters (e.g. ``"attn.in_proj_weight"``) to analyse.
-    ``layers``: a regular expression (or list of exact names) selecting layers.
+    ``model``: an ``nn.Module``, or a state_dict (its floating ``*weight`` tensors with
+    2 to 5 dims are the layers). ``include``: names of extra 2-D parameters (e.g.
+    ``"attn.in_proj_weight"``). ``layers``: a regular expression (or list of exact names).
     """
+    if isinstance(model, Mapping):
+        found = _state_dict_layers(model)
+        return _select(found, layers)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"analyze() needs a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"analyze() needs a torch.nn.Module or a state_dict, got {type(model).__name__}"
+        )
     found: list[tuple[str, str, torch.Tensor]] = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -53,10 +74,18 @@ def weight_layers(
                 "only 2-D parameters can be opted in"
             )
         found.append((pname, "Parameter", params[pname]))
+    return _select(found, layers)
+
+
+def _select(
+    found: list[tuple[str, str, torch.Tensor]], layers: str | Iterable[str] | None
+) -> list[tuple[str, str, torch.Tensor]]:
     if layers is not None:
         if isinstance(layers, str):
             pattern = re.compile(layers)
             found = [f for f in found if pattern.search(f[0])]
+            if not found:
+                raise ValueError(f"layer pattern {layers!r} matches no weight layer")
         else:
             wanted = list(layers)
             names = {f[0] for f in found}
@@ -68,7 +97,7 @@ def weight_layers(
 
 
 def analyze(
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     *,
     layers: str | Iterable[str] | None = None,
     include: Iterable[str] = (),
@@ -80,6 +109,8 @@ def analyze(
     **fit_kwargs,
 ) -> xr.Dataset:
     """Spectral metrics of every weight layer of ``model`` (see ``metrics.py``).
+
+    ``model`` is an ``nn.Module`` or a state_dict (see :func:`weight_layers`).
 
     Layers with fewer than ``min_evals`` eigenvalues are left out (WeightWatcher's default
     is 8 too) and listed in ``ds.attrs["skipped"]``. Spectra are computed in ``dtype``
