@@ -18,7 +18,7 @@ import xarray as xr
 from torch import nn
 
 from .metrics import spectral_metrics
-from .spectrum import ConvMode, esd
+from .spectrum import ConvMode, SpectrumMethod, esd
 
 __all__ = ["analyze", "weight_layers"]
 
@@ -106,6 +106,7 @@ def analyze(
     return_esd: bool = False,
     dtype: torch.dtype = torch.float64,
     schatten: tuple[float, ...] = (1.0,),
+    method: SpectrumMethod = "gram",
     **fit_kwargs,
 ) -> xr.Dataset:
     """Spectral metrics of every weight layer of ``model`` (see ``metrics.py``).
@@ -114,7 +115,9 @@ def analyze(
 
     Layers with fewer than ``min_evals`` eigenvalues are left out (WeightWatcher's default
     is 8 too) and listed in ``ds.attrs["skipped"]``. Spectra are computed in ``dtype``
-    (float64 by default). ``return_esd=True`` adds ``esd`` (dims ``layer, eval_index``,
+    (float64 by default) by ``method`` (``"gram"``: eigenvalues of the smaller Gram matrix,
+    the fast default; ``"svd"``: singular values, accurate for tiny values).
+    ``return_esd=True`` adds ``esd`` (dims ``layer, eval_index``,
     ascending, NaN-padded). Extra keyword arguments go to ``fit_powerlaw``.
     """
     rows: list[dict[str, float]] = []
@@ -130,10 +133,11 @@ def analyze(
             skipped.append(name)
             continue
         with torch.no_grad():
-            m = spectral_metrics(w, conv=conv, schatten=schatten, name=name, **fit_kwargs)
+            m = spectral_metrics(w, conv=conv, schatten=schatten, name=name, method=method,
+                                 **fit_kwargs)
             rows.append({k: float(v) for k, v in m.items()})
             if return_esd:
-                spectra.append(esd(w, conv=conv, name=name).cpu().numpy())
+                spectra.append(esd(w, conv=conv, name=name, method=method).cpu().numpy())
         names.append(name)
         types.append(ltype)
         shapes.append("x".join(str(s) for s in weight.shape))

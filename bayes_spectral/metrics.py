@@ -18,7 +18,15 @@ import math
 import torch
 
 from .powerlaw import fit_powerlaw
-from .spectrum import ConvMode, effective_rank, esd, numerical_rank, schatten_norm, stable_rank
+from .spectrum import (
+    ConvMode,
+    SpectrumMethod,
+    effective_rank,
+    esd,
+    numerical_rank,
+    schatten_norm,
+    stable_rank,
+)
 
 __all__ = ["spectral_metrics", "metrics_from_esd", "METRIC_NAMES"]
 
@@ -47,9 +55,14 @@ def metrics_from_esd(
     schatten: tuple[float, ...] = (1.0,),
     max_dim: int | None = None,
     name: str | None = None,
+    rank_rtol: float | None = None,
     **fit_kwargs,
 ) -> dict[str, torch.Tensor]:
-    """All metrics of an ascending ESD ``evals`` (``(..., N)``); see the module docstring."""
+    """All metrics of an ascending ESD ``evals`` (``(..., N)``); see the module docstring.
+
+    ``rank_rtol``: relative tolerance on ``sigma`` for ``numerical_rank`` (default
+    ``max_dim * eps``).
+    """
     fit = fit_powerlaw(evals, name=name, **fit_kwargs)
     lam_max = evals.amax(-1)
     alpha = fit.alpha
@@ -64,7 +77,7 @@ def metrics_from_esd(
         "log_alpha_norm": torch.logsumexp(powered, -1) / _LN10,
         "stable_rank": stable_rank(evals),
         "effective_rank": effective_rank(evals),
-        "numerical_rank": numerical_rank(evals, max_dim=max_dim),
+        "numerical_rank": numerical_rank(evals, rtol=rank_rtol, max_dim=max_dim),
         "lambda_max": lam_max,
         "xmin": fit.xmin,
         "num_tail": fit.num_tail,
@@ -83,15 +96,22 @@ def spectral_metrics(
     conv: ConvMode = "pool",
     schatten: tuple[float, ...] = (1.0,),
     name: str | None = None,
+    method: SpectrumMethod = "svd",
     **fit_kwargs,
 ) -> dict[str, torch.Tensor]:
     """Metrics of one weight (2-D matrix or conv kernel); ESD by :func:`bayes_spectral.esd`.
 
     Extra keyword arguments go to :func:`bayes_spectral.fit_powerlaw` (``xmin``, ...).
     All values are differentiable where the formula is (alpha via the fixed-index MLE).
+    With ``method="gram"`` the numerical rank uses the Gram precision:
+    ``sigma > sqrt(max_dim * eps) * sigma_max``.
     """
-    evals = esd(weight, conv=conv, name=name)
+    evals = esd(weight, conv=conv, name=name, method=method)
     max_dim = max(weight.shape[0], math.prod(weight.shape[1:])) if conv == "flatten" else max(
         weight.shape[:2]
     )
-    return metrics_from_esd(evals, schatten=schatten, max_dim=max_dim, name=name, **fit_kwargs)
+    rank_rtol = None
+    if method == "gram":
+        rank_rtol = math.sqrt(max_dim * torch.finfo(evals.dtype).eps)
+    return metrics_from_esd(evals, schatten=schatten, max_dim=max_dim, name=name,
+                            rank_rtol=rank_rtol, **fit_kwargs)

@@ -26,6 +26,7 @@ from torch import nn
 from ._checks import check_weight
 
 ConvMode = Literal["pool", "flatten"]
+SpectrumMethod = Literal["svd", "gram"]
 
 __all__ = [
     "as_matrices",
@@ -68,15 +69,33 @@ def as_matrices(
     return weight.reshape(out_ch, in_ch, k).permute(2, 0, 1)
 
 
+def _gram_eigvalsh(mats: torch.Tensor) -> torch.Tensor:
+    """Descending eigenvalues of the smaller Gram matrix (``W^T W`` or ``W W^T``), >= 0."""
+    m, n = mats.shape[-2:]
+    gram = mats.mT @ mats if n <= m else mats @ mats.mT
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
+
+
 def singular_values(
-    weight: torch.Tensor, conv: ConvMode = "pool", batch: bool = False, name: str | None = None
+    weight: torch.Tensor,
+    conv: ConvMode = "pool",
+    batch: bool = False,
+    name: str | None = None,
+    method: SpectrumMethod = "svd",
 ) -> torch.Tensor:
     """Singular values ``sigma_i`` (descending) of every matrix of :func:`as_matrices`.
 
-    Returns shape ``(..., min(m, n))``; gradients are those of ``torch.linalg.svdvals``
-    (well defined for repeated values).
+    Returns shape ``(..., min(m, n))``. ``method="svd"`` (default) uses
+    ``torch.linalg.svdvals``: accurate to ``eps * sigma_i`` and with gradients well
+    defined for repeated values. ``method="gram"`` takes ``sqrt`` of the eigenvalues of
+    the smaller Gram matrix: 1.5-4x faster on CPU, but small values are only accurate to
+    ``sqrt(eps) * sigma_max`` (fine for tail fits and norms, not for numerical rank).
     """
     mats = as_matrices(weight, conv=conv, batch=batch, name=name)
+    if method == "gram":
+        return _gram_eigvalsh(mats).sqrt()
+    if method != "svd":
+        raise ValueError(f"method must be 'svd' or 'gram', got {method!r}")
     return torch.linalg.svdvals(mats)
 
 
@@ -85,15 +104,21 @@ def esd(
     conv: ConvMode = "pool",
     batch: bool = False,
     name: str | None = None,
+    method: SpectrumMethod = "svd",
 ) -> torch.Tensor:
     """Empirical spectral density: ascending eigenvalues ``lambda_i = sigma_i(W)^2``.
 
     For a 2-D weight or a conv kernel returns one 1-D tensor (pooled over kernel slices,
     length ``prod(k) * min(out, in)``). With ``batch=True`` a stack ``(..., m, n)`` gives
-    ``(..., min(m, n))``, one ascending ESD per matrix.
+    ``(..., min(m, n))``, one ascending ESD per matrix. ``method``: see
+    :func:`singular_values` (``"gram"`` returns the Gram eigenvalues directly).
     """
-    sv = singular_values(weight, conv=conv, batch=batch, name=name)
-    evals = sv.square().flip(-1)
+    if method == "gram":
+        evals = _gram_eigvalsh(as_matrices(weight, conv=conv, batch=batch, name=name)).flip(-1)
+        sv = evals
+    else:
+        sv = singular_values(weight, conv=conv, batch=batch, name=name, method=method)
+        evals = sv.square().flip(-1)
     if batch:
         return evals
     evals = evals.reshape(-1)

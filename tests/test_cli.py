@@ -1,0 +1,81 @@
+"""The bayes-spectral command: help, analysis of files, safe loading, exit codes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from bayes_spectral import cli
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bayes_spectral.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_subcommands_and_examples():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    assert "analyze" in res.stdout and "examples:" in res.stdout
+    res = run_cli("analyze", "--help")
+    assert res.returncode == 0 and "--example" in res.stdout
+
+
+def test_analyze_state_dict_file_prints_table_and_csv(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 30))
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    code = cli.main(["analyze", str(path), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "alpha" in out and "0 " in out and "2 " in out
+    csv = (tmp_path / "out" / "analysis.csv").read_text().splitlines()
+    assert len(csv) == 3  # header + two layers
+    import bayes_spectral as bs
+
+    alpha0 = float(bs.spectral_metrics(model[0].weight.detach().double())["alpha"])
+    assert f"{alpha0:.6g}"[:5] in (tmp_path / "out" / "analysis.csv").read_text()
+
+
+def test_safetensors_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.randn(30, 20), "fc.bias": torch.randn(30)},
+              str(tmp_path / "m.safetensors"))
+    assert cli.main(["analyze", str(tmp_path / "m.safetensors")]) == 0
+    assert "fc" in capsys.readouterr().out
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("owned",))
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"not a checkpoint at all", "cannot be loaded safely"),
+        (None, "cannot be loaded safely"),  # a pickled arbitrary object
+    ],
+)
+def test_corrupt_or_malicious_files_fail_cleanly(tmp_path, capsys, content, words):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"w": Evil()}, path)
+    else:
+        path.write_bytes(content)
+    code = cli.main(["analyze", str(path)])
+    err = capsys.readouterr()
+    assert code == cli.EXIT_BAD_FILE
+    assert words in err.err
+    assert "owned" not in err.out
+
+
+def test_missing_file_and_no_layers(tmp_path, capsys):
+    assert cli.main(["analyze", str(tmp_path / "nope.pt")]) == cli.EXIT_BAD_FILE
+    torch.save({"bias": torch.randn(4)}, tmp_path / "b.pt")
+    assert cli.main(["analyze", str(tmp_path / "b.pt")]) == cli.EXIT_NO_LAYERS
+    assert "no weight layer" in capsys.readouterr().err
