@@ -145,6 +145,71 @@ def _ks_scan(
     return alphas, D
 
 
+def _ks_at(logs: torch.Tensor, alphas: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Exact ``D_i`` of one ascending ESD (``logs``: ``(N,)``) at candidate indices ``idx``."""
+    N = logs.shape[0]
+    c0 = int(idx.min())
+    rel = torch.arange(c0, N, device=logs.device)[None, :] - idx[:, None]
+    n = (N - idx).to(logs.dtype)
+    a = alphas[idx]
+    theo = -torch.expm1((1.0 - a)[:, None] * (logs[None, c0:] - logs[idx][:, None]))
+    dev = (theo - rel.to(logs.dtype) / n[:, None]).abs().masked_fill(rel < 0, 0.0)
+    D = dev.amax(-1)
+    return torch.where((a > 1) & torch.isfinite(a), D, torch.ones_like(D))
+
+
+def _ks_pruned(
+    lam: torch.Tensor, first: torch.Tensor, min_tail: int, grid: int = 96, block: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The KS rule's exact argmin without evaluating every candidate in full.
+
+    ``D_i`` evaluated on a subset of ``grid`` tail points is a lower bound of ``D_i``.
+    Candidates are then evaluated exactly in order of increasing bound until the next
+    bound exceeds the best exact ``D`` found (ties resolved to the smallest index), so the
+    chosen index equals the exhaustive scan's. Returns ``(alphas, D, idx)`` where ``D``
+    holds exact values for evaluated candidates and the lower bound for pruned ones.
+    """
+    B, N = lam.shape
+    dtype = lam.dtype
+    logs = torch.log(lam.clamp_min(torch.finfo(dtype).tiny))
+    n_cand = N - min_tail + 1
+    i_all = torch.arange(n_cand, device=lam.device)
+    n_all = (N - i_all).to(dtype)
+    suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
+    alphas = 1.0 + n_all / (suffix - n_all * logs[:, :n_cand])
+    stride = max(1, N // grid)
+    j_sub = torch.arange(0, N, stride, device=lam.device)
+    rel = j_sub[None, :] - i_all[:, None]  # (n_cand, G)
+    theo = -torch.expm1((1.0 - alphas)[:, :, None] * (logs[:, None, j_sub] - logs[:, :n_cand,
+                                                                                  None]))
+    emp = rel.to(dtype) / n_all[:, None]
+    lower = (theo - emp).abs().masked_fill(rel < 0, 0.0).amax(-1)
+    bad = ~(alphas > 1) | ~torch.isfinite(alphas)
+    lower = torch.where(bad, torch.ones_like(lower), lower)
+    lower = torch.where(i_all[None, :] < first[:, None], torch.full_like(lower, float("inf")),
+                        lower)
+    D = lower.clone()
+    best_idx = torch.empty(B, dtype=torch.long, device=lam.device)
+    for b in range(B):
+        order = torch.argsort(lower[b], stable=True)
+        best, best_i = float("inf"), -1
+        for s0 in range(0, n_cand, block):
+            cand = order[s0:s0 + block]
+            if float(lower[b, cand[0]]) > best or not torch.isfinite(lower[b, cand[0]]):
+                break
+            exact = _ks_at(logs[b], alphas[b], cand)
+            D[b, cand] = exact
+            m = float(exact.min())
+            if m < best:
+                best = m
+            hits = cand[exact == best]
+            if hits.numel() and (best_i < 0 or float(D[b, best_i]) > best or
+                                 int(hits.min()) < best_i):
+                best_i = int(hits.min())
+        best_idx[b] = best_i
+    return alphas, D, best_idx
+
+
 def _truncated_rate(mean_log: torch.Tensor, t: torch.Tensor, iters: int = 80) -> torch.Tensor:
     """MLE rate ``b = alpha - 1`` of a power law truncated to ``[xmin, xmax]``.
 
@@ -228,6 +293,7 @@ def fit_powerlaw(
     num_fingers: int = 0,
     min_tail: int = 2,
     rtol: float | None = None,
+    exhaustive: bool = False,
     name: str | None = None,
 ) -> PowerLawFit:
     """Fit a power law ``p(lambda) ~ lambda^(-alpha)`` to the tail of an ESD.
@@ -239,6 +305,8 @@ def fit_powerlaw(
     Truncated variant: ``xmax=<float>`` drops eigenvalues above ``xmax`` and
     ``num_fingers=k`` drops the ``k`` largest (outlier "fingers"); then the law is the
     power law truncated to ``[xmin, xmax]`` (MLE by bisection, see ``_truncated_rate``).
+    ``exhaustive=True`` computes the exact ``D_i`` of every candidate (for plots); the
+    default prunes candidates by a lower bound and returns the same xmin (``_ks_pruned``).
     """
     fixed = [xmin != "ks", xmin_quantile is not None, xmin_index is not None]
     if sum(fixed) > 1:
@@ -275,7 +343,11 @@ def fit_powerlaw(
                 "rank-deficient?)"
             )
         scan = _truncated_fit if truncated else _ks_scan
-        if sum(fixed) == 0:
+        if sum(fixed) == 0 and not truncated and not exhaustive:
+            alphas, D, idx = _ks_pruned(lam_d, first, min_tail)
+            if bool((idx < 0).any()):
+                raise ValueError(f"no valid xmin candidate{where}")
+        elif sum(fixed) == 0:
             alphas, D = scan(lam_d, first, min_tail)
             idx = torch.argmin(D, dim=-1)
             if bool(torch.isinf(D.gather(-1, idx[:, None])).any()):

@@ -50,11 +50,29 @@ def test_vectorised_ks_fit_equals_direct_loop(seed):
 
 def test_chunking_does_not_change_the_result(monkeypatch):
     ev = torch.tensor(pareto_evals(2.2, 700, seed=3))
-    full = bs.fit_powerlaw(ev)
+    full = bs.fit_powerlaw(ev, exhaustive=True)
     monkeypatch.setattr(bpl, "_CHUNK_ELEMENTS", 1000)  # ~1 candidate per chunk
-    chunked = bs.fit_powerlaw(ev)
+    chunked = bs.fit_powerlaw(ev, exhaustive=True)
     assert int(chunked.xmin_index) == int(full.xmin_index)
     torch.testing.assert_close(chunked.ks_distances, full.ks_distances, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pruned_search_picks_the_exhaustive_argmin(seed):
+    rng = np.random.default_rng(seed)
+    kind = seed % 3
+    if kind == 0:
+        ev = np.linalg.svd(rng.standard_t(2 + seed % 5, size=(400, 250)), compute_uv=False) ** 2
+    elif kind == 1:
+        ev = pareto_evals(1.5 + seed / 4, 900, seed=seed)
+    else:  # plateaus and exact ties
+        ev = np.repeat(rng.uniform(1, 50, size=60), 5)
+    pruned = bs.fit_powerlaw(torch.tensor(ev))
+    full = bs.fit_powerlaw(torch.tensor(ev), exhaustive=True)
+    assert int(pruned.xmin_index) == int(full.xmin_index)
+    assert float(pruned.ks_distance) == float(full.ks_distance)
+    # evaluated candidates are exact, pruned ones hold lower bounds
+    assert bool((pruned.ks_distances <= full.ks_distances + 1e-15).all())
 
 
 def test_batched_fit_equals_one_by_one():
