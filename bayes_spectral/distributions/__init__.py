@@ -1,3 +1,6 @@
 """Layer 2: spectral priors as Pyro distributions (one law per file)."""
 
-__all__: list[str] = []
+from .frechet import Frechet
+from .gaussian_spectrum import GaussianSpectrum
+
+__all__: list[str] = ["Frechet", "GaussianSpectrum"]
