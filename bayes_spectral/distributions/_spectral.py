@@ -64,7 +64,9 @@ def check_event_shape(event_shape, owner: str) -> torch.Size:
     try:
         shape = torch.Size(int(d) for d in event_shape)
     except TypeError as exc:
-        raise TypeError(f"{owner}: event_shape must be a tuple of ints, got {event_shape!r}") from exc
+        raise TypeError(
+            f"{owner}: event_shape must be a tuple of ints, got {event_shape!r}"
+        ) from exc
     if not 2 <= len(shape) <= 5 or any(d < 1 for d in shape):
         raise ValueError(
             f"{owner}: event_shape {tuple(shape)} is not a weight shape; expected (out, in) "
@@ -204,7 +206,7 @@ class SpectralDistribution(TorchDistribution):
             return self.generative_log_prob(value)
         return self.penalty_log_prob(value)
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=()) -> torch.Tensor:
         """Exact draw from the generative distribution: ``U diag(sigma) V^T`` (Haar U, V)."""
         shape = torch.Size(sample_shape) + self.batch_shape
         with torch.no_grad():

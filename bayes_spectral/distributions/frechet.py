@@ -71,8 +71,8 @@ class Frechet(TorchDistribution):
     def icdf(self, value):
         return self.loc + self.scale * (-torch.log(value)).pow(-1.0 / self.concentration)
 
-    def rsample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
         tiny = torch.finfo(self.scale.dtype).tiny
         u = torch.rand(shape, dtype=self.scale.dtype, device=self.scale.device)
         return self.icdf(u.clamp(tiny, 1.0 - torch.finfo(u.dtype).eps))
