@@ -198,14 +198,14 @@ def test_frechet_top_eigenvalue_sample_ks():
 
 def test_powerlaw_spectrum_sample_tail_exponent():
     """Tail exponent fitted to the ESD of sampled weights: |alpha_hat - alpha| < 0.2 at a
-    fixed xmin (~1800 tail eigenvalues, sd ~0.04) and < 0.35 with the KS-chosen xmin."""
+    fixed xmin (~840 tail eigenvalues, sd ~0.05) and < 0.35 with the KS-chosen xmin."""
     torch.manual_seed(8)
     alpha = 2.5
     d = PowerLawSpectrum(t(alpha), t(1.0), (100, 150), xmin=t(1.0), measure="generative")
-    w = d.sample((60,))
+    w = d.sample((30,))
     lam = torch.cat([bs.esd(wi) for wi in w])
     assert abs(float(bs.fit_powerlaw(lam, xmin=1.0).alpha) - alpha) < 0.2
-    fit = bs.fit_powerlaw(lam[:2000])
+    fit = bs.fit_powerlaw(lam[:1500])
     assert abs(float(fit.alpha) - alpha) < 0.35
 
 
