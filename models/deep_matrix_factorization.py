@@ -34,7 +34,28 @@ Reported: relative recovery error ``||P - M*||_F / ||M*||_F``, relative distance
 nuclear-norm solution ``||P - X_nuc||_F / ||X_nuc||_F``, the final data loss and the
 nuclear norm of ``P``.
 
-What we measure is recorded under "Findings" below (filled in from ``Config.small()``).
+Findings (``Config.small()``: d=6, rank 1, seed 0, ``lam = 1e-3``, 1500 Adam steps)::
+
+    n   method        depth  recovery err  dist to X_nuc  ||P||_*  (X_nuc: 2.282)
+    14  nuclear         -       0.426          0            2.282
+    14  flatness        2       0.324          0.219        2.302   (+0.9%)
+    14  flatness        4       0.298          0.235        2.311   (+1.3%)
+    14  weight_decay    2       0.607          0.316        2.581   (+13%)
+    14  weight_decay    4       0.189          0.336        2.382   (+4.4%)
+    30  all methods             <= 0.021 (exact recovery regime; X_nuc recovers M*)
+
+* Supported: at both depths the flatness-regularised solution has nearly the minimal
+  nuclear norm (excess about 1%), i.e. its bias is depth-independent and nuclear-norm-like.
+  Weight decay is not: at depth 4 it lands on a different, lower-rank-favouring solution
+  (Schatten-1/2; better recovery than nuclear norm here, 0.19 vs 0.43).
+* Only partly supported: "tracks" is loose. In the under-determined regime (n = 14) the
+  flatness solution is still 22-24% (relative Frobenius distance) away from the convex
+  solution, because the nuclear-norm level sets are flat there and the penalised
+  (``lam > 0``), finitely trained solution is only approximately optimal.
+* Weight decay at depth 2 should equal nuclear-norm minimisation in theory
+  (``min sum ||W_i||^2 = 2 ||P||_*``); our depth-2 weight-decay run ends 13% above the
+  minimal nuclear norm, which we attribute to incomplete optimisation (1500 Adam steps,
+  small ``lam``), not to the theory. The test does not assert anything about it.
 """
 
 from __future__ import annotations
@@ -62,17 +83,22 @@ __all__ = [
 
 @dataclasses.dataclass
 class Config:
-    """Settings of :func:`run`; the default is the full-size study (minutes on 2 cores)."""
+    """Settings of :func:`run`.
+
+    The default is the full-size study; from per-step timings (about 1-9 ms per Adam step
+    on a loaded 2-core machine) it takes roughly 15-20 minutes. It has not been run end to
+    end yet, only ``small()`` has.
+    """
 
     dim: int = 10
     rank: int = 1
-    num_measurements: tuple[int, ...] = (20, 30, 40, 60, 80, 120)
+    num_measurements: tuple[int, ...] = (20, 30, 45, 70, 100)
     depths: tuple[int, ...] = (2, 3, 4, 5)
     lam: float = 1e-3
-    steps: int = 6000
+    steps: int = 4000
     lr: float = 1e-2
     init_scale: float = 1.0
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1)
     num_threads: int | None = 1
 
     @classmethod
@@ -124,7 +150,7 @@ def hessian_trace(weights, A: torch.Tensor) -> torch.Tensor:
     for i in range(L):
         Li = left[L - 1 - i]  # product of the weights after W_{i+1} (1-based)
         Ri = right[i]  # product of the weights before it
-        G = torch.einsum("ab,kac,cd->kbd", Li, A, Ri.T)  # L_i^T A_k R_i^T
+        G = Li.T @ A @ Ri.T  # (n, d, d): L_i^T A_k R_i^T for every k
         total = total + G.square().sum() / A.shape[0]
     return total
 
