@@ -1,0 +1,54 @@
+"""Small helpers shared by the reference models (private)."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+
+import torch
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None):
+    """Run the block with ``torch.set_num_threads(num_threads)``; restore afterwards.
+
+    The reference models train many tiny networks: one intra-op thread is fastest there
+    and avoids oversubscription when several runs share a machine. ``None`` leaves torch's
+    setting alone.
+    """
+    if num_threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def prepare_out_dir(out_dir) -> pathlib.Path | None:
+    if out_dir is None:
+        return None
+    path = pathlib.Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_figure(ncols: int, width: float = 4.5, height: float = 3.5):
+    """A matplotlib figure with ``ncols`` axes, using the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, axes[0]
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
