@@ -10,6 +10,7 @@ to this checkout (CI: editable install of the tree under test) this does nothing
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -39,3 +40,10 @@ def _register_models() -> None:
 
 
 _register_models()
+
+# Under pytest-xdist each worker is its own process: two workers x two intra-op threads
+# oversubscribe the 2-core CI machine and make some linear algebra 10x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
