@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,7 +100,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             return EXIT_BAD_FILE
         model = state
     try:
-        ds = analyze(model, layers=args.layers, conv=args.conv)
+        ds = analyze(model, layers=args.layers, conv=args.conv, return_esd=bool(args.out))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NO_LAYERS
@@ -111,7 +112,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "analysis.csv")
-        print(f"wrote {out / 'analysis.csv'}")
+        from .plots import plot_esds
+
+        spectra = {}
+        for name in ds.layer.values:
+            row = ds.esd.sel(layer=name).values
+            spectra[str(name)] = torch.as_tensor(row[~np.isnan(row)])
+        plot_esds(spectra, out / "esd.png")
+        print(f"wrote {out / 'analysis.csv'} and {out / 'esd.png'}")
     return 0
 
 
