@@ -104,7 +104,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NO_LAYERS
-    table = ds.to_dataframe()[_TABLE_COLUMNS]
+    table = ds.drop_vars(["esd"], errors="ignore").to_dataframe()[_TABLE_COLUMNS]
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.4g}".format):
         print(table.to_string())

@@ -34,6 +34,7 @@ def test_analyze_state_dict_file_prints_table_and_csv(tmp_path, capsys):
     assert "alpha" in out and "0 " in out and "2 " in out
     csv = (tmp_path / "out" / "analysis.csv").read_text().splitlines()
     assert len(csv) == 3  # header + two layers
+    assert (tmp_path / "out" / "esd.png").stat().st_size > 10_000
     import bayes_spectral as bs
 
     alpha0 = float(bs.spectral_metrics(model[0].weight.detach().double())["alpha"])
