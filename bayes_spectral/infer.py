@@ -15,9 +15,10 @@ model's buffers. ``resume=True`` continues from it; on CPU an interrupted-and-re
 equals the uninterrupted one bit for bit. The file is a pickle (``torch.load(...,
 weights_only=False)``): load only checkpoints you wrote.
 
-NaN/Inf guard: after every step the loss and all parameters are checked; on the first
-non-finite value :class:`NonFiniteError` names the parameter (and its layer) and training
-stops, leaving the last good checkpoint in place.
+NaN/Inf guard: at every step the loss, the parameters and their gradients are checked
+*before* the optimiser update; on the first non-finite value :class:`NonFiniteError` names
+the parameter or sample site (and its layer), the update is not applied and training stops,
+leaving the last good checkpoint in place.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide, init_to_value
 
@@ -99,24 +101,106 @@ def _layer_of(model: BayesianNetwork, param_name: str) -> str | None:
     return None
 
 
-def _check_finite(model, loss: float, epoch: int, step: int, ckpt: str | None) -> None:
-    bad = None
-    for name, p in pyro.get_param_store().named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            bad = name
-            break
-    if bad is None and np.isfinite(loss):
-        return
+def _nonfinite_sites(model, guide, elbo_args) -> list[str]:
+    """Sample sites whose log-density is not finite (guide draw replayed in the model)."""
+    from pyro import poutine
+
+    bad = []
+    try:
+        with torch.no_grad():
+            gtr = poutine.trace(guide).get_trace(*elbo_args)
+            mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(*elbo_args)
+            for tr in (gtr, mtr):
+                for name, site in tr.nodes.items():
+                    if site["type"] != "sample" or name in bad:
+                        continue
+                    if site["infer"].get("enumerate"):
+                        continue
+                    lp = site["fn"].log_prob(site["value"])
+                    if not bool(torch.isfinite(lp).all()):
+                        bad.append(name)
+    except Exception:  # pragma: no cover - diagnosis only
+        pass
+    return bad
+
+
+def _guarded_step(svi: SVI, model, guide, args, epoch: int, step: int, ckpt: str | None):
+    """``SVI.step`` that refuses to apply a non-finite loss or gradient.
+
+    Same operations as ``SVI.step`` (loss_and_grads, optimiser, zero grads), with the loss,
+    parameter values and gradients checked before the update, so a failure leaves the
+    parameters at their last finite values.
+    """
     where = f"epoch {epoch + 1}, step {step}"
     keep = f"; the last good checkpoint is {ckpt}" if ckpt else ""
-    if bad is not None:
-        layer = _layer_of(model, bad)
+    store = pyro.get_param_store()
+    for name, p in store.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            layer = _layer_of(model, name)
+            raise NonFiniteError(
+                f"non-finite value of parameter {name!r} (layer {layer!r}) before {where}{keep}",
+                site=name, layer=layer, epoch=epoch, step=step, checkpoint=ckpt)
+    try:
+        with poutine.trace(param_only=True) as capture:
+            loss = float(svi.loss_and_grads(svi.model, svi.guide, *args))
+    except ValueError as exc:  # a distribution got NaN/Inf parameters (validation)
+        if "nan" not in str(exc).lower() and "inf" not in str(exc).lower():
+            raise
+        for p in store._params.values():
+            p.grad = None
+        first = str(exc).splitlines()[0]
         raise NonFiniteError(
-            f"non-finite value in parameter {bad!r} (layer {layer!r}) at {where} "
+            f"non-finite values in the model at {where} (parameters overflowed: lower the "
+            f"learning rate){keep}: {first}", site=None, layer=None, epoch=epoch, step=step,
+            checkpoint=ckpt) from exc
+    named = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+    problem = None
+    for name, p in named.items():
+        if not bool(torch.isfinite(p).all()):
+            problem = (name, "value")
+            break
+    if problem is None and not np.isfinite(loss):
+        sites = _nonfinite_sites(model, guide, args)
+        if sites:
+            layer = _layer_of(model, sites[0])
+            pyro.infer.util.zero_grads(set(named.values()))
+            raise NonFiniteError(
+                f"non-finite loss {loss} at {where}: the log-density of site {sites[0]!r} "
+                f"(layer {layer!r}) is not finite{keep}. Lower the learning rate or check the "
+                "prior's hyperparameters.",
+                site=sites[0], layer=layer, epoch=epoch, step=step, checkpoint=ckpt)
+    if problem is None:
+        for name, p in named.items():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                problem = (name, "gradient")
+                break
+    if problem is None and not np.isfinite(loss):
+        problem = ("loss", "value")
+    if problem is not None:
+        pyro.infer.util.zero_grads(set(named.values()))
+        name, what = problem
+        layer = _layer_of(model, name) if name != "loss" else None
+        raise NonFiniteError(
+            f"non-finite {what} of parameter {name!r} (layer {layer!r}) at {where} "
             f"(loss {loss}){keep}. Lower the learning rate or check the prior's scale.",
-            site=bad, layer=layer, epoch=epoch, step=step, checkpoint=ckpt)
-    raise NonFiniteError(f"non-finite loss {loss} at {where}{keep}", site="loss",
-                         epoch=epoch, step=step, checkpoint=ckpt)
+            site=name, layer=layer, epoch=epoch, step=step, checkpoint=ckpt)
+    svi.optim(set(named.values()))
+    pyro.infer.util.zero_grads(set(named.values()))
+    return loss
+
+
+def _sync_module_params(model: BayesianNetwork) -> None:
+    """After ``ParamStore.set_state``: copy the loaded values into the model's own
+    ``nn.Parameter`` objects and point the store back at them (``PyroModule`` keeps using
+    its own parameter objects for plain ``nn.Parameter`` attributes)."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in store._params and store._params[name] is not p:
+                p.copy_(store._params[name])
+                store._param_to_name.pop(store._params[name], None)
+                store._params[name] = p
+                store._param_to_name[p] = name
 
 
 def _rng_state() -> dict:
@@ -282,6 +366,7 @@ def fit(
     if ckpt is not None and resume and os.path.exists(ckpt):
         saved = torch.load(ckpt, map_location=device, weights_only=False)
         pyro.get_param_store().set_state(saved["param_store"])
+        _sync_module_params(model)
         optim.set_state(saved["optim"])
         for name, buf in model.named_buffers():
             if name in saved["buffers"]:
@@ -317,10 +402,9 @@ def fit(
             total = 0.0
             for i in range(0, n, bs):
                 idx = perm[i:i + bs]
-                loss = svi.step(x[idx], y[idx])
                 state["step"] += 1
-                _check_finite(model, loss, epoch, state["step"],
-                              ckpt if ckpt and os.path.exists(ckpt) else None)
+                loss = _guarded_step(svi, model, guide, (x[idx], y[idx]), epoch, state["step"],
+                                     ckpt if ckpt and os.path.exists(ckpt) else None)
                 total += loss * idx.shape[0]
             history["epoch"].append(epoch + 1)
             history["loss"].append(total / n / n)
