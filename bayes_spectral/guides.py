@@ -25,7 +25,7 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 
-from .nn import BayesianNetwork, _names, _weight_layers
+from .nn import BayesianNetwork, _names
 
 __all__ = [
     "GUIDES",
@@ -63,8 +63,7 @@ def _split_sites(model: BayesianNetwork, layers) -> tuple[list[str], list[str]]:
     if layers is None:
         chosen = list(model.latent_sites)
     else:
-        all_layers = {n: None for n in _weight_layers(model.net)}
-        names = _names(layers, {n: model.layer(n) for n in all_layers}, "layers")
+        names = _names(layers, {n: model.layer(n) for n in model.weight_layer_names}, "layers")
         missing = [n for n in names if n not in model.prior_sites]
         if missing:
             raise ValueError(f"layers {missing} have no prior; layers with priors are "

@@ -167,6 +167,7 @@ class BayesianNetwork(PyroModule):
         self.prior_sites: dict[str, str] = {}
         self.spectral_layers: list[str] = []
         self.enumerated_layers: list[str] = []
+        self.weight_layer_names: list[str] = []
         self._priors: dict[str, dist.Distribution] = {}
         self._initial: dict[str, torch.Tensor] = {}
         if noise == "learned":
@@ -458,6 +459,7 @@ def bayesian(
 
     to_pyro_module_(net)
     bn = BayesianNetwork(net, likelihood, noise, None if num_data is None else int(num_data))
+    bn.weight_layer_names = list(layers)
     for name in layers:
         if name not in made:
             continue
