@@ -153,13 +153,14 @@ def test_singular_value_prior_density():
         bs.SingularValuePrior(pyro.distributions.Normal(0.0, 1.0))
 
 
-def test_spectral_layers_reconstruct_and_stay_orthonormal_after_training():
+@pytest.mark.parametrize("orthogonal_map", ["cayley", "matrix_exp"])
+def test_spectral_layers_reconstruct_and_stay_orthonormal_after_training(orthogonal_map):
     split = bs.data.load_digits()
     x, y = split.x_train[:300], split.y_train[:300]
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     bn = bs.bayesian(net, {nn.Linear: lambda s: FrechetTopEigenvalue(2.0, 1.0, 0.5, s)},
-                     num_data=300, spectral=True)
+                     num_data=300, spectral=True, orthogonal_map=orthogonal_map)
     assert bn.prior_sites == {"0": "net.0.spectral_s", "1": "net.2.spectral_s"} or \
         bn.prior_sites == {"0": "net.0.spectral_s", "2": "net.2.spectral_s"}
     # at construction U diag(s) V^T is the module's weight
