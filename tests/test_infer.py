@@ -57,7 +57,7 @@ def test_svi_predictive_nll_no_worse_than_map(digits):
     map_metrics = res_map.evaluate(digits.x_test, digits.y_test)
     start = bs.map_values(res_map.guide)
     bn2 = bs.bayesian(mlp(), prior, num_data=n)
-    guide = bs.auto_normal(bn2, init_scale=1e-3, init_values=start)
+    guide = bs.auto_normal(bn2, init_scale=0.02, init_values=start)
     # deterministic biases start from MAP too: copy them into the fresh network
     for layer in ("0", "2"):
         bn2.net.get_submodule(layer).bias.data.copy_(bn.net.get_submodule(layer).bias.data)
@@ -67,7 +67,7 @@ def test_svi_predictive_nll_no_worse_than_map(digits):
     svi_metrics = res_svi.evaluate(digits.x_test, digits.y_test, num_samples=32)
     assert svi_metrics.nll <= map_metrics.nll + 0.02, (svi_metrics, map_metrics)
     assert svi_metrics.accuracy >= 0.90
-    assert svi_metrics.mutual_information > 0.0
+    assert svi_metrics.mutual_information > 1e-3  # a real spread, not a point mass
 
 
 def _tiny_logistic(seed=0, n=60, d=4):
