@@ -22,8 +22,9 @@ run: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
+# notebooks run with their small settings (BAYES_SPECTRAL_SMALL=1) so none of them rots
 test: lint
-	$(PY) -m pytest -n 2 -q -ra
+	BAYES_SPECTRAL_SMALL=1 $(PY) -m pytest -n 2 -q -ra --nbmake tests notebooks
 
 bench: $(VENV)/.installed
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
