@@ -45,12 +45,15 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from .distributions import (
     FrechetTopEigenvalue,
+    GaussianSpectrum,
     PowerLawSpectrum,
     SpectralDistribution,
     SpikeAndSlabSpectrum,
 )
+from .spectral_laws import frechet_log_pdf
+from .spectrum import PowerIteration
 
-__all__ = ["BayesianNetwork", "SingularValuePrior", "bayesian"]
+__all__ = ["BayesianNetwork", "SingularValuePrior", "TrackedSpectralPrior", "bayesian"]
 
 LIKELIHOODS = ("categorical", "gaussian")
 _EIGENVALUE_LAWS = (PowerLawSpectrum, FrechetTopEigenvalue)
@@ -96,6 +99,58 @@ class SingularValuePrior(dist.TorchDistribution):
     def sample(self, sample_shape=()):
         with torch.no_grad():
             return self.base._sample_sv(torch.Size(sample_shape) + self.batch_shape)
+
+
+class TrackedSpectralPrior(dist.TorchDistribution):
+    """Penalty log-density of a prior that depends on ``W`` only through ``sigma_max(W)``
+    and ``||W||_F``, with ``sigma_max`` from a warm-started power iteration (no SVD).
+
+    * ``FrechetTopEigenvalue`` (penalty measure): ``log Frechet(lambda_max)
+      - (r - 1) log tau - (||W||_F^2 - lambda_max) / tau``;
+    * ``GaussianSpectrum`` (penalty measure): ``r (log sqrt(2/pi) - log s) - ||W||_F^2 / (2 s^2)``
+      (exact, needs no power iteration).
+
+    ``lambda_max = (u^T W v)^2`` with ``u, v`` from ``power.n_iter`` power-iteration steps
+    per call, warm-started from the previous call (the state is a buffer of the layer, saved
+    in checkpoints); the gradient is that of ``sigma_max`` at the fixed point. An
+    approximation while ``W`` moves fast: ``lambda_max`` is a lower bound until converged.
+    2-D weights only (``conv="pool"`` spectra of kernels are not tracked).
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, base: SpectralDistribution, power: nn.Module | None):
+        if not isinstance(base, (FrechetTopEigenvalue, GaussianSpectrum)):
+            raise TypeError("tracked spectra need a FrechetTopEigenvalue or GaussianSpectrum "
+                            f"prior, got {type(base).__name__}")
+        if base.measure != "penalty":
+            raise ValueError("tracked spectra compute the penalty measure; build the prior with "
+                             "measure='penalty'")
+        if len(base.event_shape) != 2:
+            raise ValueError(f"tracked spectra need a 2-D weight, got {tuple(base.event_shape)}")
+        self.base, self.power = base, power
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def sample(self, sample_shape=()):
+        return self.base.sample(sample_shape)
+
+    def log_prob(self, value):
+        base = self.base
+        fro = value.square().sum((-2, -1))
+        r = base._rank
+        if isinstance(base, GaussianSpectrum):
+            s = base.scale.to(value)
+            return r * (0.5 * math.log(2.0 / math.pi) - torch.log(s)) - fro / (2 * s.square())
+        lam_max = self.power(value).square()
+        tau = base.tau.to(value)
+        top = frechet_log_pdf(lam_max, base.concentration.to(value), base.scale.to(value),
+                              base.loc.to(value))
+        return top - (r - 1) * torch.log(tau) - (fro - lam_max) / tau
 
 
 def _prior_to(prior: dist.Distribution, like: torch.Tensor) -> dist.Distribution:
@@ -405,6 +460,8 @@ def bayesian(
     spectral: Iterable | str | type | bool | None = None,
     enumerate_rank: Iterable | str | type | bool | None = None,
     orthogonal_map: str = "cayley",
+    tracked: Iterable | str | type | bool | None = None,
+    power_iterations: int = 2,
 ) -> BayesianNetwork:
     """Turn ``module`` into a Pyro model ``bn(x, y=None)`` (the module itself is untouched).
 
@@ -425,6 +482,9 @@ def bayesian(
     :param orthogonal_map: the map of :func:`torch.nn.utils.parametrizations.orthogonal`
         keeping ``U`` and ``V`` orthonormal: ``"cayley"`` (default; ~15x faster than
         ``"matrix_exp"`` for a 784 x 512 factor on CPU), ``"matrix_exp"`` or ``"householder"``.
+    :param tracked: layers (selectors, or ``True``) whose ``FrechetTopEigenvalue`` or
+        ``GaussianSpectrum`` penalty prior is evaluated without SVD by
+        :class:`TrackedSpectralPrior` (``power_iterations`` warm-started steps per call).
     :param enumerate_rank: layers with a ``SpikeAndSlabSpectrum`` prior whose indicators
         are made explicit and enumerated (``TraceEnum_ELBO``); not with ``spectral``.
     :raises ValueError: unknown names, patterns matching nothing, shape mismatches, before
@@ -450,6 +510,16 @@ def bayesian(
     made = {n: _make_prior(n, p, layers[n].weight.shape) for n, p in resolved.items()}
     spectral_names = _names(spectral, layers, "spectral")
     enum_names = _names(enumerate_rank, layers, "enumerate_rank")
+    tracked_names = _names(tracked, layers, "tracked")
+    if int(power_iterations) != power_iterations or power_iterations < 1:
+        raise ValueError(f"power_iterations must be a positive integer, got {power_iterations!r}")
+    for n in tracked_names:
+        if n not in made:
+            raise ValueError(f"layer {n!r} is selected for tracked spectra but has no prior")
+        if n in spectral_names or n in enum_names:
+            raise ValueError(f"layer {n!r}: tracked spectra apply to a plain weight prior, not "
+                             "with spectral= or enumerate_rank=")
+        made[n] = TrackedSpectralPrior(made[n], None)  # validates the prior
     for n in spectral_names + enum_names:
         if n not in made:
             raise ValueError(f"layer {n!r} is selected for a spectral parameterisation or rank "
@@ -495,6 +565,13 @@ def bayesian(
                 improper = dist.ImproperUniform(constraints.real, (), weight.shape)
                 layer.weight = PyroSample(improper)
                 bn.enumerated_layers.append(name)
+            elif name in tracked_names:
+                bn._priors[name] = prior.base
+                layer.power_iteration = PowerIteration(weight.shape, n_iter=int(power_iterations))
+                layer.weight = PyroSample(
+                    lambda self, _n=name: TrackedSpectralPrior(
+                        bn._prior_for(_n, self.power_iteration.u), self.power_iteration)
+                )
             else:
                 bn._priors[name] = prior
                 layer.weight = PyroSample(
