@@ -12,7 +12,7 @@ from .guides import (
 )
 from .infer import FitResult, NonFiniteError, fit
 from .metrics import METRIC_NAMES, metrics_from_esd, spectral_metrics
-from .nn import BayesianNetwork, SingularValuePrior, bayesian
+from .nn import BayesianNetwork, SingularValuePrior, TrackedSpectralPrior, bayesian
 from .powerlaw import PowerLawFit, alpha_at_index, fit_powerlaw, hill_estimator
 from .predict import (
     evaluate,
@@ -40,6 +40,7 @@ __all__ = [
     "FitResult",
     "NonFiniteError",
     "SingularValuePrior",
+    "TrackedSpectralPrior",
     "auto_delta",
     "auto_lowrank",
     "auto_normal",

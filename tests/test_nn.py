@@ -228,3 +228,39 @@ def test_rank_posterior_finds_low_rank_weight():
     w = (u * torch.tensor([2.0, 1.5, 0.002, 0.001, 0.001])) @ v.T
     post = bn.rank_posterior("fc1", w)
     assert int(post.argmax()) == 2 and float(post[2]) > 0.95
+
+
+# --- tracked spectra (no SVD per step) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "base",
+    [FrechetTopEigenvalue(2.0, 1.0, 0.5, (20, 30)), GaussianSpectrum(0.3, (20, 30), "penalty")],
+)
+def test_tracked_prior_matches_exact_penalty_when_converged(base):
+    torch.manual_seed(0)
+    w = torch.randn(20, 30, requires_grad=True)
+    tp = bs.TrackedSpectralPrior(base, bs.PowerIteration((20, 30), n_iter=300))
+    lp, exact = tp.log_prob(w), base.penalty_log_prob(w)
+    assert torch.allclose(lp, exact, rtol=1e-5)
+    (g1,) = torch.autograd.grad(lp, w)
+    (g2,) = torch.autograd.grad(base.penalty_log_prob(w), w)
+    assert torch.allclose(g1, g2, rtol=1e-3, atol=1e-4)
+
+
+def test_tracked_layers_train_and_reject_unsupported_priors():
+    split = bs.data.load_digits()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    bn = bs.bayesian(net, {nn.Linear: lambda s: FrechetTopEigenvalue(2.0, 1.0, 0.5, s)},
+                     num_data=len(split.x_train), tracked=True)
+    assert sorted(k for k, _ in bn.named_buffers()) == ["net.0.power_iteration.u",
+                                                         "net.2.power_iteration.u"]
+    res = bs.fit(bn, split, "map", epochs=6, batch_size=64, progress=False)
+    assert res.evaluate(split.x_test, split.y_test).accuracy >= 0.90
+    with pytest.raises(TypeError, match="FrechetTopEigenvalue or GaussianSpectrum"):
+        bs.bayesian(Net(), {"fc1": PowerLawSpectrum(2.0, 0.5, (5, 6))}, tracked="fc1")
+    with pytest.raises(ValueError, match="measure='penalty'"):
+        bs.bayesian(Net(), {"fc1": GaussianSpectrum(1.0, (5, 6))}, tracked="fc1")
+    with pytest.raises(ValueError, match="no prior"):
+        bs.bayesian(Net(), {}, tracked="fc1")
