@@ -1,9 +1,27 @@
 """bayes-spectral: priors on the spectrum of weight matrices, with Pyro and ArviZ."""
 
-from . import distributions  # noqa: F401
+from . import data, distributions  # noqa: F401
 from .diagnostics import analyze, weight_layers
+from .guides import (
+    auto_delta,
+    auto_lowrank,
+    auto_normal,
+    make_guide,
+    map_values,
+    spectral_guide,
+)
+from .infer import FitResult, NonFiniteError, fit
 from .metrics import METRIC_NAMES, metrics_from_esd, spectral_metrics
+from .nn import BayesianNetwork, SingularValuePrior, TrackedSpectralPrior, bayesian
 from .powerlaw import PowerLawFit, alpha_at_index, fit_powerlaw, hill_estimator
+from .predict import (
+    evaluate,
+    expected_calibration_error,
+    mutual_information,
+    negative_log_likelihood,
+    predictive_entropy,
+    predictive_probs,
+)
 from .spectrum import (
     PowerIteration,
     as_matrices,
@@ -18,6 +36,26 @@ from .spectrum import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BayesianNetwork",
+    "FitResult",
+    "NonFiniteError",
+    "SingularValuePrior",
+    "TrackedSpectralPrior",
+    "auto_delta",
+    "auto_lowrank",
+    "auto_normal",
+    "bayesian",
+    "data",
+    "evaluate",
+    "expected_calibration_error",
+    "fit",
+    "make_guide",
+    "map_values",
+    "mutual_information",
+    "negative_log_likelihood",
+    "predictive_entropy",
+    "predictive_probs",
+    "spectral_guide",
     "METRIC_NAMES",
     "PowerIteration",
     "PowerLawFit",

@@ -1,0 +1,148 @@
+"""Layer 4: guides for :class:`bayes_spectral.nn.BayesianNetwork` models.
+
+Every guide starts from the module's own weights (its Kaiming init, or pretrained weights
+if the module was trained before :func:`bayes_spectral.bayesian`): ``init_to_value`` with
+:meth:`BayesianNetwork.initial_values`, never Pyro's default (a draw near the prior median,
+which for a spectral law centred on zero is a dead network). Pass ``init_values`` to start
+elsewhere (e.g. from a MAP fit: ``map_values(guide)``).
+
+Guides only see the latent weight / singular-value sites (``poutine.block(expose=...)``),
+so the enumerated spike-and-slab indicators stay to ``TraceEnum_ELBO``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoGuide,
+    AutoGuideList,
+    AutoLowRankMultivariateNormal,
+    AutoNormal,
+    init_to_value,
+)
+
+from .nn import BayesianNetwork, _names
+
+__all__ = [
+    "GUIDES",
+    "auto_delta",
+    "auto_lowrank",
+    "auto_normal",
+    "make_guide",
+    "map_values",
+    "spectral_guide",
+]
+
+GUIDES = ("delta", "normal", "lowrank", "spectral")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, BayesianNetwork):
+        raise TypeError(f"guides need a model built by bayes_spectral.bayesian(), got "
+                        f"{type(model).__name__}")
+    if not model.latent_sites:
+        raise ValueError("the model has no prior on any layer: nothing to infer (give priors)")
+
+
+def _init(model: BayesianNetwork, init_values: Mapping | None):
+    values = model.initial_values()
+    if init_values is not None:
+        unknown = set(init_values) - set(values)
+        if unknown:
+            raise ValueError(f"init_values: unknown sites {sorted(unknown)}; latent sites are "
+                             f"{sorted(values)}")
+        values.update({k: torch.as_tensor(v).detach() for k, v in init_values.items()})
+    return init_to_value(values=values)
+
+
+def _split_sites(model: BayesianNetwork, layers) -> tuple[list[str], list[str]]:
+    if layers is None:
+        chosen = list(model.latent_sites)
+    else:
+        names = _names(layers, {n: model.layer(n) for n in model.weight_layer_names}, "layers")
+        missing = [n for n in names if n not in model.prior_sites]
+        if missing:
+            raise ValueError(f"layers {missing} have no prior; layers with priors are "
+                             f"{sorted(model.prior_sites)}")
+        chosen = [model.prior_sites[n] for n in names]
+    rest = [s for s in model.latent_sites if s not in chosen]
+    return chosen, rest
+
+
+def _compose(model, chosen, rest, make, init_values) -> AutoGuide:
+    init = _init(model, init_values)
+    if not rest:
+        return make(poutine.block(model, expose=chosen), init)
+    guide = AutoGuideList(model)
+    guide.append(make(poutine.block(model, expose=chosen), init))
+    guide.append(AutoDelta(poutine.block(model, expose=rest), init_loc_fn=init))
+    return guide
+
+
+def auto_delta(model: BayesianNetwork, init_values: Mapping | None = None) -> AutoDelta:
+    """MAP: a point mass on every latent site, initialised at the module's weights."""
+    _check_model(model)
+    return AutoDelta(poutine.block(model, expose=model.latent_sites),
+                     init_loc_fn=_init(model, init_values))
+
+
+def auto_normal(model: BayesianNetwork, layers=None, init_scale: float = 0.01,
+                init_values: Mapping | None = None) -> AutoGuide:
+    """Mean-field Normal on the chosen ``layers`` (all prior layers by default); the other
+    latent sites get ``AutoDelta``. ``init_scale``: initial posterior std (unconstrained)."""
+    _check_model(model)
+    chosen, rest = _split_sites(model, layers)
+    return _compose(model, chosen, rest,
+                    lambda m, init: AutoNormal(m, init_loc_fn=init, init_scale=init_scale),
+                    init_values)
+
+
+def auto_lowrank(model: BayesianNetwork, layers=None, rank: int = 10,
+                 init_scale: float = 0.01, init_values: Mapping | None = None) -> AutoGuide:
+    """Low-rank-plus-diagonal Normal (``AutoLowRankMultivariateNormal``) jointly over the
+    chosen ``layers``; the other latent sites get ``AutoDelta``."""
+    _check_model(model)
+    if int(rank) < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    chosen, rest = _split_sites(model, layers)
+    return _compose(model, chosen, rest,
+                    lambda m, init: AutoLowRankMultivariateNormal(
+                        m, init_loc_fn=init, init_scale=init_scale, rank=int(rank)),
+                    init_values)
+
+
+def spectral_guide(model: BayesianNetwork, init_scale: float = 0.01,
+                   init_values: Mapping | None = None) -> AutoGuide:
+    """Variational law over singular values: ``s_i ~ LogNormal(mu_i, sd_i)`` independently
+    for every spectrally parameterised layer (``AutoNormal`` on ``log s``, the positive
+    support's bijection), with point-estimated singular vectors ``U``, ``V`` (parameters)
+    and ``AutoDelta`` on the other latent sites."""
+    _check_model(model)
+    if not model.spectral_layers:
+        raise ValueError("spectral_guide needs layers with the spectral parameterisation "
+                         "(bayesian(..., spectral=...))")
+    chosen = [model.prior_sites[n] for n in model.spectral_layers]
+    rest = [s for s in model.latent_sites if s not in chosen]
+    return _compose(model, chosen, rest,
+                    lambda m, init: AutoNormal(m, init_loc_fn=init, init_scale=init_scale),
+                    init_values)
+
+
+def make_guide(model: BayesianNetwork, kind: str = "delta", **kwargs) -> AutoGuide:
+    """``kind``: ``"delta"`` (MAP), ``"normal"``, ``"lowrank"`` or ``"spectral"``."""
+    makers = {"delta": auto_delta, "normal": auto_normal, "lowrank": auto_lowrank,
+              "spectral": spectral_guide}
+    if kind not in makers:
+        raise ValueError(f"guide kind must be one of {GUIDES}, got {kind!r}")
+    return makers[kind](model, **kwargs)
+
+
+def map_values(guide: AutoGuide, sites: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Point values (median) of a fitted guide, detached: e.g. to start SVI from MAP."""
+    with torch.no_grad():
+        med = guide.median()
+    return {k: v.detach().clone() for k, v in med.items() if sites is None or k in sites}

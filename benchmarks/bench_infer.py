@@ -1,0 +1,181 @@
+"""Cost of one Pyro training step over the equivalent plain PyTorch step (same run).
+
+MLP 784-512-512-10, batch 128 of random data, N = 60000 nominal training examples,
+``torch.set_num_threads(2)`` (``--threads``). Every configuration is warmed up, then timed
+in ``--repeats`` rounds of ``--steps`` steps, the configurations interleaved within each
+round; a ratio is the median over rounds of the per-round ratio.
+Rows (ratio = time / reference time):
+
+* ``svi/auto_normal`` : ``SVI.step`` with ``AutoNormal`` over all weights and a
+  ``PowerLawSpectrum`` (penalty measure) prior on every layer, over the plain step
+  (Adam, mean cross-entropy) — target <= 2x;
+* ``svi/spectral_guide`` : the same prior on ``s`` of the spectral parameterisation
+  ``U diag(s) V^T`` (no SVD per step; ``orthogonal`` maps instead), LogNormal guide on ``s``;
+* ``(Frechet, tracked)`` rows: a ``FrechetTopEigenvalue`` penalty prior evaluated by
+  :class:`bayes_spectral.nn.TrackedSpectralPrior` (2 warm-started power iterations and the
+  Frobenius norm, no SVD); the MAP reference loop adds the same tracked penalty;
+* ``map/auto_delta`` : ``SVI.step`` with ``AutoDelta`` (MAP) over the penalty loop: the
+  plain step plus ``-sum_l prior_l.penalty_log_prob(W_l) / N`` (the same spectral
+  log-density, one ``svdvals`` per layer) — target <= 1.2x. When
+  ``bayes_spectral.penalties`` is importable, its ``Regularizer(PowerLawPrior)`` loop is a
+  second reference.
+
+    python benchmarks/bench_infer.py [--steps 10] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pyro
+import torch
+from torch import nn
+
+import bayes_spectral as bs
+from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
+from bayes_spectral.nn import TrackedSpectralPrior
+from bayes_spectral.spectrum import PowerIteration
+
+N = 60000
+ALPHA, TAU = 2.0, 0.5
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                         nn.Linear(512, 10))
+
+
+def interleaved(steps_by_name: dict, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Per-step times, the configurations interleaved round by round (drift hits all)."""
+    for fn in steps_by_name.values():
+        for _ in range(3):  # warm-up
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in steps_by_name}
+    for _ in range(repeats):
+        for name, fn in steps_by_name.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            out[name].append((time.perf_counter() - t0) / steps)
+    return out
+
+
+def ratio_of(times: dict, num: str, den: str) -> float:
+    """Median over rounds of the per-round ratio."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(128, 784, generator=g)
+    y = torch.randint(0, 10, (128,), generator=g)
+    pyro.enable_validation(False)
+
+    def prior(shape):
+        return PowerLawSpectrum(ALPHA, TAU, shape)
+
+    # plain PyTorch step
+    net = mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def plain():
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    # plain step + the same spectral log-density as a penalty (weight 1/N)
+    net_p = mlp()
+    opt_p = torch.optim.Adam(net_p.parameters(), lr=1e-3)
+    priors_p = [prior(m.weight.shape) for m in net_p if isinstance(m, nn.Linear)]
+    layers_p = [m for m in net_p if isinstance(m, nn.Linear)]
+
+    def penalty_loop():
+        opt_p.zero_grad()
+        pen = sum(-p.penalty_log_prob(m.weight) for p, m in zip(priors_p, layers_p, strict=True))
+        (nn.functional.cross_entropy(net_p(x), y) + pen / N).backward()
+        opt_p.step()
+
+    def frechet(shape):
+        return FrechetTopEigenvalue(2.0, 1.0, 0.5, shape)
+
+    # plain step + the tracked Frechet penalty (power iteration, no SVD), weight 1/N
+    net_t = mlp()
+    opt_t = torch.optim.Adam(net_t.parameters(), lr=1e-3)
+    layers_t = [m for m in net_t if isinstance(m, nn.Linear)]
+    priors_t = [TrackedSpectralPrior(frechet(m.weight.shape), PowerIteration(m.weight.shape, 2))
+                for m in layers_t]
+
+    def tracked_loop():
+        opt_t.zero_grad()
+        pen = sum(-p.log_prob(m.weight) for p, m in zip(priors_t, layers_t, strict=True))
+        (nn.functional.cross_entropy(net_t(x), y) + pen / N).backward()
+        opt_t.step()
+
+    def svi_step(guide_kind, spectral=False, tracked=False):
+        pyro.clear_param_store()
+        p = frechet if tracked else prior
+        bn = bs.bayesian(mlp(), {nn.Linear: p}, num_data=N, spectral=spectral, tracked=tracked)
+        guide = bs.make_guide(bn, guide_kind)
+        svi = pyro.infer.SVI(bn, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+        return lambda: svi.step(x, y)
+
+    configs = {"plain": plain, "penalty": penalty_loop, "svi": svi_step("normal"),
+               "svi_spectral": svi_step("spectral", spectral=True), "map": svi_step("delta"),
+               "tracked_loop": tracked_loop, "svi_tracked": svi_step("normal", tracked=True),
+               "map_tracked": svi_step("delta", tracked=True)}
+    try:
+        from bayes_spectral import penalties
+    except ImportError:
+        penalties = None
+    if penalties is not None:
+        net_r = mlp()
+        opt_r = torch.optim.Adam(net_r.parameters(), lr=1e-3)
+        reg = penalties.Regularizer(net_r, penalties.PowerLawPrior(ALPHA, TAU, xmin=TAU,
+                                                                     coef=1.0 / N), log=False)
+
+        def reg_loop():
+            opt_r.zero_grad()
+            reg.loss(nn.functional.cross_entropy(net_r(x), y)).backward()
+            opt_r.step()
+
+        configs["regularizer"] = reg_loop
+    times = interleaved(configs, args.steps, args.repeats)
+    t_plain = statistics.median(times["plain"])
+    t_pen = statistics.median(times["penalty"])
+    rows = [
+        ("svi/auto_normal (spectral prior)", "plain step", ratio_of(times, "svi", "plain"), "<= 2"),
+        ("svi/spectral_guide (U diag(s) V^T)", "plain step",
+         ratio_of(times, "svi_spectral", "plain"), "-"),
+        ("map/auto_delta (spectral prior)", "penalty loop", ratio_of(times, "map", "penalty"),
+         "<= 1.2"),
+        ("map/auto_delta (spectral prior)", "plain step", ratio_of(times, "map", "plain"), "-"),
+        ("penalty loop (svdvals prior)", "plain step", ratio_of(times, "penalty", "plain"), "-"),
+        ("svi/auto_normal (Frechet, tracked)", "plain step",
+         ratio_of(times, "svi_tracked", "plain"), "<= 2"),
+        ("map/auto_delta (Frechet, tracked)", "tracked loop",
+         ratio_of(times, "map_tracked", "tracked_loop"), "<= 1.2"),
+        ("map/auto_delta (Frechet, tracked)", "plain step",
+         ratio_of(times, "map_tracked", "plain"), "-"),
+    ]
+    if "regularizer" in times:
+        rows.append(("map/auto_delta (spectral prior)", "Regularizer loop",
+                     ratio_of(times, "map", "regularizer"), "<= 1.2"))
+    print(f"threads {args.threads}; per-step reference times (this run): "
+          f"plain {t_plain * 1e3:.1f} ms, "
+          f"penalty loop {t_pen * 1e3:.1f} ms")
+    print(f"{'step':38s} {'over':18s} {'ratio':>7s} {'target':>7s}")
+    for name, ref, ratio, target in rows:
+        print(f"{name:38s} {ref:18s} {ratio:7.2f} {target:>7s}")
+
+
+if __name__ == "__main__":
+    main()
