@@ -1,6 +1,6 @@
 """bayes-spectral: priors on the spectrum of weight matrices, with Pyro and ArviZ."""
 
-from . import distributions  # noqa: F401
+from . import distributions, penalties, tracking  # noqa: F401
 from .diagnostics import analyze, weight_layers
 from .metrics import METRIC_NAMES, metrics_from_esd, spectral_metrics
 from .powerlaw import PowerLawFit, alpha_at_index, fit_powerlaw, hill_estimator
@@ -31,9 +31,11 @@ __all__ = [
     "hill_estimator",
     "metrics_from_esd",
     "numerical_rank",
+    "penalties",
     "schatten_norm",
     "singular_values",
     "spectral_metrics",
     "stable_rank",
+    "tracking",
     "weight_layers",
 ]

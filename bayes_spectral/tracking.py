@@ -107,6 +107,8 @@ class TailTracker:
         self.max_iter = int(max_iter)
         self.num_iters = 0
         self.V: torch.Tensor | None = None
+        self.k = 0
+        self.need = 0
         self._since = 0
         self.num_calls = 0
         self.num_refreshes = 0
@@ -123,9 +125,15 @@ class TailTracker:
         # eigenvalues, and the QR / Ritz work is O(min(m, n) k^2).
         return mats.mT if mats.shape[-2] < mats.shape[-1] else mats
 
-    def _full(self, W: torch.Tensor, k: int, reason: str):
+    def _full(self, W: torch.Tensor, k: int, need: int, reason: str, choose):
         with torch.no_grad():
             _, s, vh = torch.linalg.svd(W.detach(), full_matrices=False)
+        full = s.square().flip(-1)
+        if choose is not None:
+            k, need = choose(full)
+            k = int(min(max(int(k), 1), vh.shape[-2]))
+            need = int(min(max(int(need), 1), k))
+        self.k, self.need = k, need
         V = vh[..., :k, :].mT.contiguous()
         self.V = V
         self._since = 0
@@ -133,13 +141,18 @@ class TailTracker:
         self.last_reason = reason
         Y = W @ V
         evals = Y.square().sum(-2)
-        return evals, s.square().flip(-1)
+        return evals, full
 
-    def __call__(self, mats: torch.Tensor, k: int, need: int | None = None) -> TailEstimate:
+    def __call__(self, mats: torch.Tensor, k: int, need: int | None = None,
+                 choose=None) -> TailEstimate:
         """Top-``k`` eigenvalues of ``W^T W`` for every matrix of ``mats`` (``(B, m, n)``).
 
         ``need`` (default ``k``): how many leading pairs the drift test checks; the other
         ``k - need`` columns are a margin that speeds up convergence of the needed ones.
+        ``choose``: optional ``full_evals -> (k, need)`` called at every full decomposition
+        with the ascending ``(B, min(m, n))`` spectrum (e.g. to re-fit a power-law tail and
+        size the block from its ``num_tail``); the chosen sizes are kept until the next
+        full decomposition (``self.k``, ``self.need``) and override the arguments.
         """
         if mats.dim() != 3:
             raise ValueError(f"TailTracker expects a stack (B, m, n), got {tuple(mats.shape)}")
@@ -150,6 +163,8 @@ class TailTracker:
         need = k if need is None else int(need)
         if not 1 <= need <= k:
             raise ValueError(f"need must be in [1, k={k}], got {need}")
+        if choose is not None and self.V is not None:
+            k, need = self.k, self.need
         self.num_calls += 1
         self._since += 1
         V = self.V
@@ -163,7 +178,7 @@ class TailTracker:
         elif self._since > self.refresh_every:
             reason = "period"
         if reason is not None:
-            evals, full = self._full(W, k, reason)
+            evals, full = self._full(W, k, need, reason, choose)
             self.last_residual = float("inf")
             return TailEstimate(evals, full, True, float("inf"))
         Wd = W.detach()
@@ -188,7 +203,7 @@ class TailTracker:
         self.num_iters += it
         self.last_residual = residual
         if not residual <= self.tol:  # also catches NaN
-            evals, full = self._full(W, k, "drift")
+            evals, full = self._full(W, k, need, "drift", choose)
             return TailEstimate(evals, full, True, residual)
         with torch.no_grad():
             self.V = torch.linalg.qr(Z @ S).Q  # the free power step, for the next call
