@@ -95,7 +95,7 @@ class TailTracker:
     ``"drift"``, or ``None``).
     """
 
-    def __init__(self, refresh_every: int = 100, tol: float = 5e-3, max_iter: int = 4) -> None:
+    def __init__(self, refresh_every: int = 100, tol: float = 3e-4, max_iter: int = 8) -> None:
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         if not tol > 0:
@@ -175,7 +175,7 @@ class TailTracker:
             reason = "shape"
         elif V.shape[-1] != k:
             reason = "k"
-        elif self._since > self.refresh_every:
+        elif self._since >= self.refresh_every:
             reason = "period"
         if reason is not None:
             evals, full = self._full(W, k, need, reason, choose)
