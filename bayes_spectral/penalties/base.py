@@ -55,8 +55,19 @@ class Penalty:
                 raise ValueError(f"{type(target).__name__} has no Linear/Conv weight to penalise")
             vals = [self(w, name=n) for n, w in layers]
             return torch.stack(vals).sum()
-        weight = check_weight(target, name)
-        return check_finite(self.weight_penalty(weight, name), name, self.label)
+        if not isinstance(target, torch.Tensor) or not target.is_floating_point() \
+                or target.dim() < 2:
+            check_weight(target, name)  # raises the clear TypeError / ValueError
+        # Hot path: no pass over the weight for finiteness; a non-finite weight shows up as
+        # a non-finite value (or a linalg failure) and is diagnosed then, naming the layer.
+        try:
+            value = self.weight_penalty(target, name)
+        except RuntimeError:
+            check_weight(target, name)
+            raise
+        if not bool(torch.isfinite(value)):
+            check_weight(target, name)
+        return check_finite(value, name, self.label)
 
     @staticmethod
     def _key(weight: torch.Tensor, name: str | None) -> str:

