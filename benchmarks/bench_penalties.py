@@ -22,9 +22,9 @@ from torch import nn
 from bayes_spectral import penalties as P
 
 QUICK = "--quick" in sys.argv
-BLOCK = 10 if QUICK else 25
-REPEATS = 3 if QUICK else 8
-WARMUP = 30 if QUICK else 120
+BLOCK = 10 if QUICK else 20
+REPEATS = 3 if QUICK else 5
+WARMUP = 30 if QUICK else 60
 
 
 def mlp():
