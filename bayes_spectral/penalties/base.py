@@ -25,7 +25,7 @@ def check_finite(value: torch.Tensor, name: str | None, what: str) -> torch.Tens
     """Raise a ValueError naming the layer if a penalty value is NaN or Inf."""
     if not bool(torch.isfinite(value).all()):
         where = f" of layer {name!r}" if name else ""
-        raise ValueError(f"{what} penalty{where} is not finite ({float(value)}); "
+        raise ValueError(f"{what} penalty{where} is not finite ({float(value.detach())}); "
                          "check the weight scale and the hyperparameters")
     return value
 
