@@ -50,6 +50,12 @@ PENALTIES = {
                                                  tracked=True),
     "Frechet exact": lambda: P.FrechetPrior(2.0, 1.0, 0.05, coef=1e-4),
     "Frechet tracked": lambda: P.FrechetPrior(2.0, 1.0, 0.05, coef=1e-4, tracked=True),
+    # looser drift test: values within ~1e-3 but gradients only ~1e-2 (tracking.py table)
+    "weighted alpha tr. 5e-3": lambda: P.WeightedAlpha(1e-3, tracked=True, tol=5e-3),
+    "power-law tr. 5e-3": lambda: P.PowerLawPrior(3.0, 0.05, xmin_quantile=0.9, coef=1e-4,
+                                                  tracked=True, tol=5e-3),
+    "Frechet tr. 5e-3": lambda: P.FrechetPrior(2.0, 1.0, 0.05, coef=1e-4, tracked=True,
+                                               tol=5e-3),
 }
 
 
