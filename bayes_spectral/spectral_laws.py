@@ -23,9 +23,15 @@ Laws on one eigenvalue ``lambda = sigma^2 >= 0`` (parameters broadcast):
 
 * Exponential on ``lambda`` with mean ``tau``: ``log f = -log tau - lambda/tau``; the
   spectral image of an isotropic Gaussian on ``W`` (``tau = 2 s^2`` up to the Jacobian).
+
+Laws on one singular value ``sigma >= 0``: half-normal and the spike-and-slab mixture of
+two half-normals. The SVD change of variables (Jacobian ``J(sigma)`` and the Haar volume
+constant) lives here too, so every spectral prior uses the same formula.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -35,6 +41,10 @@ __all__ = [
     "spliced_powerlaw_log_pdf",
     "spliced_powerlaw_spectrum_sum",
     "exponential_log_pdf",
+    "half_normal_log_pdf",
+    "spike_slab_log_pdf",
+    "log_sv_jacobian",
+    "log_haar_volume",
 ]
 
 
@@ -110,3 +120,65 @@ def spliced_powerlaw_spectrum_sum(
     tail_mass = torch.where(in_tail, tail_evals, 0.0).sum(-1)
     bulk_terms = -(total - tail_mass) / tau
     return tail_terms + bulk_terms - num_evals * spliced_powerlaw_log_norm(alpha, xmin, tau)
+
+
+# --- laws on one singular value and the SVD change of variables ---------------------------
+
+
+def half_normal_log_pdf(sigma: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Half-normal on ``sigma >= 0``: ``log(2) - log(s sqrt(2 pi)) - sigma^2 / (2 s^2)``."""
+    s = torch.as_tensor(scale, dtype=sigma.dtype, device=sigma.device)
+    return 0.5 * math.log(2.0 / math.pi) - torch.log(s) - 0.5 * (sigma / s).square()
+
+
+def spike_slab_log_pdf(
+    sigma: torch.Tensor,
+    pi: torch.Tensor | float,
+    spike_scale: torch.Tensor | float,
+    slab_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """``log(pi HN(sigma; slab) + (1 - pi) HN(sigma; spike))`` (half-normal components)."""
+    p = torch.as_tensor(pi, dtype=sigma.dtype, device=sigma.device)
+    slab = torch.log(p) + half_normal_log_pdf(sigma, slab_scale)
+    spike = torch.log1p(-p) + half_normal_log_pdf(sigma, spike_scale)
+    return torch.logaddexp(slab, spike)
+
+
+def log_sv_jacobian(sigma: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """``log J(sigma) = sum_{i<j} log|sigma_i^2 - sigma_j^2| + |m - n| sum_i log sigma_i``.
+
+    ``sigma``: the ``r = min(m, n)`` singular values of an ``m x n`` matrix on the last dim
+    (any order). ``dW = vol(m, n) J(sigma) d sigma dH`` with ``sigma`` ordered and ``dH`` the
+    normalised Haar measure on the singular vectors (see :func:`log_haar_volume`).
+    ``-inf`` where two singular values coincide (or one is zero when ``m != n``).
+    """
+    r = sigma.shape[-1]
+    sq = sigma.square()
+    i, j = torch.triu_indices(r, r, offset=1, device=sigma.device)
+    pair = torch.log(torch.abs(sq[..., i] - sq[..., j])).sum(-1)
+    return pair + abs(m - n) * torch.log(sigma).sum(-1)
+
+
+def log_haar_volume(m: int, n: int) -> float:
+    """``log vol(m, n)``: the constant with ``dW = vol J(sigma) d sigma dH`` (ordered sigma).
+
+    With ``p = max(m, n)``, ``q = min(m, n)`` and ``Gamma_q`` the multivariate gamma function::
+
+        vol = 2^q pi^{(q^2 + p q)/2} / (Gamma_q(p/2) Gamma_q(q/2))
+
+    (from the real Wishart eigenvalue density, Muirhead 1982, Thm 3.2.18). For ``q = 1``
+    this is the area ``2 pi^{p/2} / Gamma(p/2)`` of the unit sphere in ``R^p``.
+    """
+    p, q = max(m, n), min(m, n)
+
+    def mvlgamma(a: float, d: int) -> float:
+        return d * (d - 1) / 4 * math.log(math.pi) + sum(
+            math.lgamma(a - k / 2) for k in range(d)
+        )
+
+    return (
+        q * math.log(2.0)
+        + (q * q + p * q) / 2 * math.log(math.pi)
+        - mvlgamma(p / 2, q)
+        - mvlgamma(q / 2, q)
+    )
