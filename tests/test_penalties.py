@@ -12,8 +12,9 @@ from pyro.infer.autoguide import AutoDelta
 from torch import nn
 
 from bayes_spectral import penalties as P
+from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
 from bayes_spectral.powerlaw import fit_powerlaw
-from bayes_spectral.spectral_laws import frechet_log_pdf, spliced_powerlaw_log_pdf
+from bayes_spectral.spectral_laws import spliced_powerlaw_log_pdf
 from bayes_spectral.spectrum import esd
 
 
@@ -261,8 +262,8 @@ def test_too_few_eigenvalues_for_tail_fit():
 def test_bad_hyperparameters():
     with pytest.raises(ValueError, match="alpha must be > 1"):
         P.PowerLawPrior(alpha=1.0, tau=1.0, xmin=1.0)
-    with pytest.raises(ValueError, match="exactly one"):
-        P.PowerLawPrior(alpha=2.0, tau=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        P.PowerLawPrior(alpha=2.0, tau=1.0, xmin=1.0, xmin_quantile=0.5)
     with pytest.raises(ValueError, match="tau"):
         P.FrechetPrior(2.0, 1.0, tau=0.0)
     with pytest.raises(ValueError, match="Schatten p"):
@@ -273,24 +274,40 @@ def test_bad_hyperparameters():
 
 # ---------------------------------------------------------------- MAP equivalence
 
-def _map_case(prior_name):
-    if prior_name == "powerlaw":
-        pen = P.PowerLawPrior(alpha=2.5, tau=0.2, xmin=2.0)
-
-        def log_density(w):
-            return spliced_powerlaw_log_pdf(esd(w), 2.5, 2.0, 0.2).sum()
-    else:
-        pen = P.FrechetPrior(concentration=2.0, scale=3.0, tau=0.2)
-
-        def log_density(w):
-            ev = esd(w)
-            return (frechet_log_pdf(ev[-1], 2.0, 3.0)
-                    + torch.distributions.Exponential(5.0).log_prob(ev[:-1]).sum())
-    return pen, log_density
+def _dist_and_penalty(case, shape):
+    if case == "powerlaw":
+        return (PowerLawSpectrum(2.5, 0.2, event_shape=shape, xmin=2.0),
+                P.PowerLawPrior(alpha=2.5, tau=0.2, xmin=2.0))
+    if case == "powerlaw_quantile":
+        return (PowerLawSpectrum(2.5, 0.2, event_shape=shape, xmin_quantile=0.6),
+                P.PowerLawPrior(alpha=2.5, tau=0.2, xmin_quantile=0.6))
+    if case == "powerlaw_default_xmin":
+        return (PowerLawSpectrum(2.5, 0.2, event_shape=shape),
+                P.PowerLawPrior(alpha=2.5, tau=0.2))
+    return (FrechetTopEigenvalue(2.0, 3.0, 0.2, event_shape=shape, loc=0.1),
+            P.FrechetPrior(concentration=2.0, scale=3.0, tau=0.2, loc=0.1))
 
 
-@pytest.mark.parametrize("prior_name", ["powerlaw", "frechet"])
-def test_map_with_autodelta_equals_penalised_loss(prior_name):
+CASES = ["powerlaw", "powerlaw_quantile", "powerlaw_default_xmin", "frechet"]
+
+
+@pytest.mark.parametrize("tracked", [False, True], ids=["exact", "tracked"])
+@pytest.mark.parametrize("weight", [W_MAT, W_CONV], ids=["matrix", "conv"])
+@pytest.mark.parametrize("case", CASES)
+def test_prior_penalty_is_minus_distribution_penalty_log_prob(case, weight, tracked):
+    d, pen = _dist_and_penalty(case, tuple(weight.shape))
+    pen.tracked = tracked
+    w1 = weight.clone().requires_grad_(True)
+    w2 = weight.clone().requires_grad_(True)
+    v1, v2 = pen(w1, name="w"), -d.penalty_log_prob(w2)
+    (g1,) = torch.autograd.grad(v1, w1)
+    (g2,) = torch.autograd.grad(v2, w2)
+    torch.testing.assert_close(v1, v2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_map_with_autodelta_equals_penalised_loss(case):
     """Pyro MAP gradient == gradient of ``(N/B) * sum_batch CE + penalty`` (float64).
 
     Pyro scales the likelihood inside ``pyro.plate(size=N, subsample=...)`` by ``N/B``;
@@ -298,21 +315,15 @@ def test_map_with_autodelta_equals_penalised_loss(prior_name):
     ``mean_batch CE + penalty / N``.
     """
     pyro.clear_param_store()
-    pen, log_density = _map_case(prior_name)
     g = torch.Generator().manual_seed(0)
     N, B, d_in, d_out = 50, 10, 6, 3
+    prior, pen = _dist_and_penalty(case, (d_out, d_in))
     X, Y = torch.randn(N, d_in, generator=g), torch.randint(0, d_out, (N,), generator=g)
     idx = torch.arange(B) * 3
     W0 = torch.randn(d_out, d_in, generator=g)
 
     def model():
-        # TODO(issue3): replace the two lines below with
-        #   w = pyro.sample("w", PowerLawSpectrum(alpha, tau, event_shape=(d_out, d_in),
-        #                   xmin=xmin))      (resp. FrechetTopEigenvalue(...))
-        # once bayes_spectral.distributions lands on this branch; penalty_log_prob(W)
-        # must then equal log_density(W) and the test is unchanged otherwise.
-        w = pyro.sample("w", dist.ImproperUniform(dist.constraints.real, (), (d_out, d_in)))
-        pyro.factor("prior", log_density(w))
+        w = pyro.sample("w", prior)  # measure="penalty": log_prob = penalty_log_prob
         with pyro.plate("data", N, subsample=idx):
             pyro.sample("y", dist.Categorical(logits=X[idx] @ w.T), obs=Y[idx])
 

@@ -145,8 +145,9 @@ class PowerLawPrior(_TailPenalty):
     The negative penalty-measure log-density of ``PowerLawSpectrum(alpha, tau, ...,
     xmin, xmin_quantile, measure="penalty")``, computed by
     :mod:`bayes_spectral.spectral_laws` (the same function the distribution uses). Give
-    ``xmin`` (a value) or ``xmin_quantile`` (``xmin = lambda_(floor(q N))`` of the current
-    ascending ESD, taken without gradient, a data-dependent threshold).
+    ``xmin`` (a value, default ``tau``) or ``xmin_quantile`` (``xmin = lambda_(floor(q N))``
+    of the current ascending ESD: the index is chosen without gradient, the gradient flows
+    through that eigenvalue, exactly as in ``PowerLawSpectrum``).
     """
 
     label = "power-law prior"
@@ -160,8 +161,10 @@ class PowerLawPrior(_TailPenalty):
             raise ValueError(f"alpha must be > 1 for a normalisable tail, got {alpha}")
         self.alpha = float(alpha)
         self.tau = check_positive(tau, "tau")
-        if (xmin is None) == (xmin_quantile is None):
-            raise ValueError("give exactly one of xmin or xmin_quantile")
+        if xmin is not None and xmin_quantile is not None:
+            raise ValueError("give xmin or xmin_quantile, not both")
+        if xmin is None and xmin_quantile is None:
+            xmin = tau  # PowerLawSpectrum's default
         self.xmin = None if xmin is None else check_positive(xmin, "xmin")
         if xmin_quantile is not None and not 0.0 <= float(xmin_quantile) < 1.0:
             raise ValueError(f"xmin_quantile must be in [0, 1), got {xmin_quantile}")
@@ -171,7 +174,7 @@ class PowerLawPrior(_TailPenalty):
     def _xmin_exact(self, evals):
         if self.xmin is not None:
             return self.xmin
-        return evals[int(self.xmin_quantile * evals.shape[-1])].detach()
+        return evals[int(self.xmin_quantile * evals.shape[-1])]
 
     def _exact(self, evals, name):
         xmin = self._xmin_exact(evals)
@@ -189,7 +192,7 @@ class PowerLawPrior(_TailPenalty):
 
     def _tracked(self, top, total, N, name):
         if self.xmin is None:
-            xmin = top[N - int(self.xmin_quantile * N) - 1].detach()
+            xmin = top[N - int(self.xmin_quantile * N) - 1]
         else:
             xmin = self.xmin
         return -spliced_powerlaw_spectrum_sum(top, total, N, self.alpha, xmin, self.tau)
