@@ -54,7 +54,9 @@ def trajectory():
 @pytest.mark.parametrize("pen", [
     P.WeightedAlpha(tracked=True),
     P.PowerLawPrior(alpha=3.0, tau=0.05, xmin=1.0, tracked=True),
-    P.PowerLawPrior(alpha=3.0, tau=0.05, xmin_quantile=0.85, tracked=True),
+    # xmin_quantile: the gradient also flows through the xmin eigenvalue, inside the bulk
+    # where gaps are tiny and eigenvectors ill-conditioned: needs a tighter drift test
+    P.PowerLawPrior(alpha=3.0, tau=0.05, xmin_quantile=0.85, tracked=True, tol=1e-4),
     P.FrechetPrior(concentration=2.0, scale=1.0, tau=0.05, tracked=True),
 ], ids=["weighted_alpha", "powerlaw_xmin", "powerlaw_quantile", "frechet"])
 def test_tracked_penalty_matches_exact_along_training(trajectory, pen):
