@@ -1,6 +1,6 @@
 """bayes-spectral: priors on the spectrum of weight matrices, with Pyro and ArviZ."""
 
-from . import data, distributions  # noqa: F401
+from . import data, distributions, penalties, tracking  # noqa: F401
 from .diagnostics import analyze, weight_layers
 from .guides import (
     auto_delta,
@@ -69,9 +69,11 @@ __all__ = [
     "hill_estimator",
     "metrics_from_esd",
     "numerical_rank",
+    "penalties",
     "schatten_norm",
     "singular_values",
     "spectral_metrics",
     "stable_rank",
+    "tracking",
     "weight_layers",
 ]

@@ -1,0 +1,78 @@
+"""The penalty protocol: a callable on a weight (or on every weight layer of a module)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._checks import check_weight
+
+__all__ = ["Penalty", "weight_layers_of", "check_finite"]
+
+_WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def weight_layers_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, weight)`` of every Linear / Conv1d-3d layer (``<root>`` for the module itself)."""
+    return [
+        (name or "<root>", m.weight)
+        for name, m in module.named_modules()
+        if isinstance(m, _WEIGHT_TYPES)
+    ]
+
+
+def check_finite(value: torch.Tensor, name: str | None, what: str) -> torch.Tensor:
+    """Raise a ValueError naming the layer if a penalty value is NaN or Inf."""
+    if not bool(torch.isfinite(value).all()):
+        where = f" of layer {name!r}" if name else ""
+        raise ValueError(f"{what} penalty{where} is not finite ({float(value.detach())}); "
+                         "check the weight scale and the hyperparameters")
+    return value
+
+
+class Penalty:
+    """Base class: ``penalty(weight, name=None)`` or ``penalty(module)`` -> scalar tensor.
+
+    Subclasses implement :meth:`weight_penalty` for one weight tensor. Calling on an
+    ``nn.Module`` sums over its Linear/Conv weights (biases and norms are never
+    penalised); use :class:`~bayes_spectral.penalties.Regularizer` to select layers and log
+    per-layer values. ``name`` identifies the layer in errors and keys the per-layer state
+    of stateful penalties (power iteration vectors, tracked subspaces).
+    """
+
+    label = "penalty"
+
+    def weight_penalty(self, weight: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Hook for schedules; plain penalties ignore it."""
+
+    def __call__(self, target: torch.Tensor | nn.Module, name: str | None = None) -> torch.Tensor:
+        if isinstance(target, nn.Module):
+            layers = weight_layers_of(target)
+            if not layers:
+                raise ValueError(f"{type(target).__name__} has no Linear/Conv weight to penalise")
+            vals = [self(w, name=n) for n, w in layers]
+            return torch.stack(vals).sum()
+        if not isinstance(target, torch.Tensor) or not target.is_floating_point() \
+                or target.dim() < 2:
+            check_weight(target, name)  # raises the clear TypeError / ValueError
+        # Hot path: no pass over the weight for finiteness; a non-finite weight shows up as
+        # a non-finite value (or a linalg failure) and is diagnosed then, naming the layer.
+        try:
+            value = self.weight_penalty(target, name)
+        except RuntimeError:
+            check_weight(target, name)
+            raise
+        if not bool(torch.isfinite(value)):
+            check_weight(target, name)
+        return check_finite(value, name, self.label)
+
+    @staticmethod
+    def _key(weight: torch.Tensor, name: str | None) -> str:
+        return name if name is not None else f"id{id(weight)}"
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"

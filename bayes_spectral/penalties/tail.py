@@ -1,0 +1,242 @@
+"""Penalties on the top of the ESD: weighted alpha and the spectral-prior penalties.
+
+Each has an exact mode (full singular values every call) and ``tracked=True``, which
+follows the needed top eigenpairs of every layer with
+:class:`~bayes_spectral.tracking.TailTracker` (three ``m x n x k`` products per call
+instead of an SVD; full decomposition every ``refresh_every`` calls or on drift). Block
+sizes: ``need`` = the eigenvalues the penalty uses, ``k = need + max(8, need)``
+(:func:`~bayes_spectral.tracking.tail_size`), chosen again at every full decomposition:
+
+* weighted alpha: ``need = num_tail`` of the power-law fit at the last full decomposition
+  (tail above xmin plus the xmin eigenvalue); between refreshes the xmin *index* is kept
+  fixed (the value of alpha still follows the eigenvalues). Exact mode re-chooses xmin by
+  KS every call, so the two can differ where the KS choice jumps; they agree exactly at
+  the same xmin index.
+* power-law prior: ``need`` = number of eigenvalues ``>= xmin`` plus one (with
+  ``xmin_quantile``: the ``N - floor(q N)`` top ones; the gradient then also flows through
+  the xmin eigenvalue, often inside the bulk where its eigenvector is ill-conditioned, so
+  gradients within 1e-3 need ``tol=1e-4``, measured in ``tests/test_tracking.py``); if
+  the tail outgrows the block the call re-decomposes at once (the bulk is handled exactly through
+  ``||W||_F^2``, see :func:`~bayes_spectral.spectral_laws.spliced_powerlaw_spectrum_sum`).
+* Frechet prior: ``need = 1`` (``lambda_max``) plus ``||W||_F^2``.
+
+Conv kernels: ``conv="pool"`` (default) pools the eigenvalues of the ``kh*kw`` slices into
+one ESD (each slice is tracked with the same block size), ``conv="flatten"`` uses
+``out x (in*kh*kw)``. ``N`` (number of eigenvalues) is ``slices * min(out, in)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_positive
+from ..powerlaw import alpha_at_index, fit_powerlaw
+from ..spectral_laws import (
+    exponential_log_pdf,
+    frechet_log_pdf,
+    spliced_powerlaw_log_pdf,
+    spliced_powerlaw_spectrum_sum,
+)
+from ..spectrum import ConvMode, as_matrices, esd
+from ..tracking import TailTracker, tail_size
+from .base import Penalty
+
+__all__ = ["WeightedAlpha", "PowerLawPrior", "FrechetPrior"]
+
+_LN10 = math.log(10.0)
+
+
+def _where(name):
+    return f" (layer {name!r})" if name else ""
+
+
+class _TailPenalty(Penalty):
+    """Shared exact / tracked machinery; subclasses give ``_exact``, ``_sizes``, ``_tracked``."""
+
+    min_evals = 2
+
+    def __init__(self, coef, tracked, conv, refresh_every, tol, margin):
+        self.coef = check_positive(coef, "coef")
+        self.tracked = bool(tracked)
+        self.conv = conv
+        self.refresh_every = int(refresh_every)
+        self.tol = float(tol)
+        self.margin = margin
+        self._trackers: dict[str, TailTracker] = {}
+        self._pooled_need: dict[str, int] = {}
+
+    def tracker(self, name: str) -> TailTracker:
+        """The :class:`TailTracker` of layer ``name`` (tracked mode)."""
+        return self._trackers[name]
+
+    def _check_size(self, N, name):
+        if N < self.min_evals:
+            raise ValueError(
+                f"weight{_where(name)} has {N} eigenvalues: too few for the {self.label} "
+                f"penalty (a tail fit needs at least {self.min_evals})")
+
+    def weight_penalty(self, weight, name=None):
+        if self.conv == "pool" and weight.dim() > 2:
+            mats = as_matrices(weight, conv=self.conv, name=name)
+        else:  # the hot path of Linear layers: no extra pass over the weight
+            mats = weight.reshape(1, weight.shape[0], -1)
+        B, m, n = mats.shape
+        dim = min(m, n)
+        N = B * dim
+        self._check_size(N, name)
+        if not self.tracked:
+            return self.coef * self._exact(esd(weight, conv=self.conv, name=name), name)
+        key = self._key(weight, name)
+        tr = self._trackers.get(key)
+        if tr is None:
+            tr = self._trackers[key] = TailTracker(refresh_every=self.refresh_every,
+                                                   tol=self.tol)
+
+        def choose(full):
+            pooled = torch.sort(full.reshape(-1)).values
+            self._pooled_need[key] = need = self._sizes(pooled, name)
+            need = min(need, dim)
+            return tail_size(need, dim, self.margin), need
+
+        est = tr(mats, 1, 1, choose=choose)
+        if tr.need < dim and not self._complete(est.evals, tr.need):
+            tr.reset()
+            est = tr(mats, 1, 1, choose=choose)
+        top = torch.sort(est.evals[..., : tr.need].reshape(-1), descending=True).values
+        top = top[: self._pooled_need[key]]
+        total = weight.square().sum()
+        return self.coef * self._tracked(top, total, N, name)
+
+    def _complete(self, evals, need):
+        return True
+
+
+class WeightedAlpha(_TailPenalty):
+    """``coef * alpha * log10(lambda_max)`` (Martin & Mahoney; Xiao et al. as a penalty).
+
+    ``alpha`` is the differentiable power-law exponent (xmin index chosen by the KS rule
+    without gradient, :func:`~bayes_spectral.powerlaw.fit_powerlaw`); ``fit_kwargs`` go to
+    the fit (e.g. ``min_tail``). ``tracked=True``: see the module docstring.
+    """
+
+    label = "weighted alpha"
+
+    def __init__(self, coef: float = 1.0, tracked: bool = False, conv: ConvMode = "pool",
+                 refresh_every: int = 100, tol: float = 3e-4, margin: int | None = None,
+                 **fit_kwargs) -> None:
+        super().__init__(coef, tracked, conv, refresh_every, tol, margin)
+        self.fit_kwargs = fit_kwargs
+        self.min_evals = max(2, int(fit_kwargs.get("min_tail", 2)))
+
+    def _exact(self, evals, name):
+        fit = fit_powerlaw(evals, name=name, **self.fit_kwargs)
+        return fit.alpha * torch.log10(evals[-1])
+
+    def _sizes(self, pooled, name):
+        return int(fit_powerlaw(pooled, name=name, **self.fit_kwargs).num_tail)
+
+    def _tracked(self, top, total, N, name):
+        alpha = alpha_at_index(top.flip(-1), 0)
+        return alpha * torch.log10(top[0])
+
+
+class PowerLawPrior(_TailPenalty):
+    """``-coef * sum_i log f(lambda_i)``, ``f`` the spliced exponential / power-law law.
+
+    The negative penalty-measure log-density of ``PowerLawSpectrum(alpha, tau, ...,
+    xmin, xmin_quantile, measure="penalty")``, computed by
+    :mod:`bayes_spectral.spectral_laws` (the same function the distribution uses). Give
+    ``xmin`` (a value, default ``tau``) or ``xmin_quantile`` (``xmin = lambda_(floor(q N))``
+    of the current ascending ESD: the index is chosen without gradient, the gradient flows
+    through that eigenvalue, exactly as in ``PowerLawSpectrum``).
+    """
+
+    label = "power-law prior"
+
+    def __init__(self, alpha: float, tau: float, xmin: float | None = None,
+                 xmin_quantile: float | None = None, coef: float = 1.0, tracked: bool = False,
+                 conv: ConvMode = "pool", refresh_every: int = 100, tol: float = 3e-4,
+                 margin: int | None = None) -> None:
+        super().__init__(coef, tracked, conv, refresh_every, tol, margin)
+        if not float(alpha) > 1:
+            raise ValueError(f"alpha must be > 1 for a normalisable tail, got {alpha}")
+        self.alpha = float(alpha)
+        self.tau = check_positive(tau, "tau")
+        if xmin is not None and xmin_quantile is not None:
+            raise ValueError("give xmin or xmin_quantile, not both")
+        if xmin is None and xmin_quantile is None:
+            xmin = tau  # PowerLawSpectrum's default
+        self.xmin = None if xmin is None else check_positive(xmin, "xmin")
+        if xmin_quantile is not None and not 0.0 <= float(xmin_quantile) < 1.0:
+            raise ValueError(f"xmin_quantile must be in [0, 1), got {xmin_quantile}")
+        self.xmin_quantile = None if xmin_quantile is None else float(xmin_quantile)
+        self.min_evals = 1
+
+    def _xmin_exact(self, evals):
+        if self.xmin is not None:
+            return self.xmin
+        return evals[int(self.xmin_quantile * evals.shape[-1])]
+
+    def _exact(self, evals, name):
+        xmin = self._xmin_exact(evals)
+        return -spliced_powerlaw_log_pdf(evals, self.alpha, xmin, self.tau).sum()
+
+    def _sizes(self, pooled, name):
+        N = pooled.shape[-1]
+        if self.xmin is None:
+            return N - int(self.xmin_quantile * N)
+        return int((pooled >= self.xmin).sum()) + 1
+
+    def _complete(self, evals, need):
+        # every eigenvalue >= xmin must be inside the certified block of each slice
+        return self.xmin is None or bool((evals[..., need - 1] < self.xmin).all())
+
+    def _tracked(self, top, total, N, name):
+        if self.xmin is None:
+            xmin = top[N - int(self.xmin_quantile * N) - 1]
+        else:
+            xmin = self.xmin
+        return -spliced_powerlaw_spectrum_sum(top, total, N, self.alpha, xmin, self.tau)
+
+
+class FrechetPrior(_TailPenalty):
+    """``-coef * [log Frechet(lambda_max; a, s, loc) + sum_{i<N} log Exp(lambda_i; tau)]``.
+
+    The negative penalty-measure log-density of ``FrechetTopEigenvalue(concentration,
+    scale, tau, ..., loc, measure="penalty")`` (Frechet on ``lambda_max = sigma_max^2``,
+    exponential with mean ``tau`` on the other ``N - 1`` eigenvalues), through
+    :func:`~bayes_spectral.spectral_laws.frechet_log_pdf` and ``exponential_log_pdf``.
+    The exponential part is linear in the eigenvalues, so it needs only their sum
+    ``||W||_F^2 - lambda_max``: ``sum_i log Exp(lambda_i) = (N-1) log Exp(mean lambda_i)``.
+    """
+
+    label = "Frechet prior"
+
+    def __init__(self, concentration: float, scale: float, tau: float, loc: float = 0.0,
+                 coef: float = 1.0, tracked: bool = False, conv: ConvMode = "pool",
+                 refresh_every: int = 100, tol: float = 3e-4,
+                 margin: int | None = None) -> None:
+        super().__init__(coef, tracked, conv, refresh_every, tol, margin)
+        self.concentration = check_positive(concentration, "concentration")
+        self.scale = check_positive(scale, "scale")
+        self.tau = check_positive(tau, "tau")
+        self.loc = float(loc)
+        self.min_evals = 1
+
+    def _log_density(self, lam_max, rest_sum, n_rest):
+        out = frechet_log_pdf(lam_max, self.concentration, self.scale, self.loc)
+        if n_rest:
+            out = out + n_rest * exponential_log_pdf(rest_sum / n_rest, self.tau)
+        return out
+
+    def _exact(self, evals, name):
+        out = frechet_log_pdf(evals[-1], self.concentration, self.scale, self.loc)
+        return -(out + exponential_log_pdf(evals[:-1], self.tau).sum())
+
+    def _sizes(self, pooled, name):
+        return 1
+
+    def _tracked(self, top, total, N, name):
+        return -self._log_density(top[0], total - top[0], N - 1)
