@@ -108,6 +108,21 @@ def alpha_at_index(evals_sorted: torch.Tensor, index: torch.Tensor | int) -> tor
     return 1.0 + n / total
 
 
+def _candidate_sums(lam: torch.Tensor, min_tail: int):
+    """Per-candidate quantities shared by every scan (rows of ``lam`` ascending, ``(B, N)``).
+
+    Returns ``logs = ln lambda``, candidate indices ``i = 0 .. N - min_tail``, tail sizes
+    ``n_i = N - i`` and ``S_i = sum_{j>=i} ln(lambda_j / lambda_i)`` (suffix sums).
+    """
+    N = lam.shape[-1]
+    logs = torch.log(lam.clamp_min(torch.finfo(lam.dtype).tiny))
+    n_cand = N - min_tail + 1
+    i_all = torch.arange(n_cand, device=lam.device)
+    n_all = (N - i_all).to(lam.dtype)
+    suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
+    return logs, i_all, n_all, suffix - n_all * logs[:, :n_cand]
+
+
 def _ks_scan(
     lam: torch.Tensor, first: torch.Tensor, min_tail: int, lo: int = 0, hi: int | None = None
 ) -> tuple[torch.Tensor, ...]:
@@ -118,14 +133,10 @@ def _ks_scan(
     """
     B, N = lam.shape
     dtype = lam.dtype
-    logs = torch.log(lam.clamp_min(torch.finfo(dtype).tiny))
-    n_cand = N - min_tail + 1  # candidates i = 0 .. N - min_tail
+    logs, i_all, n_all, log_sums = _candidate_sums(lam, min_tail)
+    n_cand = len(i_all)
     hi = n_cand if hi is None else hi
-    i_all = torch.arange(n_cand, device=lam.device)
-    n_all = (N - i_all).to(dtype)
-    suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
-    denom = suffix - n_all * logs[:, :n_cand]
-    alphas = 1.0 + n_all / denom
+    alphas = 1.0 + n_all / log_sums
     D = torch.full((B, n_cand), float("inf"), dtype=dtype, device=lam.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * N))
     for c0 in range(lo, hi, chunk):
@@ -171,12 +182,9 @@ def _ks_pruned(
     """
     B, N = lam.shape
     dtype = lam.dtype
-    logs = torch.log(lam.clamp_min(torch.finfo(dtype).tiny))
-    n_cand = N - min_tail + 1
-    i_all = torch.arange(n_cand, device=lam.device)
-    n_all = (N - i_all).to(dtype)
-    suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
-    alphas = 1.0 + n_all / (suffix - n_all * logs[:, :n_cand])
+    logs, i_all, n_all, log_sums = _candidate_sums(lam, min_tail)
+    n_cand = len(i_all)
+    alphas = 1.0 + n_all / log_sums
     stride = max(1, N // grid)
     j_sub = torch.arange(0, N, stride, device=lam.device)
     rel = j_sub[None, :] - i_all[:, None]  # (n_cand, G)
@@ -236,13 +244,10 @@ def _truncated_fit(
     """alpha_i and D_i for the truncated power law on ``[lambda_i, lambda_max]`` (as _ks_scan)."""
     B, N = lam.shape
     dtype = lam.dtype
-    logs = torch.log(lam.clamp_min(torch.finfo(dtype).tiny))
-    n_cand = N - min_tail + 1
+    logs, i_all, n_all, log_sums = _candidate_sums(lam, min_tail)
+    n_cand = len(i_all)
     hi = n_cand if hi is None else hi
-    i_all = torch.arange(n_cand, device=lam.device)
-    n_all = (N - i_all).to(dtype)
-    suffix = torch.flip(torch.cumsum(torch.flip(logs, [-1]), -1), [-1])[:, :n_cand]
-    mean_log = (suffix - n_all * logs[:, :n_cand]) / n_all
+    mean_log = log_sums / n_all
     t = logs[:, -1:] - logs[:, :n_cand]
     b = _truncated_rate(mean_log, t)
     alphas = 1.0 + b
