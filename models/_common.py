@@ -27,12 +27,14 @@ def torch_threads(num_threads: int | None):
         torch.set_num_threads(old)
 
 
-def prepare_out_dir(out_dir) -> pathlib.Path | None:
+def write_results(df, out_dir, name: str, plot) -> None:
+    """Write ``<out_dir>/<name>.csv`` and ``<name>.png`` (``plot(df, path)``); no-op if None."""
     if out_dir is None:
-        return None
+        return
     path = pathlib.Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    df.to_csv(path / f"{name}.csv", index=False)
+    plot(df, path / f"{name}.png")
 
 
 def new_figure(ncols: int, width: float = 4.5, height: float = 3.5):

@@ -68,7 +68,7 @@ import torch
 
 from bayes_spectral.data import make_matrix_sensing
 
-from ._common import new_figure, prepare_out_dir, save_figure, torch_threads
+from ._common import new_figure, save_figure, torch_threads, write_results
 
 __all__ = [
     "Config",
@@ -255,10 +255,7 @@ def run(config: Config | None = None, out_dir=None) -> pd.DataFrame:
                                                config.lr, config.init_scale, seed)
                         record(method, depth, end_to_end(ws))
     df = pd.DataFrame(rows)
-    path = prepare_out_dir(out_dir)
-    if path is not None:
-        df.to_csv(path / "deep_matrix_factorization.csv", index=False)
-        _plot(df, path / "deep_matrix_factorization.png")
+    write_results(df, out_dir, "deep_matrix_factorization", _plot)
     return df
 
 

@@ -58,7 +58,7 @@ import torch
 
 from bayes_spectral.data import make_sparse_regression
 
-from ._common import new_figure, prepare_out_dir, save_figure, torch_threads
+from ._common import new_figure, save_figure, torch_threads, write_results
 
 __all__ = ["Config", "run", "plain_gd", "weight_normalised_gd"]
 
@@ -178,10 +178,7 @@ def run(config: Config | None = None, out_dir=None) -> pd.DataFrame:
                                              config.step_scale)
                 record("weight_norm", kappa, alpha, w, it)
     df = pd.DataFrame(rows)
-    path = prepare_out_dir(out_dir)
-    if path is not None:
-        df.to_csv(path / "diagonal_weight_norm.csv", index=False)
-        _plot(df, path / "diagonal_weight_norm.png")
+    write_results(df, out_dir, "diagonal_weight_norm", _plot)
     return df
 
 

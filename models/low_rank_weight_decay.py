@@ -45,7 +45,7 @@ import torch
 from bayes_spectral import data as _data
 from bayes_spectral.spectrum import effective_rank
 
-from ._common import new_figure, prepare_out_dir, save_figure, torch_threads
+from ._common import new_figure, save_figure, torch_threads, write_results
 
 __all__ = ["Config", "run", "train_two_layer"]
 
@@ -168,10 +168,7 @@ def run(config: Config | None = None, out_dir=None) -> pd.DataFrame:
                         "test_accuracy": acc,
                     })
     df = pd.DataFrame(rows)
-    path = prepare_out_dir(out_dir)
-    if path is not None:
-        df.to_csv(path / "low_rank_weight_decay.csv", index=False)
-        _plot(df, path / "low_rank_weight_decay.png")
+    write_results(df, out_dir, "low_rank_weight_decay", _plot)
     return df
 
 
