@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from .distributions import (
     SpikeAndSlabSpectrum,
 )
 from .guides import auto_normal, map_values
-from .infer import fit
+from .infer import fit, save_checkpoint
 from .nn import bayesian
 from .predict import evaluate
 
@@ -145,21 +144,6 @@ def make_mlp(num_inputs: int, hidden: tuple[int, ...], num_classes: int, seed: i
         layers[f"relu{i + 1}"] = nn.ReLU()
     layers[f"fc{len(hidden) + 1}"] = nn.Linear(widths[-1], num_classes)
     return nn.Sequential(layers)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _layer_metrics(weights: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -303,7 +287,7 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | os.PathLike | None 
                     saved["weights"]["svi"] = w
                     svi_results[(method, seed)] = res["svi"]
             if path is not None:
-                _atomic_save(saved, path)
+                save_checkpoint(str(path), saved)
             last = saved["rows"][-1]
             say(f"[{i + 1}/{len(jobs)}] {what} {method} seed {seed}: "
                 f"test accuracy {last['test_accuracy']:.3f} ({time.perf_counter() - t0:.1f} s)")
