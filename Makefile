@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine with Python >= 3.10 and pip:
-#   make run    -> the main job (spectral analysis of the embedded example model)
+#   make run    -> the main job: bayes-spectral compare (every penalty and prior, report/)
 #   make test   -> ruff + the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/bayes-spectral analyze --example digits-mlp
+	$(VENV)/bin/bayes-spectral compare --out report
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

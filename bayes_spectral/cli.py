@@ -1,7 +1,8 @@
 """Layer 6: the ``bayes-spectral`` command.
 
-Exit codes: 0 success, 2 usage error (argparse), 3 unreadable or unsafe input file,
-4 the input had no analysable weight.
+Exit codes: 0 success, 2 usage error (argparse, or an impossible setting), 3 unreadable or
+unsafe input file, 4 the input had no analysable weight, 5 training stopped on a NaN/Inf
+(the message names the parameter and layer; the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ from torch import nn
 
 EXIT_BAD_FILE = 3
 EXIT_NO_LAYERS = 4
+EXIT_NON_FINITE = 5
+EXIT_USAGE = 2
 
 _EXAMPLES = """examples:
+  bayes-spectral compare                       # the main job (a few minutes)
+  bayes-spectral compare --quick --out report/ # under a minute
+  bayes-spectral fit --prior powerlaw --method svi --out run1/ --resume
   bayes-spectral analyze --example digits-mlp
   bayes-spectral analyze model.pt --out report/
   bayes-spectral analyze model.safetensors --layers 'fc|conv'
@@ -142,6 +148,90 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_args(args: argparse.Namespace):
+    from .compare import CompareConfig
+
+    cfg = CompareConfig.quick() if args.quick else CompareConfig()
+    for key in ("dataset", "epochs", "svi_epochs", "batch_size", "lr", "device"):
+        if getattr(args, key, None) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.seeds is not None:
+        cfg.seeds = tuple(args.seeds)
+    if args.hidden is not None:
+        cfg.hidden = tuple(args.hidden)
+    if args.baselines is not None:
+        cfg.baselines = tuple(args.baselines)
+    if args.priors is not None:
+        cfg.priors = tuple(args.priors)
+    if args.no_svi:
+        cfg.svi = False
+    return cfg
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, format_summary, write_outputs
+    from .infer import NonFiniteError
+
+    cfg = _config_from_args(args)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"compare ({'quick' if args.quick else 'full'}): {cfg}")
+    try:
+        result = compare(cfg, out_dir=args.out, resume=not args.no_resume)
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    print(format_summary(result["table"]))
+    paths = write_outputs(result, args.out)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import json
+
+    from .compare import PRIORS, load_dataset, make_mlp
+    from .infer import NonFiniteError, fit
+    from .nn import bayesian
+
+    if args.method == "nuts" and sum(args.hidden) > 64:
+        print("note: NUTS on more than a few thousand weights is slow; try --hidden 16",
+              file=sys.stderr)
+    try:
+        split = load_dataset(args.dataset, seed=args.seed)
+        net = make_mlp(split.x_train.shape[1], tuple(args.hidden),
+                       int(split.y_train.max()) + 1, args.seed)
+        bn = bayesian(net, {nn.Linear: PRIORS[args.prior]}, num_data=len(split.x_train))
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"fit {args.method} with prior {args.prior} on {args.dataset}: {config}")
+    try:
+        res = fit(bn, split, args.method, epochs=args.epochs, batch_size=args.batch_size,
+                  lr=args.lr, device=args.device, seed=args.seed,
+                  val_data=None if args.method == "nuts" else (split.x_test, split.y_test),
+                  checkpoint_dir=None if args.method == "nuts" else out / "checkpoint",
+                  resume=args.resume, num_samples=args.num_samples,
+                  warmup_steps=args.num_samples, num_chains=args.chains)
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    metrics = {k: float(v) for k, v in res.evaluate(split.x_test, split.y_test)._asdict().items()}
+    metrics["epochs_run"] = res.epochs_run
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("test " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    print(f"wrote {out / 'metrics.json'}" + ("" if args.method == "nuts" else
+                                              f" and {out / 'checkpoint'}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bayes-spectral",
@@ -167,6 +257,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", default=None, help="folder for analysis.csv")
     p.set_defaults(func=cmd_analyze)
+
+    from .compare import BASELINES, DATASETS, PRIORS
+
+    c = sub.add_parser(
+        "compare",
+        help="the main job: every baseline penalty and spectral prior (MAP, SVI) on one MLP",
+        description="Train one MLP with every baseline penalty (none, weight decay, spectral "
+                    "norm, stable rank, weighted alpha) and every spectral prior (MAP, then SVI "
+                    "from the MAP fit) over seeds; print a results table and write a report "
+                    "folder (results.csv, summary.csv, plots, report.html).",
+        epilog="examples:\n  bayes-spectral compare\n  bayes-spectral compare --quick --out r/"
+               "\n  bayes-spectral compare --priors powerlaw --baselines none weight_decay",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("--quick", action="store_true", help="under a minute: smaller MLP, 2 seeds")
+    c.add_argument("--dataset", choices=DATASETS, default=None)
+    c.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
+    c.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden widths")
+    c.add_argument("--epochs", type=int, default=None)
+    c.add_argument("--svi-epochs", dest="svi_epochs", type=int, default=None)
+    c.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    c.add_argument("--lr", type=float, default=None)
+    c.add_argument("--baselines", nargs="*", default=None, choices=list(BASELINES))
+    c.add_argument("--priors", nargs="*", default=None, choices=list(PRIORS))
+    c.add_argument("--no-svi", dest="no_svi", action="store_true", help="MAP only")
+    c.add_argument("--device", default=None, help="cpu (default) or cuda")
+    c.add_argument("--out", default="report", help="report folder (default: report/)")
+    c.add_argument("--no-resume", dest="no_resume", action="store_true",
+                   help="retrain runs already saved under OUT/runs/")
+    c.set_defaults(func=cmd_compare)
+
+    f = sub.add_parser(
+        "fit",
+        help="fit one Bayesian MLP (prior, method map/svi/nuts) with checkpoints and --resume",
+        epilog="examples:\n  bayes-spectral fit --prior powerlaw --method map --out run1/\n"
+               "  bayes-spectral fit --prior gaussian --method nuts --hidden 8 --out n1/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    f.add_argument("--prior", choices=list(PRIORS), default="powerlaw")
+    f.add_argument("--method", choices=["map", "svi", "nuts"], default="map")
+    f.add_argument("--dataset", choices=DATASETS, default="digits")
+    f.add_argument("--hidden", type=int, nargs="+", default=[64])
+    f.add_argument("--epochs", type=int, default=20)
+    f.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    f.add_argument("--lr", type=float, default=3e-3)
+    f.add_argument("--num-samples", dest="num_samples", type=int, default=200,
+                   help="NUTS: draws (and warm-up steps) per chain")
+    f.add_argument("--chains", type=int, default=2, help="NUTS chains")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--out", default="fit-run", help="folder: checkpoint/, metrics.json")
+    f.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint/checkpoint.pt if present")
+    f.set_defaults(func=cmd_fit)
 
     from .models import REFERENCE_MODELS
 

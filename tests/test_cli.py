@@ -108,3 +108,37 @@ def test_reproduce_small_writes_table_and_plot(tmp_path, capsys):
 def test_unknown_reference_model_is_a_usage_error():
     res = run_cli("reproduce", "nope")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+@pytest.mark.parametrize("command", ["compare", "fit"])
+def test_compare_and_fit_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--out" in out and "--seed" in out or "--seeds" in out
+
+
+def test_compare_impossible_setting_exits_2(tmp_path, capsys):
+    code = cli.main(["compare", "--quick", "--epochs", "0", "--out", str(tmp_path)])
+    assert code == cli.EXIT_USAGE
+    assert "epochs must be a positive integer" in capsys.readouterr().err
+
+
+def test_fit_resume_equals_uninterrupted(tmp_path, capsys):
+    """fit 2 epochs, then --resume to 3 == a fresh 3-epoch run (bit for bit on CPU)."""
+    import json
+
+    common = ["fit", "--prior", "gaussian", "--method", "map", "--hidden", "8",
+              "--batch-size", "128", "--lr", "0.03"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*common, "--epochs", "2", "--out", str(a)]) == 0
+    assert (a / "checkpoint" / "checkpoint.pt").exists()
+    assert cli.main([*common, "--epochs", "3", "--out", str(a), "--resume"]) == 0
+    assert cli.main([*common, "--epochs", "3", "--out", str(b)]) == 0
+    ma = json.loads((a / "metrics.json").read_text())
+    mb = json.loads((b / "metrics.json").read_text())
+    assert ma["epochs_run"] == mb["epochs_run"] == 3
+    assert ma == mb
+    assert 0.5 < ma["accuracy"] <= 1.0
+    assert "test accuracy" in capsys.readouterr().out
