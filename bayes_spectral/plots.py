@@ -134,14 +134,15 @@ def _samples(da) -> np.ndarray:
 
 
 def _hdi(x: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
-    """Shortest interval holding ``ceil(prob S)`` of the ``S`` sorted draws, per column."""
+    """Per column of ``x`` (``S`` draws), the shortest interval ``[s_i, s_{i+k}]`` of the
+    sorted draws with ``k = floor(prob S)`` (ArviZ's ``hdi`` rule)."""
     s = np.sort(x, axis=0)
     n = s.shape[0]
-    k = max(1, min(n, int(math.ceil(prob * n))))
-    width = s[k - 1:] - s[: n - k + 1]
+    k = min(n - 1, int(math.floor(prob * n)))
+    width = s[k:] - s[: n - k]
     i = np.argmin(np.where(np.isnan(width), np.inf, width), axis=0)
     cols = np.arange(s.shape[1])
-    return s[i, cols], s[i + k - 1, cols]
+    return s[i, cols], s[i + k, cols]
 
 
 def plot_posterior_spectra(posterior, baselines=None, layers=None, hdi_prob: float = 0.9,
