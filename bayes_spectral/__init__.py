@@ -13,6 +13,17 @@ from .guides import (
 from .infer import FitResult, NonFiniteError, fit
 from .metrics import METRIC_NAMES, metrics_from_esd, spectral_metrics
 from .nn import BayesianNetwork, SingularValuePrior, TrackedSpectralPrior, bayesian
+from .posterior import (
+    SPECTRAL_VARS,
+    ImportanceELPD,
+    baseline_dataset,
+    importance_elpd,
+    load_netcdf,
+    save_netcdf,
+    spectral_draws,
+    to_inference_data,
+    weight_draws,
+)
 from .powerlaw import PowerLawFit, alpha_at_index, fit_powerlaw, hill_estimator
 from .predict import (
     evaluate,
@@ -38,6 +49,15 @@ __version__ = "0.1.0"
 __all__ = [
     "BayesianNetwork",
     "FitResult",
+    "ImportanceELPD",
+    "SPECTRAL_VARS",
+    "baseline_dataset",
+    "importance_elpd",
+    "load_netcdf",
+    "save_netcdf",
+    "spectral_draws",
+    "to_inference_data",
+    "weight_draws",
     "NonFiniteError",
     "SingularValuePrior",
     "TrackedSpectralPrior",

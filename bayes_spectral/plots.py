@@ -4,6 +4,16 @@
 ``P(Lambda >= lambda_i) = (N - i)/N`` (readable even for a few dozen eigenvalues, unlike a
 log-binned histogram), the fitted power law ``(n_tail/N) (lambda/xmin)^(1 - alpha)`` and
 ``xmin`` marked.
+
+Posterior spectra (datasets of :mod:`bayes_spectral.posterior`):
+
+* ``plot_posterior_spectra``: per layer, the median and the ``hdi_prob`` HDI band of the
+  sorted singular values ``sigma_i`` against ``i`` (log y), each baseline method's mean over
+  seeds overlaid;
+* ``plot_spectral_forest``: per variable, one row per (layer, source): posterior median,
+  50% interval (thick) and ``hdi_prob`` HDI (thin); baselines as one dot per seed and a
+  diamond at their mean;
+* ``plot_alpha_vs_accuracy``: per layer, alpha against test accuracy, one colour per method.
 """
 
 from __future__ import annotations
@@ -16,7 +26,15 @@ import torch
 
 from .powerlaw import PowerLawFit, fit_powerlaw
 
-__all__ = ["plot_esd", "plot_esds"]
+__all__ = [
+    "plot_alpha_vs_accuracy",
+    "plot_esd",
+    "plot_esds",
+    "plot_posterior_spectra",
+    "plot_spectral_forest",
+]
+
+_DPI = 100
 
 
 def _pyplot():
@@ -79,3 +97,237 @@ def plot_esds(spectra: dict[str, torch.Tensor], path: str | Path | None = None, 
         fig.savefig(path, dpi=100)
         plt.close(fig)
     return fig
+
+
+# --- posterior spectra -------------------------------------------------------------------
+
+
+def _grid(plt, n: int, ncols: int, width: float, height: float):
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
+                             squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.remove()
+    return fig, flat[:n]
+
+
+def _finish(plt, fig, path):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=_DPI)
+        plt.close(fig)
+    return fig
+
+
+def _posterior_of(ds):
+    """An ``InferenceData`` -> its ``posterior`` group; a Dataset is returned as is."""
+    if hasattr(ds, "posterior") and not hasattr(ds, "data_vars"):
+        return ds.posterior
+    return ds
+
+
+def _samples(da) -> np.ndarray:
+    """``(S, ...)`` numpy draws of a DataArray with ``chain``/``draw`` dims."""
+    return da.stack(__sample__=("chain", "draw")).transpose("__sample__", ...).values
+
+
+def _hdi(x: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``x`` (``S`` draws), the shortest interval ``[s_i, s_{i+k}]`` of the
+    sorted draws with ``k = floor(prob S)`` (ArviZ's ``hdi`` rule)."""
+    s = np.sort(x, axis=0)
+    n = s.shape[0]
+    k = min(n - 1, int(math.floor(prob * n)))
+    width = s[k:] - s[: n - k]
+    i = np.argmin(np.where(np.isnan(width), np.inf, width), axis=0)
+    cols = np.arange(s.shape[1])
+    return s[i, cols], s[i + k, cols]
+
+
+def plot_posterior_spectra(posterior, baselines=None, layers=None, hdi_prob: float = 0.9,
+                           path: str | Path | None = None, ncols: int = 3):
+    """Sorted singular values per layer: posterior median line and ``hdi_prob`` HDI band
+    (shortest interval of the draws, per index ``i``), each baseline method's mean over
+    seeds as a line with markers. Log y axis. ``posterior``: a Dataset with
+    ``singular_values`` (chain, draw, layer, sv_index) or an ``InferenceData``;
+    ``baselines``: the Dataset of :func:`bayes_spectral.baseline_dataset`. One axis per layer;
+    returns the figure (saved as PNG at 100 dpi when ``path`` is given).
+    """
+    plt = _pyplot()
+    post = _posterior_of(posterior)
+    if "singular_values" not in post:
+        raise ValueError("plot_posterior_spectra() needs a dataset with 'singular_values'")
+    if not 0 < hdi_prob < 1:
+        raise ValueError(f"hdi_prob must be in (0, 1), got {hdi_prob!r}")
+    names = [str(v) for v in post["layer"].values] if layers is None else list(layers)
+    unknown = [n for n in names if n not in set(map(str, post["layer"].values))]
+    if unknown or not names:
+        raise ValueError(f"unknown layers {unknown}; the posterior has "
+                         f"{list(map(str, post['layer'].values))}")
+    fig, axes = _grid(plt, len(names), ncols, 5.0, 3.8)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, name in zip(axes, names, strict=True):
+        sv = _samples(post["singular_values"].sel(layer=name))
+        sv = sv[:, ~np.all(np.isnan(sv), axis=0)]  # NaN padding sits at the end
+        idx = np.arange(1, sv.shape[1] + 1)
+        lo, hi = _hdi(sv, hdi_prob)
+        ax.fill_between(idx, lo, hi, color="0.6", alpha=0.45, lw=0,
+                        label=f"posterior {int(round(100 * hdi_prob))}% HDI")
+        ax.plot(idx, np.median(sv, axis=0), color="k", lw=2,
+                label=f"posterior median ({sv.shape[0]} draws)")
+        if baselines is not None and name in set(map(str, baselines["layer"].values)):
+            base = baselines["singular_values"].sel(layer=name)
+            for j, method in enumerate(map(str, base["method"].values)):
+                vals = base.sel({"method": method}).values[:, : sv.shape[1]]
+                vals = vals[~np.all(np.isnan(vals), axis=1)]  # seeds not given are NaN
+                if vals.shape[0] == 0:
+                    continue
+                mean, n_seeds = vals.mean(axis=0), vals.shape[0]
+                ax.plot(idx[: mean.shape[0]], mean, "o-", ms=2.5, lw=1,
+                        color=colors[j % len(colors)], label=f"{method} (mean of {n_seeds} seeds)")
+        ax.set_yscale("log")
+        ax.set_xlabel("index i (singular values sorted descending)")
+        ax.set_ylabel("singular value sigma_i")
+        ax.set_title(f"layer {name}: posterior spectrum")
+        ax.legend(fontsize=7, loc="lower left")
+        ax.grid(True, which="major", alpha=0.3)
+    return _finish(plt, fig, path)
+
+
+def _as_sources(posteriors) -> dict:
+    if posteriors is None:
+        return {}
+    if isinstance(posteriors, dict) or (hasattr(posteriors, "items")
+                                        and not hasattr(posteriors, "data_vars")
+                                        and not hasattr(posteriors, "posterior")):
+        return {str(k): _posterior_of(v) for k, v in posteriors.items()}
+    return {"posterior": _posterior_of(posteriors)}
+
+
+_LOG_VARS = ("lambda_max",)
+
+
+def plot_spectral_forest(posteriors, baselines=None,
+                         var_names: tuple[str, ...] = ("alpha", "lambda_max", "stable_rank"),
+                         hdi_prob: float = 0.9, path: str | Path | None = None):
+    """Forest plot: one axis per variable, one row per (layer, source).
+
+    ``posteriors``: a Dataset / ``InferenceData`` or ``{name: Dataset}`` (e.g. one per
+    prior); each row shows the median (dot), the central 50% interval (thick) and the
+    ``hdi_prob`` HDI (thin line). ``baselines`` (:func:`bayes_spectral.baseline_dataset`):
+    one small dot per seed and a diamond at the mean, one row per method. ``lambda_max`` is
+    drawn on a log axis. Returns the figure (PNG at 100 dpi when ``path`` is given).
+    """
+    plt = _pyplot()
+    sources = _as_sources(posteriors)
+    if not sources and baselines is None:
+        raise ValueError("plot_spectral_forest() needs posteriors or baselines")
+    if not var_names:
+        raise ValueError("var_names is empty")
+    layer_order: list[str] = []
+    for ds in [*sources.values(), *([baselines] if baselines is not None else [])]:
+        layer_order += [str(n) for n in ds["layer"].values if str(n) not in layer_order]
+        missing = [v for v in var_names if v not in ds]
+        if missing:
+            raise ValueError(f"variables {missing} are not in a dataset with {list(ds)}")
+    rows = []  # (label, kind, source name, layer)
+    for layer in layer_order:
+        for name, ds in sources.items():
+            if layer in set(map(str, ds["layer"].values)):
+                rows.append((f"{layer} | {name}", "posterior", name, layer))
+        if baselines is not None and layer in set(map(str, baselines["layer"].values)):
+            for method in map(str, baselines["method"].values):
+                rows.append((f"{layer} | {method}", "baseline", method, layer))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color_of = {}
+    for _, _, name, _ in rows:
+        color_of.setdefault(name, colors[len(color_of) % len(colors)])
+    height = 1.4 + 0.32 * len(rows)
+    fig, axes = plt.subplots(1, len(var_names), figsize=(4.2 * len(var_names), height),
+                             squeeze=False, sharey=True)
+    ypos = np.arange(len(rows))[::-1]
+    for ax, var in zip(axes[0], var_names, strict=True):
+        for y, (_, kind, name, layer) in zip(ypos, rows, strict=True):
+            c = color_of[name]
+            if kind == "posterior":
+                draws = _samples(sources[name][var].sel(layer=layer)).ravel()
+                draws = draws[np.isfinite(draws)]
+                if draws.size == 0:
+                    continue
+                lo, hi = _hdi(draws[:, None], hdi_prob)
+                q25, q50, q75 = np.percentile(draws, [25, 50, 75])
+                ax.plot([lo[0], hi[0]], [y, y], color=c, lw=1.2)
+                ax.plot([q25, q75], [y, y], color=c, lw=4, solid_capstyle="butt")
+                ax.plot([q50], [y], "o", color="white", mec=c, ms=5)
+            else:
+                vals = baselines[var].sel({"layer": layer, "method": name}).values.ravel()
+                vals = vals[np.isfinite(vals)]
+                if vals.size == 0:
+                    continue
+                ax.plot(vals, np.full(vals.shape, y), "o", color=c, ms=3, alpha=0.6)
+                ax.plot([vals.mean()], [y], "D", color=c, mec="k", ms=6)
+        if var in _LOG_VARS:
+            ax.set_xscale("log")
+        ax.set_title(var)
+        ax.set_xlabel(_VAR_LABELS.get(var, var))
+        ax.grid(True, axis="x", alpha=0.3)
+        for y in ypos[:-1]:
+            ax.axhline(y - 0.5, color="0.9", lw=0.5)
+    axes[0][0].set_yticks(ypos)
+    axes[0][0].set_yticklabels([r[0] for r in rows], fontsize=8)
+    axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="k", lw=4, label="posterior: median, 50% (thick), "
+                      f"{int(round(100 * hdi_prob))}% HDI (thin)"),
+               Line2D([], [], color="k", marker="D", ls="", label="baseline: mean over seeds "
+                      "(dots: seeds)")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / height, 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=_DPI)
+        plt.close(fig)
+    return fig
+
+
+_VAR_LABELS = {
+    "alpha": "alpha (power-law exponent of the ESD tail)",
+    "alpha_weighted": "alpha * log10(lambda_max)",
+    "lambda_max": "lambda_max = sigma_max^2 (log scale)",
+    "stable_rank": "stable rank = sum(lambda) / lambda_max",
+    "effective_rank": "effective rank exp H(sigma / sum sigma)",
+}
+
+
+def plot_alpha_vs_accuracy(table, path: str | Path | None = None, ncols: int = 3):
+    """Alpha against test accuracy, one axis per layer, one colour per method (one point per
+    row: e.g. per seed). ``table``: a ``pandas.DataFrame`` with columns ``method``, ``seed``,
+    ``layer``, ``alpha``, ``test_accuracy``. Returns the figure (PNG when ``path`` given).
+    """
+    plt = _pyplot()
+    need = {"method", "seed", "layer", "alpha", "test_accuracy"}
+    cols = set(getattr(table, "columns", []))
+    if not need <= cols:
+        raise ValueError(f"plot_alpha_vs_accuracy() needs columns {sorted(need)}, missing "
+                         f"{sorted(need - cols)}")
+    if len(table) == 0:
+        raise ValueError("plot_alpha_vs_accuracy(): the table is empty")
+    layers = list(dict.fromkeys(map(str, table["layer"])))
+    methods = list(dict.fromkeys(map(str, table["method"])))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = _grid(plt, len(layers), ncols, 5.0, 3.8)
+    for ax, layer in zip(axes, layers, strict=True):
+        sub = table[table["layer"].astype(str) == layer]
+        for j, method in enumerate(methods):
+            part = sub[sub["method"].astype(str) == method]
+            if len(part):
+                ax.scatter(part["alpha"], part["test_accuracy"], s=28,
+                           color=colors[j % len(colors)], edgecolor="k", lw=0.4,
+                           label=f"{method} ({len(part)})")
+        ax.set_xlabel("alpha (power-law exponent of the ESD tail)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"layer {layer}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, title="method (runs)", title_fontsize=7)
+    return _finish(plt, fig, path)
