@@ -30,9 +30,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import xarray as xr
 from torch import nn
 
 from . import penalties as P
+from ._io import atomic_path
 from .data import Split, load_digits, load_mnist1d
 from .diagnostics import analyze
 from .distributions import (
@@ -45,6 +47,13 @@ from .guides import auto_normal, map_values
 from .infer import fit, save_checkpoint
 from .models._common import torch_threads
 from .nn import bayesian
+from .posterior import (
+    baseline_dataset,
+    importance_elpd,
+    load_netcdf,
+    save_netcdf,
+    to_inference_data,
+)
 from .predict import evaluate
 
 __all__ = ["BASELINES", "PRIORS", "CompareConfig", "compare", "summarize"]
@@ -244,13 +253,16 @@ def _row(kind: str, method: str, seed: int, probs: torch.Tensor, y: torch.Tensor
 
 def compare(cfg: CompareConfig | None = None, out_dir: str | os.PathLike | None = None,
             resume: bool = True, progress: Callable[[str], None] | None = print) -> dict:
-    """Run the comparison; returns ``{"table": DataFrame, "weights": ..., "svi": ...}``.
+    """Run the comparison; returns a dict:
 
-    ``table``: one row per (kind, method, seed) with test accuracy, NLL, ECE and the
-    per-layer ``alpha_<layer>`` / ``stable_rank_<layer>`` (SVI: of the posterior median
-    weights). ``weights[(kind, method, seed)]``: point weights per layer; ``svi[(prior,
-    seed)]``: the SVI :class:`FitResult` of the runs trained in this call (``None`` for
-    resumed ones, whose posterior weight draws are in ``draws``).
+    * ``table``: one row per (kind, method, seed) with test accuracy, NLL, ECE, the per-layer
+      ``alpha_<layer>`` / ``stable_rank_<layer>`` (SVI: of the posterior median weights) and,
+      for SVI, the importance-weighted PSIS-LOO ``elpd_loo``, ``elpd_se``, ``khat_max`` on
+      the training data (:func:`bayes_spectral.importance_elpd`);
+    * ``weights[(kind, method, seed)]``: point weights per layer;
+    * ``idata[prior]``: ``InferenceData`` of the SVI posteriors, seeds stacked as chains
+      (``num_posterior_samples`` draws each; log-likelihood on the training data);
+    * ``split``, ``config``.
     """
     cfg = cfg or CompareConfig()
     cfg.validate()
@@ -258,22 +270,36 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | os.PathLike | None 
         return _compare(cfg, out_dir, resume, progress)
 
 
+def _svi_outputs(res, split: Split, cfg: CompareConfig, seed: int):
+    """InferenceData (training data) and the ELPD columns of one SVI fit."""
+    train = (split.x_train, split.y_train)
+    idata = to_inference_data(res, train, num_samples=cfg.num_posterior_samples, seed=seed)
+    elpd = importance_elpd(res, train, num_samples=max(cfg.num_posterior_samples, 10),
+                           seed=seed)
+    return idata, {"elpd_loo": elpd.elpd, "elpd_se": elpd.se, "khat_max": elpd.khat_max}
+
+
 def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
     split = load_dataset(cfg.dataset)
     runs_dir = None if out_dir is None else Path(out_dir) / "runs"
     say = progress or (lambda s: None)
-    rows, weights, svi_results, draws = [], {}, {}, {}
+    rows, weights, idatas = [], {}, {}
     jobs = [("baseline", b, s) for b in cfg.baselines for s in cfg.seeds]
     jobs += [("prior", p, s) for p in cfg.priors for s in cfg.seeds]
     y_test = split.y_test
     for i, (what, method, seed) in enumerate(jobs):
-        path = None if runs_dir is None else runs_dir / f"{what}_{method}_seed{seed}.pt"
+        stem = f"{what}_{method}_seed{seed}"
+        path = None if runs_dir is None else runs_dir / f"{stem}.pt"
+        nc_path = None if runs_dir is None else runs_dir / f"{stem}_svi.nc"
+        idata = None
         if resume and path is not None and path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
+            if nc_path.exists():
+                idata = load_netcdf(nc_path)
             say(f"[{i + 1}/{len(jobs)}] {what} {method} seed {seed}: resumed from {path}")
         else:
             t0 = time.perf_counter()
-            saved = {"rows": [], "weights": {}, "draws": {}}
+            saved = {"rows": [], "weights": {}}
             if what == "baseline":
                 net, probs = train_baseline(split, cfg, method, seed)
                 w = _weights_of(net)
@@ -290,10 +316,13 @@ def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
                 if res["svi"] is not None:
                     probs = res["svi"].predict(split.x_test, cfg.num_posterior_samples).cpu()
                     w = _point_weights(res["svi"])
-                    saved["rows"].append(_row("svi", method, seed, probs, y_test, w,
-                                              res["seconds"]["svi"]))
+                    row = _row("svi", method, seed, probs, y_test, w, res["seconds"]["svi"])
+                    idata, elpd = _svi_outputs(res["svi"], split, cfg, seed)
+                    row.update(elpd)
+                    saved["rows"].append(row)
                     saved["weights"]["svi"] = w
-                    svi_results[(method, seed)] = res["svi"]
+                    if nc_path is not None:  # before the .pt, which marks the run done
+                        save_netcdf(idata, nc_path)
             if path is not None:
                 save_checkpoint(str(path), saved)
             last = saved["rows"][-1]
@@ -302,11 +331,20 @@ def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
         rows.extend(saved["rows"])
         for kind, w in saved["weights"].items():
             weights[(kind, method, seed)] = w
-        for kind, d in saved.get("draws", {}).items():
-            draws[(kind, method, seed)] = d
+        if idata is not None:
+            idatas.setdefault(method, []).append(idata)
     table = pd.DataFrame(rows)
-    return {"table": table, "weights": weights, "svi": svi_results, "draws": draws,
-            "split": split, "config": cfg}
+    idata = {prior: _stack_chains(parts) for prior, parts in idatas.items()}
+    return {"table": table, "weights": weights, "idata": idata, "split": split, "config": cfg}
+
+
+def _stack_chains(parts: list):
+    """One InferenceData per prior: the seeds' SVI posteriors as chains ``0..K-1``."""
+    import arviz as az
+
+    if len(parts) == 1:
+        return parts[0]
+    return az.concat(*parts, dim="chain", reset_dim=True)
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
@@ -336,12 +374,38 @@ def _esd_figure(result: dict, path: Path, layer: str) -> None:
     plot_esds(spectra, path)
 
 
+def long_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The results table with one row per (run, layer): columns ``method`` (``kind:method``),
+    ``seed``, ``layer``, ``alpha``, ``stable_rank``, ``test_accuracy``."""
+    layers = [c[len("alpha_"):] for c in table.columns if c.startswith("alpha_")]
+    parts = []
+    for layer in layers:
+        part = table[["kind", "method", "seed", "test_accuracy"]].copy()
+        part["method"] = table["kind"] + ":" + table["method"]
+        part["layer"] = layer
+        part["alpha"] = table[f"alpha_{layer}"]
+        part["stable_rank"] = table[f"stable_rank_{layer}"]
+        parts.append(part.drop(columns="kind"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def baselines_of(result: dict) -> xr.Dataset:
+    """Spectral variables of every point fit (baselines and MAP), dims ``method, seed,
+    layer[, sv_index]``; methods named ``baseline:<name>`` / ``map:<prior>``."""
+    return baseline_dataset({(f"{kind}:{method}", seed): w
+                             for (kind, method, seed), w in result["weights"].items()
+                             if kind != "svi"})
+
+
 def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write the report folder of :func:`compare`; returns ``{what: path}``.
 
     ``results.csv`` (one row per run), ``summary.csv`` (mean/sd over seeds),
-    ``config.json``, ``esd_<layer>.png`` and the self-contained ``report.html``.
+    ``config.json``, ``baselines.nc`` (point fits, :func:`baselines_of`),
+    ``posterior_<prior>.nc`` (SVI ``InferenceData``), the PNG plots and the self-contained
+    ``report.html`` showing them.
     """
+    from .plots import plot_alpha_vs_accuracy, plot_posterior_spectra, plot_spectral_forest
     from .report import write_html_report
 
     out = Path(out_dir)
@@ -353,17 +417,42 @@ def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     table.to_csv(paths["results"], index=False)
     summary.to_csv(paths["summary"])
     paths["config"].write_text(config_json(cfg))
+    baselines = baselines_of(result)
+    paths["baselines"] = out / "baselines.nc"
+    with atomic_path(paths["baselines"]) as tmp:
+        baselines.to_netcdf(tmp, engine="h5netcdf")
+    images = {}
+    for prior, idata in result["idata"].items():
+        paths[f"posterior_{prior}"] = save_netcdf(idata, out / f"posterior_{prior}.nc")
     first = "fc1"
     paths["esd"] = out / f"esd_{first}.png"
     _esd_figure(result, paths["esd"], first)
-    images = {f"ESD of layer {first} (seed {cfg.seeds[0]}), every method": paths["esd"]}
+    images[f"ESD of layer {first} (seed {cfg.seeds[0]}), every method"] = paths["esd"]
+    paths["alpha_vs_accuracy"] = out / "alpha_vs_accuracy.png"
+    plot_alpha_vs_accuracy(long_table(table), path=paths["alpha_vs_accuracy"])
+    images["alpha vs test accuracy, every run"] = paths["alpha_vs_accuracy"]
+    if result["idata"]:
+        paths["forest"] = out / "spectral_forest.png"
+        keep = [m for m in baselines.method.values if str(m).startswith("baseline:")]
+        penalties_only = baselines.sel({"method": keep}) if keep else None
+        plot_spectral_forest({f"svi:{p}": d.posterior for p, d in result["idata"].items()},
+                             penalties_only, path=paths["forest"])
+        images["Posterior intervals (SVI) next to the penalty baselines"] = paths["forest"]
+        for prior, idata in result["idata"].items():
+            key = f"posterior_spectra_{prior}"
+            paths[key] = out / f"{key}.png"
+            plot_posterior_spectra(idata.posterior, penalties_only, path=paths[key])
+            images[f"Sorted singular values: SVI posterior ({prior}) and baselines"] = paths[key]
     notes = [
         f"Data set {cfg.dataset}; MLP hidden widths {list(cfg.hidden)}; seeds {list(cfg.seeds)}; "
         f"{cfg.epochs} epochs of Adam (lr {cfg.lr}, batch {cfg.batch_size}); SVI: "
-        f"{cfg.svi_epochs} epochs of AutoNormal started at the MAP fit.",
+        f"{cfg.svi_epochs} epochs of AutoNormal started at the MAP fit, "
+        f"{cfg.num_posterior_samples} posterior draws per seed.",
         "Every method minimises N * mean CE + R(W): R a penalty (baseline) or -log p(W) "
         "(MAP with a spectral prior). alpha: power-law exponent of each layer's ESD "
-        "(KS-chosen xmin, WeightWatcher's rule); SVI rows use the posterior median weights.",
+        "(KS-chosen xmin, WeightWatcher's rule); SVI rows use the posterior median weights. "
+        "elpd_loo: importance-weighted PSIS-LOO on the training data (khat_max > 0.7: "
+        "unreliable).",
     ]
     paths["report"] = write_html_report(
         out / "report.html", "bayes-spectral compare", cfg.to_dict(),

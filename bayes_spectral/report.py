@@ -1,7 +1,7 @@
 """Layer 6: a self-contained HTML report (tables and PNG plots embedded, no external file).
 
 Images are embedded as ``data:image/png;base64`` URIs, so the one ``report.html`` can be
-mailed or archived on its own; the file is written atomically (temporary file + rename).
+mailed or archived on its own; the file is written atomically (``_io.atomic_path``).
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import base64
 import html
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
+
+from ._io import atomic_path
 
 __all__ = ["write_html_report"]
 
@@ -60,15 +61,6 @@ def write_html_report(
     parts.append("<h2>Configuration</h2><pre>"
                  + html.escape(json.dumps(dict(config), indent=2, default=str)) + "</pre>")
     parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(parts))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(parts))
     return path

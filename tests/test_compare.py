@@ -91,14 +91,33 @@ def test_summarize_equals_numpy():
 
 
 def test_write_outputs_and_html_report(tmp_path, small_split, monkeypatch):
+    import xarray as xr
+
     monkeypatch.setattr(C, "load_dataset", lambda name, seed=0: small_split)
-    res = C.compare(tiny(svi=False), out_dir=tmp_path, progress=None)
+    cfg = tiny(seeds=(0, 1), baselines=("none",))
+    res = C.compare(cfg, out_dir=tmp_path, progress=None)
     paths = C.write_outputs(res, tmp_path)
-    assert pd.read_csv(paths["results"]).shape[0] == 3
+    table = pd.read_csv(paths["results"])
+    assert table.shape[0] == 6  # none x 2 seeds + (map, svi) x 2 seeds
+    svi = table[table.kind == "svi"]
+    assert np.isfinite(svi[["elpd_loo", "elpd_se"]].to_numpy()).all()
+    # q of a 2000-weight MLP is a poor proposal with 10 draws: k-hat flags it (> 0.7 or inf)
+    assert (svi.khat_max > 0.7).all()
+    assert (svi.elpd_loo < 0).all() and (svi.elpd_se > 0).all()
+    # point fits in one Dataset with a method dim; SVI posterior with the seeds as chains
+    base = xr.load_dataset(paths["baselines"], engine="h5netcdf")
+    assert list(base.method.values) == ["baseline:none", "map:powerlaw"]
+    assert list(base.seed.values) == [0, 1] and list(base.layer.values) == ["fc1", "fc2"]
+    w = res["weights"][("map", "powerlaw", 1)]["fc1"].double()
+    stored = float(base.alpha.sel({"method": "map:powerlaw", "seed": 1, "layer": "fc1"}))
+    assert stored == pytest.approx(float(bs.spectral_metrics(w)["alpha"]), rel=1e-6)
+    post = bs.load_netcdf(paths["posterior_powerlaw"])
+    assert post.posterior.sizes["chain"] == 2 and post.posterior.sizes["draw"] == 4
+    assert post.log_likelihood.y.shape == (2, 4, len(small_split.y_train))
     html = paths["report"].read_text()
     imgs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
-    assert len(imgs) == 1
-    assert base64.b64decode(imgs[0]) == paths["esd"].read_bytes()
+    pngs = [paths[k] for k in ("esd", "alpha_vs_accuracy", "forest", "posterior_spectra_powerlaw")]
+    assert [base64.b64decode(i) for i in imgs] == [p.read_bytes() for p in pngs]
     acc = res["table"].test_accuracy.iloc[0]
     assert f"{acc:.4g}" in html
     assert '&quot;epochs&quot;: 5,' in html  # the configuration is echoed
