@@ -245,7 +245,7 @@ def test_compare_prefers_the_right_prior_scale(nuts_fit, tiny):
     cmp = az.compare({"scale_1": right, "scale_0.01": wrong})
     assert cmp.index[0] == "scale_1"
     gap = cmp.loc["scale_0.01", "elpd_diff"]
-    # measured: elpd_loo -40.0 vs -69.3, gap 29 with dse 4.3; demand 3 standard errors
+    # measured: elpd_loo -39.4 vs -69.1, gap 29.7 with dse 5.1; demand 3 standard errors
     assert gap > 3 * cmp.loc["scale_0.01", "dse"], cmp
     assert gap > 10
 
@@ -260,7 +260,9 @@ def test_importance_elpd_agrees_with_nuts_loo(nuts_fit, svi_fit, tiny):
     assert iw.khat_max == pytest.approx(iw.pareto_k.max())
     combined = math.sqrt(iw.se**2 + loo.se**2)
     assert abs(iw.elpd - loo.elpd_loo) < combined, (iw.elpd, iw.se, loo.elpd_loo, loo.se)
-    assert abs(iw.elpd - loo.elpd_loo) < 1.5  # nats; measured difference in the report
+    # measured: IW -39.43 (se 5.14) vs LOO -39.37 (se 5.16), khat_max 0.53, khat_q 0.005
+    assert abs(iw.elpd - loo.elpd_loo) < 1.0  # nats, far tighter than the combined se 7.3
+    assert iw.khat_max < 0.7 and iw.khat_q < 0.7
     assert 0 < iw.p_loo < 8  # at most the 8 weights
 
 
