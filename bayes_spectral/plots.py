@@ -155,6 +155,8 @@ def plot_posterior_spectra(posterior, baselines=None, layers=None, hdi_prob: flo
     returns the figure (saved as PNG at 100 dpi when ``path`` is given).
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     post = _posterior_of(posterior)
     if "singular_values" not in post:
         raise ValueError("plot_posterior_spectra() needs a dataset with 'singular_values'")
@@ -187,10 +189,11 @@ def plot_posterior_spectra(posterior, baselines=None, layers=None, hdi_prob: flo
                 ax.plot(idx[: mean.shape[0]], mean, "o-", ms=2.5, lw=1,
                         color=colors[j % len(colors)], label=f"{method} (mean of {n_seeds} seeds)")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("index i (singular values sorted descending)")
         ax.set_ylabel("singular value sigma_i")
         ax.set_title(f"layer {name}: posterior spectrum")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
         ax.grid(True, which="major", alpha=0.3)
     return _finish(plt, fig, path)
 
@@ -211,7 +214,9 @@ _LOG_VARS = ("lambda_max",)
 def plot_spectral_forest(posteriors, baselines=None,
                          var_names: tuple[str, ...] = ("alpha", "lambda_max", "stable_rank"),
                          hdi_prob: float = 0.9, path: str | Path | None = None):
-    """Forest plot: one axis per variable, one row per (layer, source).
+    """Forest plot: one axis per variable, one row per (layer, source); figure size
+    ``(4.2 n_vars, 1.4 + 0.32 n_rows)`` inches (+0.25 for a single variable, whose legend
+    takes two lines).
 
     ``posteriors``: a Dataset / ``InferenceData`` or ``{name: Dataset}`` (e.g. one per
     prior); each row shows the median (dot), the central 50% interval (thick) and the
@@ -243,7 +248,7 @@ def plot_spectral_forest(posteriors, baselines=None,
     color_of = {}
     for _, _, name, _ in rows:
         color_of.setdefault(name, colors[len(color_of) % len(colors)])
-    height = 1.4 + 0.32 * len(rows)
+    height = 1.4 + 0.32 * len(rows) + (0.25 if len(var_names) == 1 else 0.0)
     fig, axes = plt.subplots(1, len(var_names), figsize=(4.2 * len(var_names), height),
                              squeeze=False, sharey=True)
     ypos = np.arange(len(rows))[::-1]
@@ -279,12 +284,18 @@ def plot_spectral_forest(posteriors, baselines=None,
     axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color="k", lw=4, label="posterior: median, 50% (thick), "
-                      f"{int(round(100 * hdi_prob))}% HDI (thin)"),
-               Line2D([], [], color="k", marker="D", ls="", label="baseline: mean over seeds "
-                      "(dots: seeds)")]
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.4 / height, 1, 1))
+    handles = []
+    if sources:
+        handles.append(Line2D([], [], color="k", lw=4, label="posterior: median, 50% (thick), "
+                              f"{int(round(100 * hdi_prob))}% HDI (thin)"))
+    if baselines is not None:
+        handles.append(Line2D([], [], color="k", marker="D", ls="",
+                              label="baseline: mean over seeds (dots: seeds)"))
+    width = 4.2 * len(var_names)
+    ncol = len(handles) if width >= 8 else 1
+    legend_h = 0.25 * math.ceil(len(handles) / ncol) + 0.15
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_h / height, 1, 1))
     if path is not None:
         fig.savefig(path, dpi=_DPI)
         plt.close(fig)
