@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
@@ -466,6 +467,9 @@ def format_summary(table: pd.DataFrame) -> str:
     cols = {"acc": s["test_accuracy"].map("{:.3f}".format) + " +- "
             + s["test_accuracy_sd"].fillna(0).map("{:.3f}".format),
             "nll": s["nll"].map("{:.3f}".format), "ece": s["ece"].map("{:.3f}".format)}
+    if "elpd_loo" in s.columns:
+        cols["elpd_loo"] = s["elpd_loo"].map(lambda v: "-" if np.isnan(v) else f"{v:.1f}")
+        cols["khat"] = s["khat_max"].map(lambda v: "-" if np.isnan(v) else f"{v:.2f}")
     for c in s.columns:
         if c.startswith(("alpha_", "stable_rank_")):
             cols[c.replace("stable_rank_", "srank_")] = s[c].map("{:.2f}".format)

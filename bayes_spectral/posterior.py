@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import xarray as xr
 from pyro import poutine
 from torch import nn
 
+from ._io import atomic_path
 from .diagnostics import weight_layers
 from .infer import FitResult
 from .metrics import metrics_from_esd
@@ -500,22 +500,13 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def save_netcdf(idata: az.InferenceData, path: str | os.PathLike) -> Path:
-    """Write ``idata`` to ``path`` (h5netcdf) atomically: temporary file in the same folder,
-    then ``os.replace``. Returns the path."""
+    """Write ``idata`` to ``path`` (h5netcdf) atomically (:func:`bayes_spectral._io.atomic_path`:
+    temporary file in the same folder, then ``os.replace``). Returns the path."""
     if not isinstance(idata, az.InferenceData):
         raise TypeError(f"save_netcdf() needs an arviz.InferenceData, got {type(idata).__name__}")
     path = Path(path)
-    folder = path.resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         idata.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
