@@ -89,13 +89,12 @@ def init(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> tuple[
         return dist.get_rank(), dist.get_world_size()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    kwargs: dict[str, Any] = {}
+    if "RANK" not in os.environ:  # not under torchrun: one rank, os.environ untouched
+        kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=float(timeout)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=float(timeout)), **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -238,10 +237,10 @@ def _run_rank(rank: int, fn: Callable, world_size: int, backend: str | None, tim
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     init(backend, timeout)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    # on an exception the group is left alone: destroying it would wait for the peers (which
+    # may be blocked in a collective); spawn reports the error and stops the other ranks
+    dist.destroy_process_group()
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args, backend: str | None = None,
