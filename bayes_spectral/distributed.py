@@ -27,11 +27,15 @@ cuts it into the single-process global batches and gives each rank its contiguou
 ``DistributedSampler`` is not used: its seed-plus-epoch permutation, strided split and padding
 (repeated examples) would make a 2-rank run differ from the 1-rank run.
 
-Spectral work. Every rank evaluates the spectral prior (e.g. ``svdvals``) of the same
-weights: the copies run in parallel, so they cost the wall time of one, and the gradient
-needs no extra communication (DDP's all-reduce already carries it). Computing it once on
-rank 0 and broadcasting its gradient leaves the other ranks idle and adds a broadcast; see
-``benchmarks/bench_distributed.py`` for the measurement (README, "Distributed training").
+Spectral work is split, not repeated: each prior site (one ``svdvals`` per layer for the
+spectral laws) is assigned to one rank (greedy by SVD cost ``m n min(m, n)``); that rank
+counts it ``R`` times, the others mask it (``MaskedDistribution(False)``: its ``log_prob`` is
+not evaluated), so the DDP average still holds it once and no extra communication is needed
+(the prior's gradient rides in DDP's all-reduce). Tracked (power-iteration) and enumerated
+layers stay on every rank: their ``log_prob`` updates buffers or adds enumerated sites.
+``BAYES_SPECTRAL_SPLIT_PRIOR=0`` evaluates every prior on every rank instead.
+``benchmarks/bench_distributed.py`` compares both with computing on rank 0 and broadcasting
+(README, "Distributed training").
 
 Failures: :func:`init` sets a collective timeout; :func:`launch` turns a rank's exception
 into :class:`DistributedError` naming the rank (``torch.multiprocessing.spawn`` stops the
@@ -40,6 +44,8 @@ other ranks); under ``torchrun`` the elastic agent does the same.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -51,8 +57,8 @@ import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
 from torch.utils.data import Sampler
 
-__all__ = ["DataScale", "DistributedError", "GlobalBatchShards", "init", "is_distributed",
-           "launch", "likelihood_factor"]
+__all__ = ["DataScale", "DistributedError", "GlobalBatchShards", "PriorSplit", "init",
+           "is_distributed", "launch", "likelihood_factor", "split_prior_sites"]
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -180,6 +186,44 @@ class DataScale(Messenger):
             msg["scale"] = self.factor * msg["scale"]
 
 
+def split_prior_sites(model, world_size: int) -> list[set[str]]:
+    """Prior sites of ``model`` each rank evaluates alone (the others mask them), balanced
+    greedily by SVD cost; tracked and enumerated layers are left out (every rank)."""
+    costs = {}
+    for layer, site in model.prior_sites.items():
+        if layer in model.enumerated_layers or hasattr(model.layer(layer), "power_iteration"):
+            continue
+        shape = tuple(model.initial_values()[site].shape)
+        m, n = (shape[0], 1) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))
+        costs[site] = m * n * min(m, n)
+    owned: list[set[str]] = [set() for _ in range(world_size)]
+    load = [0] * world_size
+    for site in sorted(costs, key=lambda k: (-costs[k], k)):
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        owned[r].add(site)
+        load[r] += costs[site]
+    return owned
+
+
+class PriorSplit(Messenger):
+    """On this rank: multiply the scale of the prior sites in ``owned`` by ``world_size``
+    and mask (no ``log_prob`` evaluation) those in ``others``; DDP's average then counts
+    every prior once. The guide's site of the same name is treated alike, so its ``log q``
+    is also counted once; its draw (``rsample`` of the base law) is unchanged."""
+
+    def __init__(self, owned: set[str], others: set[str], world_size: int):
+        super().__init__()
+        self.owned, self.others, self.world_size = owned, others, world_size
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample":
+            return
+        if msg["name"] in self.owned:
+            msg["scale"] = self.world_size * msg["scale"]
+        elif msg["name"] in self.others:
+            msg["fn"] = msg["fn"].mask(False)
+
+
 class DataParallelELBO:
     """What :func:`~bayes_spectral.fit` uses on each rank: the ELBO module
     (``Trace_ELBO()(model, guide)``) in DDP.
@@ -207,6 +251,11 @@ class DataParallelELBO:
         ids = [dev.index] if dev.type == "cuda" else None
         self.ddp = DistributedDataParallel(self.module, device_ids=ids)
         self.num_data, self.scale = num_data, DataScale()
+        self.prior_split: PriorSplit | None = None
+        if self.world_size > 1 and os.environ.get("BAYES_SPECTRAL_SPLIT_PRIOR", "1") != "0":
+            owned = split_prior_sites(module.model, self.world_size)
+            mine = owned[self.rank]
+            self.prior_split = PriorSplit(mine, set().union(*owned) - mine, self.world_size)
 
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor, local: torch.Tensor,
                        global_size: int) -> float:
@@ -218,7 +267,7 @@ class DataParallelELBO:
                                               self.world_size) if size else 0.0
         if not size:
             local = torch.zeros(1, dtype=torch.long, device=x.device)
-        with self.scale:
+        with self.scale, self.prior_split or contextlib.nullcontext():
             loss = self.ddp(x[local], y[local])
         loss.backward()
         value = loss.detach().reshape(1).clone()

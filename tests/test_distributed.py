@@ -148,11 +148,12 @@ def test_entry_point_one_rank(tmp_path, capsys):
     without touching os.environ and destroyed at the end."""
     from bayes_spectral.distributed import is_distributed, main
 
-    env = dict(os.environ)
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: os.environ.get(k) for k in keys}
     assert main(["--epochs", "1", "--num-train", "128", "--hidden", "8",
                  "--checkpoint-dir", str(tmp_path)]) == 0
     assert "ranks 1, global batch 64" in capsys.readouterr().out
-    assert not is_distributed() and dict(os.environ) == env
+    assert not is_distributed() and {k: os.environ.get(k) for k in keys} == env
     assert os.listdir(tmp_path) == [bs.infer.CHECKPOINT_NAME]
     pyro.clear_param_store()
 
@@ -199,4 +200,43 @@ def test_fit_distributed_without_group_raises():
     bn, data = setup()
     with pytest.raises(ValueError, match="process group"):
         bs.fit(bn, data, "map", epochs=1, distributed=True, progress=False)
+    pyro.clear_param_store()
+
+
+def test_split_prior_sites_balance_and_skip_tracked():
+    from bayes_spectral.distributed import split_prior_sites
+    from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                              torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    bn = bs.bayesian(net, {"0": lambda s: PowerLawSpectrum(2.0, 0.5, s),
+                           "2": lambda s: PowerLawSpectrum(2.0, 0.5, s),
+                           "4": lambda s: FrechetTopEigenvalue(2.0, 1.0, 0.5, s)},
+                     tracked="4")
+    # costs 32*64*32 > 32*32*32: one layer per rank; the tracked layer stays on every rank
+    assert split_prior_sites(bn, 2) == [{"net.0.weight"}, {"net.2.weight"}]
+    assert split_prior_sites(bn, 1) == [{"net.0.weight", "net.2.weight"}]
+
+
+def test_prior_split_counts_each_prior_once_over_ranks():
+    """Sum over ranks of the traced prior log-density = R x the single-process one."""
+    from pyro import poutine
+
+    from bayes_spectral.distributed import PriorSplit, split_prior_sites
+
+    bn, (x, y) = setup()
+    site = "net.0.weight"
+    values = bn.initial_values()
+    cond = poutine.condition(bn, data=values)
+    whole = poutine.trace(cond).get_trace(x[:8], y[:8]).log_prob_sum(lambda n, _: n == site)
+    owned = split_prior_sites(bn, 2)
+    parts = []
+    for r in range(2):
+        with PriorSplit(owned[r], set().union(*owned) - owned[r], 2):
+            tr = poutine.trace(cond).get_trace(x[:8], y[:8])
+        parts.append(tr.log_prob_sum(lambda n, _: n == site))
+    assert owned == [{site}, set()]
+    assert float(parts[1]) == 0.0
+    assert float(sum(parts) / 2) == pytest.approx(float(whole), rel=1e-12)
     pyro.clear_param_store()
