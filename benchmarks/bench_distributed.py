@@ -8,12 +8,15 @@ timed (callback timestamps). Every rank uses ``torch.set_num_threads(1)``, so 2 
 
 * ``1 process``: plain ``fit`` (``distributed=False``), the reference;
 * ``1 rank DDP``: the data-parallel path with one rank (its overhead alone);
-* ``2 ranks DDP``: two ranks, each holding half of every global batch.
+* ``2 ranks DDP``: two ranks, each holding half of every global batch, the prior work split
+  by layer (what ``fit`` does);
+* ``2 ranks, no split``: the same with every prior on every rank
+  (``BAYES_SPECTRAL_SPLIT_PRIOR=0``).
 
 Spectral work: in a 2-rank group, the prior's gradient (``svdvals`` of the three weights +
-backward) followed by the gradient all-reduce DDP does anyway, computed (a) on every rank
-(what ``fit`` does), (b) on rank 0 and broadcast, (c) split by layer across the ranks
-(each layer's prior on one rank, times ``R``). Times are medians over interleaved rounds.
+backward) followed by the gradient all-reduce DDP does anyway, computed (a) on every rank,
+(b) on rank 0 and broadcast, (c) split by layer across the ranks (each layer's prior on one
+rank, times ``R``: what ``fit`` does). Times are medians over interleaved rounds.
 
     python benchmarks/bench_distributed.py [--steps 10] [--epochs 3] [--repeats 3]
 """
@@ -39,8 +42,8 @@ def mlp() -> nn.Module:
                          nn.Linear(256, 10))
 
 
-def _fit_worker(rank: int, world: int, method: str, batch: int, steps: int, epochs: int,
-                distributed: bool, out: str) -> None:
+def _fit_worker(rank: int, world: int, methods: list[str], batch: int, steps: int,
+                epochs: int, distributed: bool, out: str) -> None:
     import pyro
 
     import bayes_spectral as bs
@@ -51,13 +54,18 @@ def _fit_worker(rank: int, world: int, method: str, batch: int, steps: int, epoc
     g = torch.Generator().manual_seed(0)
     n = batch * steps
     x, y = torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
-    bn = bs.bayesian(mlp(), {nn.Linear: lambda s: PowerLawSpectrum(2.0, 0.5, s)}, num_data=n)
-    stamps: list[float] = []
-    bs.fit(bn, (x, y), method, epochs=1 + epochs, batch_size=batch, lr=1e-3, progress=False,
-           distributed=distributed, callbacks=[lambda info: stamps.append(time.perf_counter())])
+    rates = {}
+    for method in methods:
+        bn = bs.bayesian(mlp(), {nn.Linear: lambda s: PowerLawSpectrum(2.0, 0.5, s)},
+                         num_data=n)
+        stamps: list[float] = []
+        bs.fit(bn, (x, y), method, epochs=1 + epochs, batch_size=batch, lr=1e-3,
+               progress=False, distributed=distributed,
+               callbacks=[lambda info, st=stamps: st.append(time.perf_counter())])
+        rates[method] = steps * epochs / (stamps[-1] - stamps[0])
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(steps * epochs / (stamps[-1] - stamps[0]), f)
+            json.dump(rates, f)
 
 
 def _spectral_worker(rank: int, world: int, steps: int, repeats: int, out: str) -> None:
@@ -98,8 +106,8 @@ def _spectral_worker(rank: int, world: int, steps: int, repeats: int, out: str) 
         prior_grads([i for i in everywhere if i % world == rank])
         ddp_allreduce()
 
-    fns = {"every rank (fit)": replicate, "rank 0 + broadcast": rank0_broadcast,
-           "split by layer": split}
+    fns = {"every rank": replicate, "rank 0 + broadcast": rank0_broadcast,
+           "split by layer (fit)": split}
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -116,17 +124,23 @@ def _spectral_worker(rank: int, world: int, steps: int, repeats: int, out: str) 
             json.dump(times, f)
 
 
-def _run(fn, nprocs: int, *args) -> float | dict:
+def _run(fn, nprocs: int, *args, split_prior: bool = True) -> dict:
     from bayes_spectral.distributed import launch
 
     fd, out = tempfile.mkstemp(suffix=".json")
     os.close(fd)
+    old = os.environ.get("BAYES_SPECTRAL_SPLIT_PRIOR")
+    os.environ["BAYES_SPECTRAL_SPLIT_PRIOR"] = "1" if split_prior else "0"
     try:
         launch(fn, nprocs, *args, out, backend="gloo", timeout=300)
         with open(out) as f:
             return json.load(f)
     finally:
         os.unlink(out)
+        if old is None:
+            del os.environ["BAYES_SPECTRAL_SPLIT_PRIOR"]
+        else:
+            os.environ["BAYES_SPECTRAL_SPLIT_PRIOR"] = old
 
 
 def main() -> None:
@@ -134,25 +148,28 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256, help="global batch size")
     ap.add_argument("--steps", type=int, default=10, help="steps per epoch")
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
     ap.add_argument("--methods", default="map,svi")
     a = ap.parse_args()
-    rows = {"1 process": (1, False), "1 rank DDP": (1, True), "2 ranks DDP": (2, True)}
+    rows = {"1 process": (1, False, True), "1 rank DDP": (1, True, True),
+            "2 ranks DDP": (2, True, True), "2 ranks, no split": (2, True, False)}
+    methods = a.methods.split(",")
     print(f"global batch {a.batch}, {a.steps} steps/epoch x {a.epochs} timed epochs, "
           f"1 thread per rank, median of {a.repeats} interleaved rounds")
-    print(f"{'method':<6} {'configuration':<14} {'steps/s':>9} {'ratio':>7}")
-    for method in a.methods.split(","):
-        rates: dict[str, list[float]] = {k: [] for k in rows}
-        for _ in range(a.repeats):
-            for name, (nprocs, distributed) in rows.items():
-                rates[name].append(_run(_fit_worker, nprocs, method, a.batch, a.steps,
-                                        a.epochs, distributed))
-        ref = rates["1 process"]
+    rates: dict[str, list[dict]] = {k: [] for k in rows}
+    for _ in range(a.repeats):
+        for name, (nprocs, distributed, split) in rows.items():
+            rates[name].append(_run(_fit_worker, nprocs, methods, a.batch, a.steps, a.epochs,
+                                    distributed, split_prior=split))
+    print(f"{'method':<6} {'configuration':<18} {'steps/s':>9} {'ratio':>7}")
+    for method in methods:
+        ref = [r[method] for r in rates["1 process"]]
         for name in rows:
-            ratio = statistics.median(r / b for r, b in zip(rates[name], ref, strict=True))
-            print(f"{method:<6} {name:<14} {statistics.median(rates[name]):9.2f} {ratio:7.2f}")
+            got = [r[method] for r in rates[name]]
+            ratio = statistics.median(g / b for g, b in zip(got, ref, strict=True))
+            print(f"{method:<6} {name:<18} {statistics.median(got):9.2f} {ratio:7.2f}")
     times = _run(_spectral_worker, 2, 20, 5)
-    ref = times["every rank (fit)"]
+    ref = times["every rank"]
     print("\nspectral prior gradient + DDP all-reduce, 2 ranks, weights "
           + ", ".join(f"{o}x{i}" for i, o in N_LAYERS))
     print(f"{'strategy':<20} {'ms/step':>8} {'ratio':>7}")
