@@ -15,6 +15,11 @@ model's buffers. ``resume=True`` continues from it; on CPU an interrupted-and-re
 equals the uninterrupted one bit for bit. The file is a pickle (``torch.load(...,
 weights_only=False)``): load only checkpoints you wrote.
 
+Data parallel (``distributed=True``, or a ``torch.distributed`` group initialised): MAP and
+SVI over the ranks with ``DistributedDataParallel``, equal to the single-process run with
+the same global ``batch_size`` (:mod:`bayes_spectral.distributed` has the scaling rule);
+rank 0 writes the checkpoints, every rank resumes from them, with any number of ranks.
+
 NaN/Inf guard: at every step the loss, the parameters and their gradients are checked
 *before* the optimiser update; on the first non-finite value :class:`NonFiniteError` names
 the parameter or sample site (and its layer), the update is not applied and training stops,
@@ -37,6 +42,7 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide, init_to_value
 
+from . import distributed as bsd
 from .guides import make_guide
 from .nn import BayesianNetwork
 from .predict import PredictiveMetrics, evaluate, predictive_probs
@@ -310,7 +316,7 @@ def fit(
         initialised. Run under ``torchrun`` (README, "Distributed training"); every rank
         calls ``fit`` with the same arguments and gets the same result; only rank 0 writes
         checkpoints, all ranks resume from ``checkpoint_dir`` (a shared folder), with any
-        number of ranks.
+        number of ranks; ``callbacks`` run on every rank and a stop on any rank stops all.
     :raises ValueError/TypeError: bad data (shapes, labels out of range) before training.
     :raises NonFiniteError: a NaN/Inf loss or parameter (names the parameter and layer).
     """
@@ -329,8 +335,6 @@ def fit(
         raise ValueError(f"monitor must be 'val_nll' or 'val_accuracy', got {monitor!r}")
     if patience is not None and val_data is None:
         raise ValueError("patience (early stopping) needs val_data")
-    from . import distributed as bsd
-
     if distributed is None:
         distributed = bsd.is_distributed()
     if distributed and not bsd.is_distributed():
