@@ -8,11 +8,13 @@ the ELBO is wrapped as a module (``Trace_ELBO()(model, guide)`` is an ``nn.Modul
 Equal-to-single-process semantics. ``R`` ranks, global batch ``b`` (the single-process
 batch), rank ``r`` holds the shard ``S_r`` of ``b_r`` examples (``sum_r b_r = b``). The
 single-process loss is ``L = -log p(W) + log q - (N/b) sum_{i in b} log p(y_i | x_i, W)``.
-Each rank evaluates the full prior/KL term and its shard's likelihood with the factor
-``R * N / b`` (Pyro's data plate gives ``N / b_r``; :class:`DataScale` multiplies it by
-``c_r = R * b_r / b``, exactly 1 for equal shards)::
+Each rank evaluates its shard's likelihood with the factor ``R * N / b`` (Pyro's data plate
+gives ``N / b_r``; :class:`DataScale` multiplies it by ``c_r = R * b_r / b``, exactly 1 for
+equal shards) and the prior/KL term of layer ``l`` with a weight ``w_lr`` such that
+``sum_r w_lr = R`` (``w_lr = R`` on the one rank that owns the layer, 0 elsewhere; see
+"Spectral work" below, or ``w_lr = 1`` on every rank)::
 
-    L_r = -log p(W) + log q - c_r (N / b_r) sum_{i in S_r} log p(y_i | x_i, W)
+    L_r = sum_l w_lr [-log p(W_l) + log q(W_l)] - c_r (N / b_r) sum_{i in S_r} log p(y_i | x_i, W)
     (1/R) sum_r grad L_r = grad L    (DDP averages: the prior/KL term counts once)
 
 ``num_data=None`` (no scaling) is covered by the same rule, ``c_r = R``. The reported loss is
