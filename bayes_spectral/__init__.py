@@ -1,6 +1,6 @@
 """bayes-spectral: priors on the spectrum of weight matrices, with Pyro and ArviZ."""
 
-from . import data, distributions, penalties, tracking  # noqa: F401
+from . import data, distributed, distributions, penalties, tracking  # noqa: F401
 from .diagnostics import analyze, weight_layers
 from .guides import (
     auto_delta,
@@ -66,6 +66,7 @@ __all__ = [
     "auto_normal",
     "bayesian",
     "data",
+    "distributed",
     "evaluate",
     "expected_calibration_error",
     "fit",

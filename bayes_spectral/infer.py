@@ -15,6 +15,11 @@ model's buffers. ``resume=True`` continues from it; on CPU an interrupted-and-re
 equals the uninterrupted one bit for bit. The file is a pickle (``torch.load(...,
 weights_only=False)``): load only checkpoints you wrote.
 
+Data parallel (``distributed=True``, or a ``torch.distributed`` group initialised): MAP and
+SVI over the ranks with ``DistributedDataParallel``, equal to the single-process run with
+the same global ``batch_size`` (:mod:`bayes_spectral.distributed` has the scaling rule);
+rank 0 writes the checkpoints, every rank resumes from them, with any number of ranks.
+
 NaN/Inf guard: at every step the loss, the parameters and their gradients are checked
 *before* the optimiser update; on the first non-finite value :class:`NonFiniteError` names
 the parameter or sample site (and its layer), the update is not applied and training stops,
@@ -37,6 +42,7 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide, init_to_value
 
+from . import distributed as bsd
 from .guides import make_guide
 from .nn import BayesianNetwork
 from .predict import PredictiveMetrics, evaluate, predictive_probs
@@ -124,12 +130,15 @@ def _nonfinite_sites(model, guide, elbo_args) -> list[str]:
     return bad
 
 
-def _guarded_step(svi: SVI, model, guide, args, epoch: int, step: int, ckpt: str | None):
+def _guarded_step(svi: SVI, model, guide, args, epoch: int, step: int, ckpt: str | None,
+                  loss_and_grads: Callable[[], float] | None = None):
     """``SVI.step`` that refuses to apply a non-finite loss or gradient.
 
     Same operations as ``SVI.step`` (loss_and_grads, optimiser, zero grads), with the loss,
     parameter values and gradients checked before the update, so a failure leaves the
-    parameters at their last finite values.
+    parameters at their last finite values. ``loss_and_grads``: replaces
+    ``svi.loss_and_grads`` (the data-parallel step: its loss and gradients are the same on
+    every rank, so every rank takes the same decision).
     """
     where = f"epoch {epoch + 1}, step {step}"
     keep = f"; the last good checkpoint is {ckpt}" if ckpt else ""
@@ -142,7 +151,10 @@ def _guarded_step(svi: SVI, model, guide, args, epoch: int, step: int, ckpt: str
                 site=name, layer=layer, epoch=epoch, step=step, checkpoint=ckpt)
     try:
         with poutine.trace(param_only=True) as capture:
-            loss = float(svi.loss_and_grads(svi.model, svi.guide, *args))
+            if loss_and_grads is None:
+                loss = float(svi.loss_and_grads(svi.model, svi.guide, *args))
+            else:
+                loss = float(loss_and_grads())
     except ValueError as exc:  # a distribution got NaN/Inf parameters (validation)
         if "nan" not in str(exc).lower() and "inf" not in str(exc).lower():
             raise
@@ -280,6 +292,7 @@ def fit(
     num_chains: int = 2,
     max_tree_depth: int = 8,
     init_jitter: float = 0.1,
+    distributed: bool | None = None,
 ) -> FitResult:
     """Fit ``model`` to ``data = (x, y)`` (or a ``Split``: its training part).
 
@@ -297,6 +310,13 @@ def fit(
     :param callbacks: ``cb(info)`` after each epoch (``info``: epoch, step, history); a
         return value of ``True`` stops training (the checkpoint is written before).
     :param num_samples, warmup_steps, num_chains, max_tree_depth, init_jitter: NUTS.
+    :param distributed: data-parallel MAP/SVI over the ranks of the initialised
+        ``torch.distributed`` group (:mod:`bayes_spectral.distributed`: the same parameters
+        as the single-process run with the global ``batch_size``); ``None``: when a group is
+        initialised. Run under ``torchrun`` (README, "Distributed training"); every rank
+        calls ``fit`` with the same arguments and gets the same result; only rank 0 writes
+        checkpoints, all ranks resume from ``checkpoint_dir`` (a shared folder), with any
+        number of ranks; ``callbacks`` run on every rank and a stop on any rank stops all.
     :raises ValueError/TypeError: bad data (shapes, labels out of range) before training.
     :raises NonFiniteError: a NaN/Inf loss or parameter (names the parameter and layer).
     """
@@ -315,6 +335,15 @@ def fit(
         raise ValueError(f"monitor must be 'val_nll' or 'val_accuracy', got {monitor!r}")
     if patience is not None and val_data is None:
         raise ValueError("patience (early stopping) needs val_data")
+    if distributed is None:
+        distributed = bsd.is_distributed()
+    if distributed and not bsd.is_distributed():
+        raise ValueError("distributed=True needs an initialised torch.distributed process group "
+                         "(bayes_spectral.distributed.init(), under torchrun)")
+    if distributed and method == "nuts":
+        raise ValueError("method 'nuts' is not data-parallel: run it in one process "
+                         "(distributed=False)")
+    rank = torch.distributed.get_rank() if distributed else 0
     x, y = _as_xy(data, "data")
     model.check_data(x, y, "data")
     xv = yv = None
@@ -374,12 +403,25 @@ def fit(
         history = saved["history"]
         state = saved["state"]
         _set_rng_state(saved["rng"])
+    dp = shards = None
+    if distributed:
+        # point every module at the param store's tensors (PyroParams update lazily), off the
+        # RNG stream so that the draws stay those of the single-process run
+        elbo_module = elbo(model, guide)
+        with torch.no_grad(), torch.random.fork_rng(
+                devices=[device] if device.type == "cuda" else []):
+            elbo_module(x[:1], y[:1])
+        dp = bsd.DataParallelELBO(elbo_module, model.num_data, device)
+        shards = bsd.GlobalBatchShards(n, bs)
 
     def snapshot() -> dict:
         return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
     def write_checkpoint() -> None:
         if ckpt is None:
+            return
+        if rank != 0:  # rank 0 writes; the others wait until the file is in place
+            torch.distributed.barrier()
             return
         save_checkpoint(ckpt, {
             "param_store": pyro.get_param_store().get_state(),
@@ -390,22 +432,30 @@ def fit(
             "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
             "method": method,
         })
+        if distributed:
+            torch.distributed.barrier()
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=int(epochs), initial=min(state["epoch"], int(epochs)),
-               disable=not progress, desc=f"fit[{method}]", unit="epoch")
+               disable=not progress or rank != 0, desc=f"fit[{method}]", unit="epoch")
     try:
         while state["epoch"] < epochs and not state["stopped"]:
             epoch = state["epoch"]
             perm = torch.randperm(n).to(device)
             total = 0.0
-            for i in range(0, n, bs):
-                idx = perm[i:i + bs]
+            if shards is None:
+                batches = ((perm[i:i + bs], min(bs, n - i)) for i in range(0, n, bs))
+            else:
+                shards.set_epoch(epoch, perm)
+                batches = iter(shards)
+            for idx, size in batches:
                 state["step"] += 1
+                step_fn = None if dp is None else (
+                    lambda idx=idx, size=size: dp.loss_and_grads(x, y, idx, size))
                 loss = _guarded_step(svi, model, guide, (x[idx], y[idx]), epoch, state["step"],
-                                     ckpt if ckpt and os.path.exists(ckpt) else None)
-                total += loss * idx.shape[0]
+                                     ckpt if ckpt and os.path.exists(ckpt) else None, step_fn)
+                total += loss * size
             history["epoch"].append(epoch + 1)
             history["loss"].append(total / n / n)
             postfix = {"loss": f"{history['loss'][-1]:.4f}"}
@@ -441,6 +491,8 @@ def fit(
             stop = False
             for cb in callbacks:
                 stop = bool(cb(info)) or stop
+            if dp is not None:
+                stop = dp.any(stop)
             if stop:
                 write_checkpoint()
                 break
