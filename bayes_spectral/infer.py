@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,7 @@ from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide, init_to_value
 
 from . import distributed as bsd
+from ._io import atomic_path
 from .guides import make_guide
 from .nn import BayesianNetwork
 from .predict import PredictiveMetrics, evaluate, predictive_probs
@@ -231,29 +231,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic write: temporary file in the same folder, flush + fsync, ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
-        pass
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """``torch.save(state)`` atomically (:func:`bayes_spectral._io.atomic_path`: temporary
+    file in the same folder, fsync, ``os.replace``, fsync of the folder)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _as_xy(data, what: str):
