@@ -53,20 +53,28 @@ def digits_cnn(channels: tuple[int, int], hidden: int, num_classes: int, seed: i
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      penalty: Penalty | None, *, steps: int, batch_size: int, lr: float,
-                     momentum: float, seed: int) -> nn.Module:
+                     momentum: float, seed: int, stop_at: float | None = None,
+                     check_every: int = 50) -> int:
     """SGD (``momentum``, no built-in weight decay) on ``mean CE + penalty(model)``.
 
     Minibatches are drawn without replacement from a fresh permutation every epoch
     (``batch_size >= len(x)`` is full-batch GD); ``penalty.set_epoch(epoch)`` is called at
-    the start of each epoch (schedules). Raises ``FloatingPointError`` on divergence.
+    the start of each epoch (schedules). At most ``steps`` steps; with ``stop_at`` training
+    stops once the accuracy on all of ``(x, y)`` reaches it (checked at the end of an epoch,
+    at most every ``check_every`` steps). Returns the number of steps taken. Raises
+    ``FloatingPointError`` on divergence.
     """
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     b = min(batch_size, n)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    step, epoch = 0, 0
+    step, epoch, checked = 0, 0, 0
     model.train()
     while step < steps:
+        if stop_at is not None and step - checked >= check_every:
+            checked = step
+            if accuracy(model, x, y) >= stop_at:
+                break
         if penalty is not None:
             penalty.set_epoch(epoch)
         perm = torch.randperm(n, generator=g)
@@ -85,10 +93,14 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 break
         epoch += 1
     model.eval()
-    return model
+    return step
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``argmax f(x) == y``."""
-    return float((model(x).argmax(-1) == y).float().mean())
+    """Fraction of ``argmax f(x) == y`` (in eval mode; the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    acc = float((model(x).argmax(-1) == y).float().mean())
+    model.train(was_training)
+    return acc

@@ -69,9 +69,9 @@ class Config:
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     width: int = 128
-    channels: tuple[int, int] = (16, 32)
-    cnn_hidden: int = 128
-    epochs: int = 30
+    channels: tuple[int, int] = (8, 16)
+    cnn_hidden: int = 64
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
