@@ -1,7 +1,7 @@
 """Heavy-tailed spectral regularisation and priors (Xiao et al. 2023).
 
-Data: scikit-learn's 8x8 digits (:func:`bayes_spectral.data.load_digits`, 1437 train /
-360 test). Architectures (:mod:`models._nets`): an MLP ``64 -> width -> width -> 10`` and
+Data: scikit-learn's 8x8 digits (:func:`bayes_spectral.data.load_digits`, 1438 train /
+359 test). Architectures (:mod:`models._nets`): an MLP ``64 -> width -> width -> 10`` and
 a small CNN (two 3x3 convs, max-pool, ``fc1``, ``out``). Training: SGD with momentum on
 ``mean CE + R(theta)``; ``R`` is summed over every Linear/Conv weight (biases never):
 
