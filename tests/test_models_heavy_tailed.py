@@ -14,6 +14,7 @@ def results():
     return ht.run(ht.Config.small())
 
 
+@pytest.mark.slow
 def test_table_is_tidy(results):
     # 10 methods x 3 seeds x 3 layers (fc1, fc2, out) of the MLP
     assert len(results) == 10 * 3 * 3
@@ -22,6 +23,7 @@ def test_table_is_tidy(results):
     assert results[["alpha", "test_accuracy", "train_accuracy"]].notna().all().all()
 
 
+@pytest.mark.slow
 def test_every_method_learns(results):
     # Small config (500 images, 20 epochs): every method and seed reaches 85% test accuracy
     # (measured: 0.91-0.95).
@@ -29,6 +31,7 @@ def test_every_method_learns(results):
     assert (runs.test_accuracy > 0.85).all(), runs
 
 
+@pytest.mark.slow
 def test_powerlaw_and_frechet_priors_give_heavier_tails(results):
     # Hidden layer fc2 (64 x 64): MAP under the power-law prior lowers alpha by more than
     # 0.3 on every seed (measured: 1.90 -> 1.37 on average), the Frechet prior by more than
@@ -40,6 +43,7 @@ def test_powerlaw_and_frechet_priors_give_heavier_tails(results):
     assert (fc2["powerlaw_prior_map"] < fc2["weight_decay"] - 0.3).all(), fc2
 
 
+@pytest.mark.slow
 def test_paired_table_recomputed_from_rows(results):
     paired = ht.paired_vs_weight_decay(results)
     assert len(paired) == 9 and "weight_decay" not in set(paired.method)
@@ -56,6 +60,7 @@ def test_paired_table_recomputed_from_rows(results):
         assert np.isnan(row.p_value) if d.std() == 0 else row.p_value == pytest.approx(p)
 
 
+@pytest.mark.slow
 def test_summary_has_alpha_per_layer(results):
     s = ht.summary(results)
     assert ("alpha", "fc2") in s.columns and ("test_accuracy", "mean") in s.columns
