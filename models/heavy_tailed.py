@@ -54,10 +54,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import pandas as pd
 import torch
 from torch import nn
+from torch.distributions import Distribution
 
 import bayes_spectral as bs
 from bayes_spectral import penalties as P
@@ -129,6 +131,8 @@ class Config:
             raise ValueError(f"prior_alpha must be > 1, got {self.prior_alpha}")
         if not 0 < self.spike_pi < 1:
             raise ValueError(f"spike_pi must be in (0, 1), got {self.spike_pi}")
+        if self.num_train is not None and self.num_train < 2:
+            raise ValueError(f"num_train must be >= 2 (or None for all), got {self.num_train}")
         if not 0 <= self.xmin_quantile < 1:
             raise ValueError(f"xmin_quantile must be in [0, 1), got {self.xmin_quantile}")
 
@@ -138,9 +142,9 @@ class _PriorPenalty(P.Penalty):
 
     label = "prior"
 
-    def __init__(self, make_prior, coef: float) -> None:
+    def __init__(self, make_prior: Callable[[torch.Tensor], Distribution], coef: float) -> None:
         self.make_prior, self.coef = make_prior, coef
-        self._priors: dict[str, torch.distributions.Distribution] = {}
+        self._priors: dict[str, Distribution] = {}
 
     def weight_penalty(self, weight, name=None):
         key = self._key(weight, name)
@@ -152,7 +156,9 @@ class _PriorPenalty(P.Penalty):
 class _PerLayer(P.Penalty):
     """A library penalty whose hyperparameters depend on the layer's initial ESD."""
 
-    def __init__(self, make: callable) -> None:
+    label = "per-layer prior"
+
+    def __init__(self, make: Callable[[torch.Tensor], P.Penalty]) -> None:
         self.make = make
         self._inner: dict[str, P.Penalty] = {}
 

@@ -92,6 +92,8 @@ def test_bad_config():
         ht.Config(prior_alpha=1.0)
     with pytest.raises(ValueError, match="weight_decay"):
         ht.Config(weight_decay=0.0)
+    with pytest.raises(ValueError, match="num_train"):
+        ht.Config(num_train=0)
     no_wd = pd.DataFrame({"arch": ["mlp"], "method": ["none"], "seed": [0], "layer": ["fc1"],
                           "alpha": [2.0], "train_accuracy": [1.0], "test_accuracy": [0.9]})
     with pytest.raises(ValueError, match="needs the 'weight_decay' method"):
