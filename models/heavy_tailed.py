@@ -80,7 +80,7 @@ ARCHS = ("mlp", "cnn")
 
 @dataclasses.dataclass
 class Config:
-    """Settings of :func:`run`; the default is the full-size study (about 10 min, 1 core)."""
+    """Settings of :func:`run`; the default is the full-size study (about 5.5 min of one core)."""
 
     archs: tuple[str, ...] = ARCHS
     methods: tuple[str, ...] = METHODS

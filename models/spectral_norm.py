@@ -54,7 +54,7 @@ DATASETS = ("mnist1d", "digits")
 
 @dataclasses.dataclass
 class Config:
-    """Settings of :func:`run`; the default is the full-size study (minutes on 1 core)."""
+    """Settings of :func:`run`; the default is the full-size study (about 3.5 min of one core)."""
 
     dataset: str = "mnist1d"
     num_samples: int = 2000
