@@ -15,6 +15,9 @@ REFERENCE_MODELS = {
     "diagonal_weight_norm": "Chou et al. 2024: weight normalisation and sparse implicit bias",
     "deep_matrix_factorization": "Gatmiry et al. 2023: flatness ~ nuclear norm in deep linear "
                                  "matrix sensing",
+    "heavy_tailed": "Xiao et al. 2023: heavy-tailed spectral regularisers and priors (MLP, CNN)",
+    "spectral_norm": "Yoshida & Miyato 2017: spectral norm regularisation and the "
+                     "generalisation gap over batch sizes",
 }
 
 

@@ -67,6 +67,7 @@ import pandas as pd
 import torch
 
 from bayes_spectral.data import make_matrix_sensing
+from bayes_spectral.penalties import WeightDecay
 
 from ._common import new_figure, save_figure, torch_threads, write_results
 
@@ -79,6 +80,8 @@ __all__ = [
     "nuclear_norm_minimisation",
     "train_deep_linear",
 ]
+
+_WD = WeightDecay(coef=2.0)  # coef/2 ||W||_F^2 = ||W||_F^2
 
 
 @dataclasses.dataclass
@@ -136,8 +139,9 @@ def hessian_trace(weights, A: torch.Tensor) -> torch.Tensor:
     ``(1/n) sum_k sum_i ||L_i^T A_k R_i^T||_F^2`` (module docstring); independent of ``y``.
     Differentiable in the weights.
     """
-    # TODO(penalties): switch to bayes_spectral.penalties.hessian_trace (a Hutchinson
-    # estimator for general models); this exact form is specific to deep linear sensing.
+    # Not penalties.deep_linear_hessian_trace: that closed form is for regression
+    # ||W_L...W_1 x_n - y_n||^2 (rank-one sensing matrices e_j x_n^T); general Gaussian A_k
+    # need this form. penalties.hutchinson_trace would only estimate it (random probes).
     L = len(weights)
     eye = torch.eye(weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
     right = [eye]  # right[i] = W_i ... W_1 (0-based: product of the first i weights)
@@ -156,8 +160,8 @@ def hessian_trace(weights, A: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_decay(weights) -> torch.Tensor:
-    # TODO(penalties): switch to bayes_spectral.penalties.weight_decay
-    return sum(W.square().sum() for W in weights)
+    """``sum_i ||W_i||_F^2`` = :class:`~bayes_spectral.penalties.WeightDecay` with ``coef=2``."""
+    return sum(_WD(W, name=f"W{i}") for i, W in enumerate(weights, start=1))
 
 
 def train_deep_linear(A, y, depth: int, penalty: str, lam: float, steps: int, lr: float,
@@ -204,7 +208,8 @@ def nuclear_norm_minimisation(A, y, mu_final: float = 1e-6, iters_per_stage: int
     from ``||A^*(y)||_2 / n`` to ``mu_final`` over ``num_stages`` warm-started stages; the
     step is ``1 / Lip``, ``Lip = lambda_max(A_mat^T A_mat) / n``.
     """
-    # TODO(penalties): switch to bayes_spectral.penalties.nuclear (the prox would stay here)
+    # The convex baseline needs the prox of mu ||X||_* (singular-value thresholding, _svt),
+    # not the penalty value, so penalties.NuclearNorm has no role here.
     n, d1, d2 = A.shape
     Amat = A.reshape(n, -1)
     lip = float(torch.linalg.eigvalsh(Amat.T @ Amat / n)[-1])
