@@ -85,7 +85,10 @@ def test_missing_file_and_no_layers(tmp_path, capsys):
 def test_reproduce_help_lists_the_reference_models():
     res = run_cli("reproduce", "--help")
     assert res.returncode == 0
-    for name in ("low_rank_weight_decay", "diagonal_weight_norm", "deep_matrix_factorization"):
+    from bayes_spectral.models import REFERENCE_MODELS
+
+    assert len(REFERENCE_MODELS) == 5  # one per paper
+    for name in REFERENCE_MODELS:
         assert name in res.stdout
 
 
