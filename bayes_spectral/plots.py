@@ -327,18 +327,31 @@ def plot_alpha_vs_accuracy(table, path: str | Path | None = None, ncols: int = 3
     layers = list(dict.fromkeys(map(str, table["layer"])))
     methods = list(dict.fromkeys(map(str, table["method"])))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(methods) > len(colors):  # one distinct colour per method, also past 10
+        colors = [plt.get_cmap("tab20")(k % 20) for k in range(len(methods))]
+    markers = "osD^v<>ph*"
+    legend_cols = min(4, len(methods))
+    legend_in = 0.35 + 0.2 * math.ceil(len(methods) / legend_cols)  # below the axes
     fig, axes = _grid(plt, len(layers), ncols, 5.0, 3.8)
+    fig.set_figheight(fig.get_figheight() + legend_in)
+    handles = {}
     for ax, layer in zip(axes, layers, strict=True):
         sub = table[table["layer"].astype(str) == layer]
         for j, method in enumerate(methods):
             part = sub[sub["method"].astype(str) == method]
             if len(part):
-                ax.scatter(part["alpha"], part["test_accuracy"], s=28,
-                           color=colors[j % len(colors)], edgecolor="k", lw=0.4,
-                           label=f"{method} ({len(part)})")
+                handles[method] = ax.scatter(
+                    part["alpha"], part["test_accuracy"], s=28, color=colors[j % len(colors)],
+                    marker=markers[(j // 20) % 10], edgecolor="k", lw=0.4)
         ax.set_xlabel("alpha (power-law exponent of the ESD tail)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"layer {layer}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, title="method (runs)", title_fontsize=7)
-    return _finish(plt, fig, path)
+    counts = table.groupby(table["method"].astype(str)).size() // len(layers)
+    fig.legend(list(handles.values()), [f"{m} ({counts[m]} runs)" for m in handles],
+               loc="lower center", ncol=legend_cols, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=_DPI)
+        plt.close(fig)
+    return fig

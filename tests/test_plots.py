@@ -134,7 +134,10 @@ def test_plot_alpha_vs_accuracy_one_axis_per_layer(tmp_path):
     path = tmp_path / "alpha.png"
     fig = plot_alpha_vs_accuracy(table, path=path)
     assert len(fig.axes) == 2
-    assert imread(path).shape[:2] == (380, 1000)
+    # 3.8 in per row of axes + 0.35 + 0.2 in per legend row (one shared legend below), 100 dpi
+    assert imread(path).shape[:2] == (435, 1000)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["none (4 runs)", "weight_decay (4 runs)", "spectral_norm (4 runs)"]
     ax = fig.axes[0]
     assert len(ax.collections) == 3 and ax.get_title() == "layer fc1"
     pts = ax.collections[1].get_offsets()
