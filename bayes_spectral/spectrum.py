@@ -206,6 +206,13 @@ class PowerIteration(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Return the differentiable estimate ``u^T W v`` of the top singular value."""
+        W, u, v, _ = self._iterate(weight)
+        return torch.einsum("...m,...mn,...n->...", u, W, v)
+
+    def _iterate(self, weight: torch.Tensor):
+        """``(W, u, v, |W v|)``: the matrix of ``weight`` and ``n_iter`` steps without
+        gradient from the stored ``u`` (which is updated); ``u = W v / |W v|``, so
+        ``u^T W v = |W v|``. Plain matrix-vector products for a single matrix."""
         W = self._matrix(weight)
         if self.u.shape != W.shape[:-1]:
             raise ValueError(
@@ -216,9 +223,19 @@ class PowerIteration(nn.Module):
             Wd = W.detach()
             u = self.u.to(dtype=Wd.dtype, device=Wd.device)
             for _ in range(self.n_iter):
-                v = torch.einsum("...mn,...m->...n", Wd, u)
+                if Wd.dim() == 2:
+                    v = torch.mv(Wd.t(), u)
+                else:
+                    v = torch.einsum("...mn,...m->...n", Wd, u)
                 v = v / v.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-                u = torch.einsum("...mn,...n->...m", Wd, v)
-                u = u / u.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+                u = torch.mv(Wd, v) if Wd.dim() == 2 else torch.einsum("...mn,...n->...m", Wd, v)
+                norm = u.norm(dim=-1)
+                u = u / norm.unsqueeze(-1).clamp_min(self.eps)
             self.u = u.clone()
-        return torch.einsum("...m,...mn,...n->...", u, W, v)
+        return W, u, v, norm
+
+    def estimate(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sigma, u, v)`` without gradient, after the same steps as a call: ``sigma =
+        u^T W v = |W v|`` and ``d sigma / dW = u v^T`` (for the matrix of ``weight``)."""
+        _, u, v, sigma = self._iterate(weight.detach())
+        return sigma, u, v

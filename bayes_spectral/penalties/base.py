@@ -65,8 +65,32 @@ class Penalty:
         except RuntimeError:
             check_weight(target, name)
             raise
+        return self._checked_value(value, target, name)
+
+    def accumulate_grad(self, weight: torch.Tensor, grad: torch.Tensor, name: str | None = None,
+                        scale: float = 1.0) -> torch.Tensor:
+        """``grad += scale * dR/dW`` in place; returns ``scale * R(W)`` (detached).
+
+        The penalty's gradient without a graph through the training loss: call it after
+        ``loss.backward()`` (see :meth:`Regularizer.accumulate_grad`). This default runs
+        autograd on a detached copy of ``weight`` (right for every penalty, and advances
+        stateful ones exactly as a call does); penalties with a closed-form gradient
+        override it with one fused in-place update (weight decay: ``grad += scale coef W``;
+        spectral norm: ``grad += scale coef sigma u v^T``).
+        """
+        leaf = weight.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = self(leaf, name=name)
+        if value.requires_grad:
+            (g,) = torch.autograd.grad(value, leaf)
+            grad.add_(g, alpha=scale)
+        return scale * value.detach()
+
+    def _checked_value(self, value: torch.Tensor, weight: torch.Tensor,
+                       name: str | None) -> torch.Tensor:
+        """The finiteness check of ``__call__`` for values computed without it."""
         if not bool(torch.isfinite(value)):
-            check_weight(target, name)
+            check_weight(weight, name)
         return check_finite(value, name, self.label)
 
     @staticmethod

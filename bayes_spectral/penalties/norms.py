@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .._checks import check_positive
 from ..spectrum import ConvMode, esd, singular_values
 from ..spectrum import stable_rank as _stable_rank
@@ -23,6 +25,14 @@ class WeightDecay(Penalty):
     def weight_penalty(self, weight, name=None):
         return 0.5 * self.coef * weight.square().sum()
 
+    def accumulate_grad(self, weight, grad, name=None, scale=1.0):
+        """``grad += scale coef W``; returns ``scale coef/2 ||W||_F^2``."""
+        w = weight.detach()
+        flat = w.reshape(-1)
+        value = self._checked_value(0.5 * self.coef * torch.dot(flat, flat), w, name)
+        grad.add_(w, alpha=scale * self.coef)
+        return scale * value
+
 
 class L1(Penalty):
     """``coef * sum |W_ij|``."""
@@ -34,6 +44,13 @@ class L1(Penalty):
 
     def weight_penalty(self, weight, name=None):
         return self.coef * weight.abs().sum()
+
+    def accumulate_grad(self, weight, grad, name=None, scale=1.0):
+        """``grad += scale coef sign(W)`` (0 at 0, as autograd); returns ``scale coef ||W||_1``."""
+        w = weight.detach()
+        value = self._checked_value(self.coef * w.abs().sum(), w, name)
+        grad.add_(w.sign(), alpha=scale * self.coef)
+        return scale * value
 
 
 class SchattenNorm(Penalty):

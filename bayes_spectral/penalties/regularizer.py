@@ -96,12 +96,32 @@ class Regularizer:
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
         if model is not None and model is not self.model:
             raise ValueError("this Regularizer is attached to another model")
-        vals = self.per_layer()
+        return self._record(self.per_layer())
+
+    def _record(self, vals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log the per-layer values (one device sync) and return their sum."""
         if self.log:
             floats = torch.stack([v.detach() for v in vals.values()]).tolist()
             for n, f in zip(vals, floats, strict=True):
                 self.history[n].append(f)
         return torch.stack(list(vals.values())).sum()
+
+    def accumulate_grad(self, scale: float = 1.0) -> torch.Tensor:
+        """After ``task_loss.backward()``: add ``scale * dR/dW`` to every selected weight's
+        ``.grad`` in place (allocated if ``None``) and return ``scale * R`` (detached).
+
+        The same update as ``(task_loss + scale * reg()).backward()`` (tested to float64
+        round-off) without a graph through the penalty: weight decay and spectral norm then
+        cost one fused pass over each weight instead of autograd's extra gradient buffers
+        and accumulation (``benchmarks/bench_penalties.py``, rows ``[grad]``).
+        """
+        vals = {}
+        for n, m in self.layers.items():
+            w = m.weight
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            vals[n] = self.penalty.accumulate_grad(w, w.grad, name=n, scale=scale)
+        return self._record(vals)
 
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         """``task_loss + reg(model)``."""

@@ -70,6 +70,13 @@ class Decayed(_Wrapper):
             return weight.new_zeros(())
         return f * self.inner(weight, name=name)
 
+    def accumulate_grad(self, weight, grad, name=None, scale=1.0):
+        """The inner penalty's in-place gradient, scaled by ``factor(epoch)``."""
+        f = self.factor()
+        if f == 0.0:
+            return weight.detach().new_zeros(())
+        return self.inner.accumulate_grad(weight, grad, name=name, scale=scale * f)
+
 
 class Thresholded(_Wrapper):
     """``inner`` while its value (per layer) exceeds ``threshold``, else 0 (no gradient)."""

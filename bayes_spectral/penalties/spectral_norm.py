@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._checks import check_positive
@@ -29,8 +31,7 @@ class SpectralNorm(Penalty):
         self.seed = int(seed)
         self._iters: dict[str, PowerIteration] = {}
 
-    def sigma(self, weight: torch.Tensor, name: str | None = None) -> torch.Tensor:
-        """Differentiable power-iteration estimate of ``sigma_max`` (advances the state)."""
+    def _iteration(self, weight: torch.Tensor, name: str | None) -> PowerIteration:
         key = self._key(weight, name)
         it = self._iters.get(key)
         if it is None or it.u.shape[0] != weight.shape[0]:
@@ -39,7 +40,22 @@ class SpectralNorm(Penalty):
             self._iters[key] = it
         if it.u.device != weight.device or it.u.dtype != weight.dtype:
             it.to(device=weight.device, dtype=weight.dtype)
-        return it(weight)
+        return it
+
+    def sigma(self, weight: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """Differentiable power-iteration estimate of ``sigma_max`` (advances the state)."""
+        return self._iteration(weight, name)(weight)
+
+    def accumulate_grad(self, weight, grad, name=None, scale=1.0):
+        """``grad += scale coef sigma u v^T`` (one rank-1 update in place, after the same
+        power-iteration step as a call); returns ``scale coef/2 sigma^2``."""
+        w = weight.detach()
+        sigma, u, v = self._iteration(w, name).estimate(w)
+        s = float(sigma)  # the one device sync of the call
+        if not math.isfinite(s):
+            self._checked_value(sigma, w, name)  # raises, naming the layer
+        grad.view(grad.shape[0], -1).addr_(u, v, alpha=scale * self.coef * s)
+        return sigma.new_tensor(scale * 0.5 * self.coef * s * s)
 
     def weight_penalty(self, weight, name=None):
         return 0.5 * self.coef * self.sigma(weight, name).square()
