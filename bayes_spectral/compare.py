@@ -6,15 +6,17 @@ whose batch likelihood is scaled by ``N / B``, divided by ``N``:
 
     ``L(W) = mean_batch CE(f_W(x), y) + R(W) / N``
 
-where ``R`` is a deterministic penalty (baselines, :mod:`bayes_spectral.penalties`) or
-``-log p(W)`` of a spectral prior (MAP, :func:`bayes_spectral.bayesian` + :func:`fit` with
-``AutoDelta``; the library checks that the two coincide). SVI (``AutoNormal``) starts from
-the MAP fit of the same prior and seed. All runs use Adam with the same learning rate,
-batch size and number of epochs, so differences come from ``R`` alone.
+(minimised as ``N L(W)``, the scale of the Pyro loss), where ``R`` is a deterministic
+penalty (baselines, :mod:`bayes_spectral.penalties`) or ``-log p(W)`` of a spectral prior
+(MAP, :func:`bayes_spectral.bayesian` + :func:`fit` with ``AutoDelta``; the library checks
+that the two coincide). SVI (``AutoNormal``) starts from the MAP fit of the same prior and
+seed. All runs use Adam with the same learning rate, batch size, data order and number of
+epochs, so differences come from ``R`` alone.
 
-Each finished run is saved atomically under ``<out>/runs/`` (its table row and weights, or
-its posterior weight draws for SVI); ``resume=True`` skips runs already there, so an
-interrupted comparison loses at most the run in progress.
+Each finished run is saved atomically under ``<out>/runs/``: its table rows and point
+weights (``.pt``) and, for SVI, its ``InferenceData`` (``_svi.nc``, written first);
+``resume=True`` skips runs already there, so an interrupted comparison loses at most the
+run in progress.
 """
 
 from __future__ import annotations
@@ -197,10 +199,10 @@ def train_baseline(split: Split, cfg: CompareConfig, method: str, seed: int):
             idx = perm[i:i + bs]
             # N * (mean CE + R/N): the scale of the Pyro loss, so Adam's eps acts alike
             loss = n * nn.functional.cross_entropy(net(x[idx]), y[idx])
-            if reg is not None:
-                loss = loss + reg()
             opt.zero_grad()
             loss.backward()
+            if reg is not None:
+                reg.accumulate_grad()  # += dR/dW in place (closed form where there is one)
             opt.step()
     with torch.no_grad():
         probs = torch.softmax(net(split.x_test.to(device)), -1).unsqueeze(0).cpu()
