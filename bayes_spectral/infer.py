@@ -470,6 +470,7 @@ def fit(
                     "model": model, "guide": guide}
             if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or state["stopped"]:
                 write_checkpoint()
+                model.renew_tracking()  # tracker state is not saved: renew it in both runs
             stop = False
             for cb in callbacks:
                 stop = bool(cb(info)) or stop

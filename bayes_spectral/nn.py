@@ -50,6 +50,7 @@ from .distributions import (
     SpectralDistribution,
     SpikeAndSlabSpectrum,
 )
+from .penalties.tail import PowerLawPrior
 from .spectral_laws import frechet_log_pdf
 from .spectrum import PowerIteration
 
@@ -102,13 +103,18 @@ class SingularValuePrior(dist.TorchDistribution):
 
 
 class TrackedSpectralPrior(dist.TorchDistribution):
-    """Penalty log-density of a prior that depends on ``W`` only through ``sigma_max(W)``
-    and ``||W||_F``, with ``sigma_max`` from a warm-started power iteration (no SVD).
+    """Penalty log-density of a spectral prior evaluated without a full SVD per call.
 
     * ``FrechetTopEigenvalue`` (penalty measure): ``log Frechet(lambda_max)
-      - (r - 1) log tau - (||W||_F^2 - lambda_max) / tau``;
+      - (r - 1) log tau - (||W||_F^2 - lambda_max) / tau``, ``sigma_max`` from a
+      warm-started power iteration (``power``: a :class:`PowerIteration`);
     * ``GaussianSpectrum`` (penalty measure): ``r (log sqrt(2/pi) - log s) - ||W||_F^2 / (2 s^2)``
-      (exact, needs no power iteration).
+      (exact, needs no power iteration);
+    * ``PowerLawSpectrum`` (penalty measure): ``-PowerLawPrior(tracked=True)(W)``, the tail
+      above ``xmin`` from :class:`~bayes_spectral.tracking.TailTracker` and the bulk through
+      ``||W||_F^2`` (``power``: that penalty, which holds the tracker). Its state is not a
+      buffer: :func:`~bayes_spectral.fit` renews it at every checkpoint boundary (next call
+      re-decomposes), so a resumed run repeats the uninterrupted one exactly.
 
     ``lambda_max = (u^T W v)^2`` with ``u, v`` from ``power.n_iter`` power-iteration steps
     per call, warm-started from the previous call (the state is a buffer of the layer, saved
@@ -121,9 +127,9 @@ class TrackedSpectralPrior(dist.TorchDistribution):
     has_rsample = False
 
     def __init__(self, base: SpectralDistribution, power: nn.Module | None):
-        if not isinstance(base, (FrechetTopEigenvalue, GaussianSpectrum)):
-            raise TypeError("tracked spectra need a FrechetTopEigenvalue or GaussianSpectrum "
-                            f"prior, got {type(base).__name__}")
+        if not isinstance(base, (FrechetTopEigenvalue, GaussianSpectrum, PowerLawSpectrum)):
+            raise TypeError("tracked spectra need a FrechetTopEigenvalue, GaussianSpectrum or "
+                            f"PowerLawSpectrum prior, got {type(base).__name__}")
         if base.measure != "penalty":
             raise ValueError("tracked spectra compute the penalty measure; build the prior with "
                              "measure='penalty'")
@@ -141,6 +147,11 @@ class TrackedSpectralPrior(dist.TorchDistribution):
 
     def log_prob(self, value):
         base = self.base
+        if isinstance(base, PowerLawSpectrum):
+            if value.dim() != 2:
+                raise ValueError("a tracked power-law prior takes one weight matrix per call, "
+                                 f"got shape {tuple(value.shape)} (no vectorised particles)")
+            return -self.power(value, name="weight")
         fro = value.square().sum((-2, -1))
         r = base._rank
         if isinstance(base, GaussianSpectrum):
@@ -227,6 +238,7 @@ class BayesianNetwork(PyroModule):
         self.weight_layer_names: list[str] = []
         self._priors: dict[str, dist.Distribution] = {}
         self._initial: dict[str, torch.Tensor] = {}
+        self._tail_penalties: dict[str, Any] = {}  # tracked power-law layers
         if noise == "learned":
             self.noise = PyroParam(torch.tensor(1.0), constraint=constraints.positive)
         else:
@@ -251,6 +263,14 @@ class BayesianNetwork(PyroModule):
         for site, value in self._initial.items():
             out[site] = value if ref is None else value.to(device=ref.device, dtype=ref.dtype)
         return out
+
+    def renew_tracking(self) -> None:
+        """Start the tail trackers of tracked power-law layers afresh (their next call
+        re-decomposes). :func:`~bayes_spectral.fit` calls it at every checkpoint boundary,
+        whether or not a file is written, so results do not depend on checkpointing and a
+        resumed run (fresh trackers) repeats the uninterrupted one bit for bit."""
+        self._tail_penalties = {n: _tail_penalty_for(self._priors[n])
+                                for n in self._tail_penalties}
 
     def _prior_for(self, name: str, like: torch.Tensor):
         return _prior_to(self._priors[name], like)
@@ -482,9 +502,10 @@ def bayesian(
     :param orthogonal_map: the map of :func:`torch.nn.utils.parametrizations.orthogonal`
         keeping ``U`` and ``V`` orthonormal: ``"cayley"`` (default; ~15x faster than
         ``"matrix_exp"`` for a 784 x 512 factor on CPU), ``"matrix_exp"`` or ``"householder"``.
-    :param tracked: layers (selectors, or ``True``) whose ``FrechetTopEigenvalue`` or
-        ``GaussianSpectrum`` penalty prior is evaluated without SVD by
-        :class:`TrackedSpectralPrior` (``power_iterations`` warm-started steps per call).
+    :param tracked: layers (selectors, or ``True``) whose ``FrechetTopEigenvalue``,
+        ``GaussianSpectrum`` or ``PowerLawSpectrum`` penalty prior is evaluated without a
+        full SVD per call by :class:`TrackedSpectralPrior` (``power_iterations``
+        warm-started steps per call for Frechet; a tail tracker for the power law).
     :param enumerate_rank: layers with a ``SpikeAndSlabSpectrum`` prior whose indicators
         are made explicit and enumerated (``TraceEnum_ELBO``); not with ``spectral``.
     :raises ValueError: unknown names, patterns matching nothing, shape mismatches, before
@@ -565,6 +586,13 @@ def bayesian(
                 improper = dist.ImproperUniform(constraints.real, (), weight.shape)
                 layer.weight = PyroSample(improper)
                 bn.enumerated_layers.append(name)
+            elif name in tracked_names and isinstance(prior.base, PowerLawSpectrum):
+                bn._priors[name] = prior.base
+                bn._tail_penalties[name] = _tail_penalty_for(prior.base)
+                layer.weight = PyroSample(
+                    lambda self, _n=name: TrackedSpectralPrior(
+                        bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n])
+                )
             elif name in tracked_names:
                 bn._priors[name] = prior.base
                 layer.power_iteration = PowerIteration(weight.shape, n_iter=int(power_iterations))
@@ -581,6 +609,13 @@ def bayesian(
             bn._initial[site] = weight
         bn.prior_sites[name] = site
     return bn
+
+
+def _tail_penalty_for(law: PowerLawSpectrum) -> PowerLawPrior:
+    """The tracked penalty equal to ``-law.log_prob`` (penalty measure, same xmin rule)."""
+    kw = ({"xmin_quantile": law.xmin_quantile} if law.xmin_quantile is not None
+          else {"xmin": float(law.xmin)})
+    return PowerLawPrior(alpha=float(law.alpha), tau=float(law.tau), tracked=True, **kw)
 
 
 def _any_param(layer: nn.Module, bn: BayesianNetwork) -> torch.Tensor:
