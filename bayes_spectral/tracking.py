@@ -71,6 +71,7 @@ cheaper than repeated SVDs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -288,29 +289,52 @@ class TailTracker:
             return self._estimate(mats, V, Y, self.need, full, True, float("inf"))
         V = V.to(Wd.dtype)
         residual = float("inf")
-        F = V
+        apps = 0  # extra applications of W^T W (beyond the first Ritz step)
         with torch.no_grad():
-            for it in range(self.max_iter + 1):
-                if it > 0:
-                    V = torch.linalg.qr(F).Q  # block power step
+            while True:
                 Y = _mm(Wd, V)
                 Z = _mm(Wd.mT, Y)  # W^T W V
-                H = V.mT @ Z
-                theta, S = torch.linalg.eigh(0.5 * (H + H.mT))
+                theta, S = torch.linalg.eigh(V.mT @ Z)  # reads the lower triangle only
                 theta, S = theta.flip(-1), S.flip(-1)
                 ZS, VS = Z @ S, V @ S
                 R = ZS[..., :need] - VS[..., :need] * theta[..., :need].unsqueeze(-2)
                 top = theta[..., :1].clamp_min(torch.finfo(theta.dtype).tiny)
                 residual = float((R.norm(dim=-2) / top).amax())
-                # next block: (W^T W - c) V S, c = theta_k / 2 (Chebyshev filter of degree
-                # one for the unwanted interval [0, theta_k]): per step the error of pair
-                # i shrinks by theta_k / (2 theta_i - theta_k) instead of lambda_{k+1} /
-                # lambda_i (0.82 instead of 0.9 at a Marchenko-Pastur edge), for free
-                F = ZS - VS * (0.5 * theta[..., -1:].unsqueeze(-1)) if need < k else ZS
+                # next block: Chebyshev filter for the unwanted interval [0, theta_k]
+                # (centre and half width c = theta_k / 2); degree one, (W^T W - c) V S,
+                # is free: per step the error of pair i shrinks by theta_k / (2 theta_i -
+                # theta_k) instead of lambda_{k+1} / lambda_i (0.82 instead of 0.9 at a
+                # Marchenko-Pastur edge)
+                if need < k:
+                    c = 0.5 * theta[..., -1:].unsqueeze(-1)
+                    F = ZS - VS * c
+                else:
+                    F = ZS
                 # a residual above `jump` means the subspace is lost (a perturbation as
                 # large as W gives ~0.2, training steps < 0.035): decompose at once
-                if residual <= self.tol or (it == 0 and not residual <= self.jump):
+                if residual <= self.tol or apps >= self.max_iter or (
+                        apps == 0 and not residual <= self.jump):
                     break
+                d = 1
+                if need < k:
+                    # degree d divides the error of pair `need` by T_d(x), x = 2 theta_need
+                    # / theta_k - 1: the smallest degree expected to pass the test (with a
+                    # factor 2 of safety), within the max_iter budget
+                    ratio = float((theta[..., need - 1] / theta[..., -1]).amin())
+                    x = max(2.0 * ratio - 1.0, 1.0)
+                    want = 2.0 * residual / self.tol
+                    budget = self.max_iter - apps
+                    while d < budget and d < 4 and math.cosh(d * math.acosh(x)) < want:
+                        d += 1
+                    if d > 1:
+                        X_prev, X = VS, F / c
+                        for _ in range(d - 1):  # X_{j+1} = 2 (A - c) X_j / c - X_{j-1}
+                            AX = _mm(Wd.mT, _mm(Wd, X))
+                            X_prev, X = X, 2.0 * (AX - X * c) / c - X_prev
+                        F = X
+                apps += d
+                V = torch.linalg.qr(F).Q
+        it = apps
         self.num_iters += it
         self.last_residual = residual
         if not residual <= self.tol:  # also catches NaN
