@@ -119,7 +119,8 @@ def main():
     print("|----------|--------------------------|---------|---------|-----------|---------")
     # "[grad]": the same penalty through Regularizer.accumulate_grad (in-place gradient after
     # loss.backward(), no graph through the penalty)
-    in_place = ["weight decay [grad]", "spectral norm [grad]", "Frechet tracked [grad]"]
+    in_place = ["weight decay [grad]", "spectral norm [grad]", "weighted alpha tracked [grad]",
+                "power-law tracked [grad]", "Frechet tracked [grad]"]
     for pen_name in [*PENALTIES, *in_place]:
         bench(mlp, (784,), 128, "MLP", pen_name)
     for pen_name in [*PENALTIES, *in_place]:

@@ -121,3 +121,50 @@ def test_tracker_bad_input():
         tr(torch.randn(1, 4, 3), k=5)
     with pytest.raises(ValueError, match="refresh_every"):
         TailTracker(refresh_every=0)
+
+
+TRACKED = {
+    "weighted_alpha": lambda: P.WeightedAlpha(0.7, tracked=True),
+    "powerlaw_xmin": lambda: P.PowerLawPrior(alpha=3.0, tau=0.05, xmin=1.0, tracked=True),
+    "powerlaw_quantile": lambda: P.PowerLawPrior(alpha=3.0, tau=0.05, xmin_quantile=0.85,
+                                                 tracked=True),
+    "frechet": lambda: P.FrechetPrior(concentration=2.0, scale=1.0, tau=0.05, tracked=True),
+}
+
+
+@pytest.mark.parametrize("key", sorted(TRACKED))
+def test_tracked_accumulate_grad_equals_autograd(trajectory, key):
+    """The closed-form in-place gradient of a tracked penalty equals autograd of the tracked
+    call at the same tracker state (two identical penalties advanced along the trajectory,
+    both orientations, tracking steps and full refreshes), float64 to 1e-10."""
+    by_autograd, in_place = TRACKED[key](), TRACKED[key]()
+    reasons = set()
+    for step in range(0, 40, 3):
+        for name, W in trajectory[step].items():
+            leaf = W.clone().requires_grad_(True)
+            value = 0.7 * by_autograd(leaf, name=name)
+            (expected,) = torch.autograd.grad(value, leaf)
+            grad = torch.full_like(W, 0.25)
+            got = in_place.accumulate_grad(W, grad, name=name, scale=0.7)
+            reasons.add(in_place.tracker(name).last_reason)
+            assert float(got) == pytest.approx(float(value.detach()), rel=1e-12, abs=1e-14)
+            torch.testing.assert_close(grad - 0.25, expected, rtol=1e-10, atol=1e-12)
+            a, b = by_autograd.tracker(name), in_place.tracker(name)
+            assert (a.num_refreshes, a.num_iters, a.k) == (b.num_refreshes, b.num_iters, b.k)
+    assert None in reasons and "init" in reasons  # tracked calls and full decompositions
+
+
+@pytest.mark.parametrize("key", sorted(TRACKED))
+def test_tracked_accumulate_grad_conv_pool(key):
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 20, 3, 3, generator=gen, dtype=torch.float64) / 10
+    by_autograd, in_place = TRACKED[key](), TRACKED[key]()
+    for _ in range(4):
+        w = w + 1e-3 * torch.randn(w.shape, generator=gen, dtype=w.dtype)
+        leaf = w.clone().requires_grad_(True)
+        value = 0.7 * by_autograd(leaf, name="c")
+        (expected,) = torch.autograd.grad(value, leaf)
+        grad = torch.full_like(w, 0.25)
+        got = in_place.accumulate_grad(w, grad, name="c", scale=0.7)
+        assert float(got) == pytest.approx(float(value.detach()), rel=1e-12, abs=1e-14)
+        torch.testing.assert_close(grad - 0.25, expected, rtol=1e-10, atol=1e-12)

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from .._checks import check_positive
+from .._checks import check_positive, check_weight
 from ..powerlaw import alpha_at_index, fit_powerlaw
 from ..spectral_laws import (
     exponential_log_pdf,
@@ -77,17 +77,15 @@ class _TailPenalty(Penalty):
                 f"weight{_where(name)} has {N} eigenvalues: too few for the {self.label} "
                 f"penalty (a tail fit needs at least {self.min_evals})")
 
-    def weight_penalty(self, weight, name=None):
+    def _mats(self, weight, name):
         if self.conv == "pool" and weight.dim() > 2:
-            mats = as_matrices(weight, conv=self.conv, name=name)
-        else:  # the hot path of Linear layers: no extra pass over the weight
-            mats = weight.reshape(1, weight.shape[0], -1)
+            return as_matrices(weight, conv=self.conv, name=name)
+        return weight.reshape(1, weight.shape[0], -1)  # Linear: no extra pass over the weight
+
+    def _estimate(self, weight, mats, name):
+        """Tracker call (with the completeness re-check): ``(estimate, tracker, key)``."""
         B, m, n = mats.shape
         dim = min(m, n)
-        N = B * dim
-        self._check_size(N, name)
-        if not self.tracked:
-            return self.coef * self._exact(esd(weight, conv=self.conv, name=name), name)
         key = self._key(weight, name)
         tr = self._trackers.get(key)
         if tr is None:
@@ -104,10 +102,62 @@ class _TailPenalty(Penalty):
         if tr.need < dim and not self._complete(est.evals, tr.need):
             tr.reset()
             est = tr(mats, 1, 1, choose=choose)
-        top = torch.sort(est.evals[..., : tr.need].reshape(-1), descending=True).values
+        return est, tr, key
+
+    def _value(self, lead, total, N, key, name):
+        top = torch.sort(lead.reshape(-1), descending=True).values
         top = top[: self._pooled_need[key]]
-        total = weight.square().sum()
         return self.coef * self._tracked(top, total, N, name)
+
+    def weight_penalty(self, weight, name=None):
+        mats = self._mats(weight, name)
+        B, m, n = mats.shape
+        N = B * min(m, n)
+        self._check_size(N, name)
+        if not self.tracked:
+            return self.coef * self._exact(esd(weight, conv=self.conv, name=name), name)
+        est, tr, key = self._estimate(weight, mats, name)
+        return self._value(est.evals[..., : tr.need], weight.square().sum(), N, key, name)
+
+    def accumulate_grad(self, weight, grad, name=None, scale=1.0):
+        """Tracked mode: ``grad += scale dR/dW`` in closed form, no graph through ``W``.
+
+        ``R`` depends on ``W`` only through the tracked eigenvalues ``lambda_i = ||W u_i||^2``
+        (``u_i`` detached) and ``||W||_F^2``, so ``dR/dW = 2 Y diag(dR/dlambda) U^T +
+        2 (dR/d||W||^2) W`` (:meth:`~bayes_spectral.tracking.TailTracker.add_grad`); the
+        ``k``-vector ``dR/dlambda`` comes from autograd on the eigenvalues alone. Same
+        tracker state and update as a call (tested equal to autograd of the call).
+        Exact mode, or a gradient that is not a view-compatible buffer: the autograd default.
+        """
+        if not self.tracked or not grad.is_contiguous() or grad.shape != weight.shape:
+            return super().accumulate_grad(weight, grad, name=name, scale=scale)
+        w = weight.detach()
+        if not w.is_floating_point() or w.dim() < 2:
+            check_weight(w, name)
+        try:
+            mats = self._mats(w, name)
+            B, m, n = mats.shape
+            N = B * min(m, n)
+            self._check_size(N, name)
+            est, tr, key = self._estimate(w, mats, name)
+            lead = est.evals[..., : tr.need].detach().requires_grad_(True)
+            total = w.square().sum().requires_grad_(True)
+            with torch.enable_grad():
+                value = self._value(lead, total, N, key, name)
+                c, d = torch.autograd.grad(value, (lead, total), allow_unused=True)
+        except RuntimeError:
+            check_weight(w, name)
+            raise
+        value = self._checked_value(value.detach(), w, name)
+        if c is not None:
+            if self.conv == "pool" and grad.dim() > 2:  # the slices, as views of grad
+                gm = grad.view(grad.shape[0], grad.shape[1], -1).permute(2, 0, 1)
+            else:
+                gm = grad.view(1, grad.shape[0], -1)
+            tr.add_grad(est, c, gm, alpha=scale)
+        if d is not None:
+            grad.add_(w, alpha=2.0 * scale * float(d))
+        return scale * value
 
     def _complete(self, evals, need):
         return True
