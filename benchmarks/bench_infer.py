@@ -14,6 +14,12 @@ Rows (ratio = time / reference time):
 * ``(Frechet, tracked)`` rows: a ``FrechetTopEigenvalue`` penalty prior evaluated by
   :class:`bayes_spectral.nn.TrackedSpectralPrior` (2 warm-started power iterations and the
   Frobenius norm, no SVD); the MAP reference loop adds the same tracked penalty;
+* ``(power law, tracked)``: the ``PowerLawSpectrum`` prior through a tail tracker
+  (``bayesian(tracked=...)``); at random init its KS tail holds a third of the spectrum, so
+  the tracker decomposes at every call (``TailTracker(wide=...)``);
+* ``(i.i.d. Normal prior)``: SVI with no spectral work at all, the floor of Pyro's own
+  per-step cost (sampling, the ELBO's log-densities, the guide's parameters) for this net;
+  the ``over SVI, Normal prior`` rows give what a spectral prior adds on top of that floor;
 * ``map/auto_delta`` : ``SVI.step`` with ``AutoDelta`` (MAP) over the penalty loop: the
   plain step plus ``-sum_l prior_l.penalty_log_prob(W_l) / N`` (the same spectral
   log-density, one ``svdvals`` per layer) — target <= 1.2x. When
@@ -30,6 +36,7 @@ import statistics
 import time
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
@@ -120,9 +127,12 @@ def main() -> None:
         (nn.functional.cross_entropy(net_t(x), y) + pen / N).backward()
         opt_t.step()
 
-    def svi_step(guide_kind, spectral=False, tracked=False):
+    def gaussian(shape):  # i.i.d. Normal(0, 0.1) weights: SVI with no spectral work at all
+        return dist.Normal(torch.zeros(shape), 0.1).to_event(len(shape))
+
+    def svi_step(guide_kind, spectral=False, tracked=False, law=None):
         pyro.clear_param_store()
-        p = frechet if tracked else prior
+        p = law or (frechet if tracked else prior)
         bn = bs.bayesian(mlp(), {nn.Linear: p}, num_data=N, spectral=spectral, tracked=tracked)
         guide = bs.make_guide(bn, guide_kind)
         svi = pyro.infer.SVI(bn, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
@@ -131,7 +141,9 @@ def main() -> None:
     configs = {"plain": plain, "penalty": penalty_loop, "svi": svi_step("normal"),
                "svi_spectral": svi_step("spectral", spectral=True), "map": svi_step("delta"),
                "tracked_loop": tracked_loop, "svi_tracked": svi_step("normal", tracked=True),
-               "map_tracked": svi_step("delta", tracked=True)}
+               "map_tracked": svi_step("delta", tracked=True),
+               "svi_tracked_pl": svi_step("normal", tracked=True, law=prior),
+               "svi_gauss": svi_step("normal", law=gaussian)}
     try:
         from bayes_spectral import penalties
     except ImportError:
@@ -165,6 +177,14 @@ def main() -> None:
          ratio_of(times, "map_tracked", "tracked_loop"), "<= 1.2"),
         ("map/auto_delta (Frechet, tracked)", "plain step",
          ratio_of(times, "map_tracked", "plain"), "-"),
+        ("svi/auto_normal (power law, tracked)", "plain step",
+         ratio_of(times, "svi_tracked_pl", "plain"), "<= 2"),
+        ("svi/auto_normal (i.i.d. Normal prior)", "plain step",
+         ratio_of(times, "svi_gauss", "plain"), "floor"),
+        ("svi/auto_normal (spectral prior)", "SVI, Normal prior",
+         ratio_of(times, "svi", "svi_gauss"), "-"),
+        ("svi/auto_normal (Frechet, tracked)", "SVI, Normal prior",
+         ratio_of(times, "svi_tracked", "svi_gauss"), "-"),
     ]
     if "regularizer" in times:
         rows.append(("map/auto_delta (spectral prior)", "Regularizer loop",

@@ -113,6 +113,36 @@ def test_periodic_refresh_and_reset(trajectory):
     assert tr.last_reason == "init"
 
 
+def test_wide_block_decomposes_at_every_call(trajectory):
+    """A block wider than ``wide * min(m, n)`` is never tracked: each call is a full
+    decomposition ("wide") with exact values; at the limit the tracker tracks as before."""
+    tr_wide, tr_edge = TailTracker(wide=0.5), TailTracker(wide=0.5)
+    for ws in trajectory[WARMUP:WARMUP + 4]:
+        W = ws["0"]  # 256 x 64: min(m, n) = 64
+        est = tr_wide(W.unsqueeze(0), k=33, need=8)
+        assert est.refreshed and tr_wide.last_reason in ("init", "wide")
+        exact = torch.linalg.svdvals(W).square()[:33]
+        torch.testing.assert_close(est.evals[0], exact, rtol=1e-10, atol=0)
+        tr_edge(W.unsqueeze(0), k=32, need=8)
+    assert tr_wide.num_refreshes == 4 and tr_wide.num_iters == 0
+    assert tr_edge.num_refreshes == 1 and tr_edge.last_reason is None
+
+
+def test_tracked_power_law_on_marchenko_pastur_bulk_is_exact():
+    """At random init the KS tail of a power-law penalty is a large part of the spectrum;
+    the tracked penalty then decomposes at every call and equals the exact penalty."""
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(96, 80, generator=gen, dtype=torch.float64) / 10
+    pen = P.PowerLawPrior(alpha=3.0, tau=0.05, tracked=True)
+    for _ in range(3):
+        W = W + 1e-3 * torch.randn(W.shape, generator=gen, dtype=W.dtype)
+        got = pen(W, name="w")
+        tr = pen.tracker("w")
+        assert tr.k > 0.5 * 80, "this test needs a tail wider than half the spectrum"
+        torch.testing.assert_close(got, _exact_same_index(pen, W, "w"), rtol=1e-9, atol=0)
+    assert tr.last_reason == "wide" and tr.num_iters == 0
+
+
 def test_tracker_bad_input():
     tr = TailTracker()
     with pytest.raises(ValueError, match="stack"):
@@ -121,6 +151,8 @@ def test_tracker_bad_input():
         tr(torch.randn(1, 4, 3), k=5)
     with pytest.raises(ValueError, match="refresh_every"):
         TailTracker(refresh_every=0)
+    with pytest.raises(ValueError, match="wide"):
+        TailTracker(wide=0.0)
 
 
 TRACKED = {
