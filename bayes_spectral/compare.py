@@ -273,11 +273,15 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | os.PathLike | None 
         return _compare(cfg, out_dir, resume, progress)
 
 
+ELPD_DRAWS = 64  # importance draws of the ELPD columns (PSIS tail of 13 draws)
+
+
 def _svi_outputs(res, split: Split, cfg: CompareConfig, seed: int):
     """InferenceData (training data) and the ELPD columns of one SVI fit."""
     train = (split.x_train, split.y_train)
     idata = to_inference_data(res, train, num_samples=cfg.num_posterior_samples, seed=seed)
-    elpd = importance_elpd(res, train, num_samples=max(cfg.num_posterior_samples, 10),
+    # PSIS needs more draws than the summaries: at least ELPD_DRAWS (k-hat is inf at <= 20)
+    elpd = importance_elpd(res, train, num_samples=max(cfg.num_posterior_samples, ELPD_DRAWS),
                            seed=seed)
     return idata, {"elpd_loo": elpd.elpd, "elpd_se": elpd.se, "khat_max": elpd.khat_max}
 

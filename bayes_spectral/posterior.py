@@ -433,6 +433,9 @@ class ImportanceELPD:
     log_weights: np.ndarray
 
 
+MIN_PSIS_DRAWS = 21  # smallest S whose PSIS tail, ceil(min(S / 5, 3 sqrt(S))), has 5 draws
+
+
 def importance_elpd(result: FitResult, data, num_samples: int = 200,
                     seed: int = 0) -> ImportanceELPD:
     """Importance-weighted PSIS-LOO ELPD of an SVI fit on ``data`` (its training data).
@@ -459,8 +462,11 @@ def importance_elpd(result: FitResult, data, num_samples: int = 200,
     if model.enumerated_layers:
         raise ValueError("importance_elpd() does not support enumerated rank indicators "
                          f"(layers {model.enumerated_layers})")
-    if int(num_samples) != num_samples or num_samples < 10:
-        raise ValueError(f"num_samples must be an integer >= 10, got {num_samples!r}")
+    if int(num_samples) != num_samples or num_samples < MIN_PSIS_DRAWS:
+        raise ValueError(
+            f"num_samples must be an integer >= {MIN_PSIS_DRAWS}, got {num_samples!r}: PSIS "
+            f"fits the Pareto tail to ceil(min(S / 5, 3 sqrt(S))) draws and needs at least 5 "
+            f"of them (az.psislw returns k = inf for S <= 20)")
     x, y = _as_data(model, data)
     logliks, logw = [], []
     with torch.no_grad(), torch.random.fork_rng():

@@ -101,8 +101,9 @@ def test_write_outputs_and_html_report(tmp_path, small_split, monkeypatch):
     assert table.shape[0] == 6  # none x 2 seeds + (map, svi) x 2 seeds
     svi = table[table.kind == "svi"]
     assert np.isfinite(svi[["elpd_loo", "elpd_se"]].to_numpy()).all()
-    # q of a 2000-weight MLP is a poor proposal with 10 draws: k-hat flags it (> 0.7 or inf)
-    assert (svi.khat_max > 0.7).all()
+    # q of a 2000-weight MLP is a poor proposal: k-hat flags it (> 0.7), and is finite since
+    # the ELPD uses at least ELPD_DRAWS draws (with <= 20 PSIS gives inf)
+    assert (svi.khat_max > 0.7).all() and np.isfinite(svi.khat_max).all()
     assert (svi.elpd_loo < 0).all() and (svi.elpd_se > 0).all()
     # point fits in one Dataset with a method dim; SVI posterior with the seeds as chains
     base = xr.load_dataset(paths["baselines"], engine="h5netcdf")

@@ -275,19 +275,21 @@ def test_importance_log_weights_equal_a_direct_computation(svi_quick, tiny):
     """log w_s = log N(W_s; 0, 1) + sum_i log softmax(x_i W_s^T)[y_i] - log q(W_s), with q the
     guide's own LowRankMultivariateNormal, on the same draws (same seed)."""
     x, y = tiny
-    iw = bs.importance_elpd(svi_quick, tiny, num_samples=20, seed=5)
-    w = bs.weight_draws(svi_quick, num_samples=20, seed=5)["0"][0].double()  # (20, 2, 4)
+    S = 24
+    iw = bs.importance_elpd(svi_quick, tiny, num_samples=S, seed=5)
+    w = bs.weight_draws(svi_quick, num_samples=S, seed=5)["0"][0].double()  # (S, 2, 4)
     prior = torch.distributions.Normal(0.0, 1.0).log_prob(w).sum((-2, -1))
     loglik = torch.log_softmax(x.double() @ w.transpose(-1, -2), -1)
-    loglik = loglik.gather(-1, y.expand(20, -1)[..., None]).squeeze(-1)
+    loglik = loglik.gather(-1, y.expand(S, -1)[..., None]).squeeze(-1)
     q = svi_quick.guide.get_posterior()
-    log_q = q.log_prob(w.reshape(20, -1).to(q.loc.dtype)).detach().double()
+    log_q = q.log_prob(w.reshape(S, -1).to(q.loc.dtype)).detach().double()
     np.testing.assert_allclose(iw.log_weights, (prior + loglik.sum(-1) - log_q).numpy(),
                                rtol=1e-5)
     # PSIS-LOO formula on these weights (the model computes log p(y_i | W) in float32)
     lw, k = az.psislw(iw.log_weights[None, :] - loglik.T.numpy())
     elpd_i = np.log(np.exp(lw + loglik.T.numpy()).sum(-1))
     np.testing.assert_allclose(iw.elpd_i, elpd_i, rtol=1e-5)
+    assert np.isfinite(k).all()
     np.testing.assert_allclose(iw.pareto_k, k, rtol=1e-3, atol=1e-3)
     assert iw.se == pytest.approx(math.sqrt(100 * elpd_i.var()), rel=1e-5)
 
@@ -296,6 +298,14 @@ def test_importance_elpd_rejects_non_svi_fits(tiny):
     res_map = bs.fit(_tiny_model(1.0), tiny, "map", epochs=1, batch_size=100, progress=False)
     with pytest.raises(ValueError, match="needs an SVI fit"):
         bs.importance_elpd(res_map, tiny)
+
+
+def test_importance_elpd_rejects_too_few_draws_for_psis(svi_quick, tiny):
+    """20 draws leave PSIS a 4-draw tail: arviz returns k = inf, so we refuse up front."""
+    _, k = az.psislw(np.random.default_rng(0).normal(size=(1, 20)))
+    assert np.isinf(k).all()
+    with pytest.raises(ValueError, match="PSIS"):
+        bs.importance_elpd(svi_quick, tiny, num_samples=20)
 
 
 # --- baselines ---------------------------------------------------------------------------
