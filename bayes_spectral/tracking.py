@@ -197,6 +197,8 @@ class TailTracker:
             raise ValueError(f"tol must be > 0, got {tol}")
         if max_iter < 0:
             raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+        if not jump > 0:
+            raise ValueError(f"jump must be > 0, got {jump}")
         if not 0 < wide <= 1:
             raise ValueError(f"wide must be in (0, 1], got {wide}")
         self.refresh_every = int(refresh_every)
@@ -245,10 +247,9 @@ class TailTracker:
         return V, _mm(W, V), full
 
     def _estimate(self, mats, U, Y, need, full, refreshed, residual) -> TailEstimate:
-        evals = Y.square().sum(-2)
         lead = _RitzValues.apply(mats, U[..., :need], Y[..., :need], self._transposed)
-        if need < evals.shape[-1]:
-            lead = torch.cat([lead, evals[..., need:]], -1)
+        if need < Y.shape[-1]:  # the margin columns: detached
+            lead = torch.cat([lead, Y[..., need:].square().sum(-2)], -1)
         return TailEstimate(lead, full, refreshed, residual, U, Y)
 
     def add_grad(self, est: TailEstimate, coef: torch.Tensor, out: torch.Tensor,
@@ -351,8 +352,7 @@ class TailTracker:
                         F = X
                 apps += d
                 V = torch.linalg.qr(F).Q
-        it = apps
-        self.num_iters += it
+        self.num_iters += apps
         self.last_residual = residual
         if not residual <= self.tol:  # also catches NaN
             V, Y, full = self._full(Wd, k, need, "drift", choose)

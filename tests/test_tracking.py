@@ -153,6 +153,8 @@ def test_tracker_bad_input():
         TailTracker(refresh_every=0)
     with pytest.raises(ValueError, match="wide"):
         TailTracker(wide=0.0)
+    with pytest.raises(ValueError, match="jump"):
+        TailTracker(jump=0.0)
 
 
 TRACKED = {

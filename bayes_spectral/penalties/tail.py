@@ -78,9 +78,16 @@ class _TailPenalty(Penalty):
                 f"penalty (a tail fit needs at least {self.min_evals})")
 
     def _mats(self, weight, name):
+        """``(mats, N)``: the ``(B, m, n)`` stack of ``weight`` and its ``N = B min(m, n)``
+        eigenvalues, checked against ``min_evals``."""
         if self.conv == "pool" and weight.dim() > 2:
-            return as_matrices(weight, conv=self.conv, name=name)
-        return weight.reshape(1, weight.shape[0], -1)  # Linear: no extra pass over the weight
+            mats = as_matrices(weight, conv=self.conv, name=name)
+        else:  # Linear: no extra pass over the weight
+            mats = weight.reshape(1, weight.shape[0], -1)
+        B, m, n = mats.shape
+        N = B * min(m, n)
+        self._check_size(N, name)
+        return mats, N
 
     def _estimate(self, weight, mats, name):
         """Tracker call (with the completeness re-check): ``(estimate, tracker, key)``."""
@@ -110,10 +117,7 @@ class _TailPenalty(Penalty):
         return self.coef * self._tracked(top, total, N, name)
 
     def weight_penalty(self, weight, name=None):
-        mats = self._mats(weight, name)
-        B, m, n = mats.shape
-        N = B * min(m, n)
-        self._check_size(N, name)
+        mats, N = self._mats(weight, name)
         if not self.tracked:
             return self.coef * self._exact(esd(weight, conv=self.conv, name=name), name)
         est, tr, key = self._estimate(weight, mats, name)
@@ -135,10 +139,7 @@ class _TailPenalty(Penalty):
         if not w.is_floating_point() or w.dim() < 2:
             check_weight(w, name)
         try:
-            mats = self._mats(w, name)
-            B, m, n = mats.shape
-            N = B * min(m, n)
-            self._check_size(N, name)
+            mats, N = self._mats(w, name)
             est, tr, key = self._estimate(w, mats, name)
             lead = est.evals[..., : tr.need].detach().requires_grad_(True)
             total = w.square().sum().requires_grad_(True)
