@@ -193,6 +193,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     import json
 
+    from ._io import write_text_atomic
     from .compare import PRIORS, load_dataset, make_mlp
     from .infer import NonFiniteError, fit
     from .nn import bayesian
@@ -211,7 +212,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_text_atomic(out / "config.json", json.dumps(config, indent=2))
     print(f"fit {args.method} with prior {args.prior} on {args.dataset}: {config}")
     try:
         res = fit(bn, split, args.method, epochs=args.epochs, batch_size=args.batch_size,
@@ -225,7 +226,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return EXIT_NON_FINITE
     metrics = {k: float(v) for k, v in res.evaluate(split.x_test, split.y_test)._asdict().items()}
     metrics["epochs_run"] = res.epochs_run
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     print("test " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     print(f"wrote {out / 'metrics.json'}" + ("" if args.method == "nuts" else
                                               f" and {out / 'checkpoint'}"))

@@ -37,7 +37,7 @@ import xarray as xr
 from torch import nn
 
 from . import penalties as P
-from ._io import atomic_path
+from ._io import atomic_path, write_text_atomic
 from .data import Split, load_digits, load_mnist1d
 from .diagnostics import analyze
 from .distributions import (
@@ -81,6 +81,8 @@ PRIORS: dict[str, Callable[[torch.Size], torch.distributions.Distribution]] = {
     "spike_and_slab": lambda s: SpikeAndSlabSpectrum(0.5, 0.01, 1.0, s),
 }
 DATASETS = ("digits", "mnist1d")
+#: importance draws of the ELPD columns at least (PSIS tail of 13 draws; k-hat is inf at <= 20)
+ELPD_DRAWS = 64
 
 
 @dataclasses.dataclass
@@ -273,14 +275,10 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | os.PathLike | None 
         return _compare(cfg, out_dir, resume, progress)
 
 
-ELPD_DRAWS = 64  # importance draws of the ELPD columns (PSIS tail of 13 draws)
-
-
 def _svi_outputs(res, split: Split, cfg: CompareConfig, seed: int):
     """InferenceData (training data) and the ELPD columns of one SVI fit."""
     train = (split.x_train, split.y_train)
     idata = to_inference_data(res, train, num_samples=cfg.num_posterior_samples, seed=seed)
-    # PSIS needs more draws than the summaries: at least ELPD_DRAWS (k-hat is inf at <= 20)
     elpd = importance_elpd(res, train, num_samples=max(cfg.num_posterior_samples, ELPD_DRAWS),
                            seed=seed)
     return idata, {"elpd_loo": elpd.elpd, "elpd_se": elpd.se, "khat_max": elpd.khat_max}
@@ -423,7 +421,7 @@ def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
              "config": out / "config.json"}
     table.to_csv(paths["results"], index=False)
     summary.to_csv(paths["summary"])
-    paths["config"].write_text(config_json(cfg))
+    write_text_atomic(paths["config"], config_json(cfg))
     baselines = baselines_of(result)
     paths["baselines"] = out / "baselines.nc"
     with atomic_path(paths["baselines"]) as tmp:

@@ -1,7 +1,7 @@
 """Layer 6: a self-contained HTML report (tables and PNG plots embedded, no external file).
 
 Images are embedded as ``data:image/png;base64`` URIs, so the one ``report.html`` can be
-mailed or archived on its own; the file is written atomically (``_io.atomic_path``).
+mailed or archived on its own; the file is written atomically (``_io.write_text_atomic``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._io import atomic_path
+from ._io import write_text_atomic
 
 __all__ = ["write_html_report"]
 
@@ -61,6 +61,4 @@ def write_html_report(
     parts.append("<h2>Configuration</h2><pre>"
                  + html.escape(json.dumps(dict(config), indent=2, default=str)) + "</pre>")
     parts.append("</body></html>")
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(parts))
-    return path
+    return write_text_atomic(path, "\n".join(parts))
