@@ -68,15 +68,16 @@ With a ``choose`` callback (the penalties) every drift refresh doubles the margi
 Marchenko-Pastur edge (random init) the needed pairs have tiny gaps and a wider block is
 cheaper than repeated SVDs.
 
-The block stops paying off when it is wide. For a 512 x 784 float32 weight (2 threads), a
-full ``svd`` takes ~88 ms and one block step ~3.5 ms at k = 64, ~12 ms at k = 256 and ~20 ms
-at k = 352; with the extra steps of a failing drift test a block of k > min(m, n) / 2 costs
-more than the decomposition it avoids. Such blocks are not tracked (``wide=0.5``): every
-call decomposes. This happens at random init, where the KS tail of a Marchenko-Pastur
-spectrum holds a third of the eigenvalues, and under SVI, where the weights are sampled
-afresh at every step. In ``benchmarks/bench_infer.py`` (MLP 784-512-512-10, row
-``svi/auto_normal (power law, tracked)``) the rule took an SVI step from 61-63x a plain
-step to 26x, the cost of the exact path (25x in the same run).
+The block stops paying off when it is wide (``benchmarks/bench_tracking.py``, float32, 2
+threads): one block step costs 0.03 of a full ``svd`` at k = 64 but 0.17-0.32 at
+k = min(m, n) / 2 (512 x 784 and 512 x 512), so there a call with the usual 1-3 extra steps
+costs about one decomposition, and a failing one (8 steps, then the ``svd``) 2-4. Such
+blocks are not tracked (``wide=0.5``): every call decomposes. This happens at random init,
+where the KS tail of a Marchenko-Pastur spectrum holds a third of the eigenvalues, and
+under SVI, where the weights are sampled afresh at every step. In
+``benchmarks/bench_infer.py`` (MLP 784-512-512-10, row ``svi/auto_normal (power law,
+tracked)``) the rule took an SVI step from 61-63x a plain step to 26x, the cost of the
+exact path (25x in the same run).
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ gives ``median(reg block) / median(plain block)`` and the amortised ratio of tot
 
 Run: ``PYTHONPATH=. python benchmarks/bench_penalties.py [--quick]``.
 
-Measured on the 2-core CPU box (torch 2.13, float32; plain MLP step ~4.5 ms, conv step
-~32 ms): MLP weight decay 1.4-1.7x and spectral norm 1.6-1.8x (elementwise passes and
-gradient accumulation over 0.4M-weight layers cost as much as ~1 ms next to a fast GEMM
-step), exact SVD penalties ~25x, tracked Frechet ~6x, power-law ~8x, weighted alpha ~14x
-(tol 3e-4; 3-9x with tol 5e-3); conv net: everything 1.0-1.2x. The MLP targets (<= 1.3x
+Measured on the 2-core CPU box (torch 2.13, float32, ``--quick``; plain MLP step 5-7 ms,
+conv step 45-55 ms): MLP weight decay 1.7x and spectral norm 1.7x through the loss (1.04x
+and 1.2-1.3x in place, ``[grad]``: elementwise passes and gradient accumulation over
+0.4M-weight layers cost as much as ~1 ms next to a fast GEMM step), exact SVD penalties
+~24-26x, tracked Frechet 3.0x, power-law 6.3x, weighted alpha 11.3x (tol 3e-4; 2.3-3.9x
+with tol 5e-3; in place 2.9x, 5.7x, 9.3x); conv net: everything 0.9-1.4x, tracked
+1.13-1.30x. The MLP targets (<= 1.3x
 tracked, <= 1.1x spectral norm) are NOT met at random init: the top of a Marchenko-Pastur
 spectrum has tiny gaps, so the drift test needs 2-3 extra power steps per call and a few
 full refreshes, and each tracker call has ~1 ms of fixed elementwise/QR/eigh overhead.
