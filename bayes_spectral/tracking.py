@@ -19,11 +19,11 @@ gradient ``2 W u_i u_i^T`` is the exact eigenvalue gradient when ``u_i`` is an
 eigenvector (Hellmann-Feynman); eigenvalue errors of Rayleigh-Ritz are quadratic in the
 subspace error, so they are far smaller than the residuals.
 
-A full decomposition (``torch.linalg.svd``) is redone when there is no state yet, the
-shape or ``k`` changed, every ``refresh_every`` calls, or when the drift test fails
-(``max r_i > tol``); the result then comes from the full decomposition in the same call,
-so a large jump of ``W`` (a random perturbation, a learning-rate spike) never returns
-stale values.
+A full decomposition (``eigh`` of the ``n x n`` Gram ``W^T W``, ``n = min(m, n)``) is
+redone when there is no state yet, the shape or ``k`` changed, every ``refresh_every``
+calls, or when the drift test fails (``max r_i > tol``); the result then comes from the
+full decomposition in the same call, so a large jump of ``W`` (a random perturbation, a
+learning-rate spike) never returns stale values.
 
 Defaults from measurements (reproduced by the loop of
 ``tests/test_tracking.py``; MLP 64-256-128-10 on sklearn digits, SGD lr 0.2, batch 64,
@@ -145,8 +145,8 @@ def _ritz_grad(U: torch.Tensor, Y: torch.Tensor, coef: torch.Tensor, transposed:
         left = left * (2 * alpha * coef.unsqueeze(-2))
         if out is None:
             return left * right.mT
-        for b in range(out.shape[0]):
-            out[b].addr_(left[b, :, 0], right[b, :, 0])
+        for b in range(out.shape[0]):  # contiguous vectors: a strided one is 10x slower
+            out[b].addr_(left[b, :, 0].contiguous(), right[b, :, 0].contiguous())
         return out
     left = left * coef.unsqueeze(-2)
     if out is None:
@@ -230,25 +230,31 @@ class TailTracker:
         return mats.mT if mats.shape[-2] < mats.shape[-1] else mats
 
     def _full(self, W: torch.Tensor, k: int, need: int, reason: str, choose):
+        # eigh of the small-side Gram W^T W (n x n): 2.5-4x faster than svd(W) (float32,
+        # 512 x 784: 19 ms against 52 ms; a 10 x 512 layer: 0.1 ms against 0.2 ms); its
+        # eigenvalues are accurate to ~eps lambda_max, enough for the tail and for sizing it,
+        # and the returned evals come from ||W u||^2 anyway
         with torch.no_grad():
-            _, s, vh = torch.linalg.svd(W, full_matrices=False)
-        full = s.square().flip(-1)
+            full, vecs = torch.linalg.eigh(W.mT @ W)
+        full = full.clamp_min(0)
         if choose is not None:
             k, need = choose(full)
             if reason == "drift":  # the block converged too slowly: widen its margin
                 self.boost = min(2 * self.boost, 16)
             k = need + (k - need) * self.boost
-        k = int(min(max(int(k), 1), vh.shape[-2]))
+        k = int(min(max(int(k), 1), vecs.shape[-1]))
         need = int(min(max(int(need), 1), k))
         self.k, self.need = k, need
-        V = vh[..., :k, :].mT.contiguous()
+        V = vecs[..., -k:].flip(-1).contiguous()
         self.V = V
         self._since = 0
         self.num_refreshes += 1
         self.last_reason = reason
         return V, _mm(W, V), full
 
-    def _estimate(self, mats, U, Y, need, full, refreshed, residual) -> TailEstimate:
+    def _estimate(self, mats, U, Y, need, full, refreshed, residual, graph) -> TailEstimate:
+        if not graph:
+            return TailEstimate(Y.square().sum(-2), full, refreshed, residual, U, Y)
         lead = _RitzValues.apply(mats, U[..., :need], Y[..., :need], self._transposed)
         if need < Y.shape[-1]:  # the margin columns: detached
             lead = torch.cat([lead, Y[..., need:].square().sum(-2)], -1)
@@ -266,7 +272,7 @@ class TailTracker:
                           out=out, alpha=alpha)
 
     def __call__(self, mats: torch.Tensor, k: int, need: int | None = None,
-                 choose=None) -> TailEstimate:
+                 choose=None, graph: bool = True) -> TailEstimate:
         """Top-``k`` eigenvalues of ``W^T W`` for every matrix of ``mats`` (``(B, m, n)``).
 
         ``need`` (default ``k``): how many leading pairs the drift test checks; the other
@@ -275,6 +281,7 @@ class TailTracker:
         with the ascending ``(B, min(m, n))`` spectrum (e.g. to re-fit a power-law tail and
         size the block from its ``num_tail``); the chosen sizes are kept until the next
         full decomposition (``self.k``, ``self.need``) and override the arguments.
+        ``graph=False``: all ``evals`` detached (for :meth:`add_grad`, no autograd node).
         """
         if mats.dim() != 3:
             raise ValueError(f"TailTracker expects a stack (B, m, n), got {tuple(mats.shape)}")
@@ -306,7 +313,7 @@ class TailTracker:
         if reason is not None:
             V, Y, full = self._full(Wd, k, need, reason, choose)
             self.last_residual = float("inf")
-            return self._estimate(mats, V, Y, self.need, full, True, float("inf"))
+            return self._estimate(mats, V, Y, self.need, full, True, float("inf"), graph)
         V = V.to(Wd.dtype)
         residual = float("inf")
         apps = 0  # extra applications of W^T W (beyond the first Ritz step)
@@ -358,9 +365,9 @@ class TailTracker:
         self.last_residual = residual
         if not residual <= self.tol:  # also catches NaN
             V, Y, full = self._full(Wd, k, need, "drift", choose)
-            return self._estimate(mats, V, Y, self.need, full, True, residual)
+            return self._estimate(mats, V, Y, self.need, full, True, residual, graph)
         with torch.no_grad():
             self.V = torch.linalg.qr(F).Q  # the free power step, for the next call
             U, Y = VS, Y @ S
         self.last_reason = None
-        return self._estimate(mats, U, Y, need, None, False, residual)
+        return self._estimate(mats, U, Y, need, None, False, residual, graph)

@@ -89,7 +89,7 @@ class _TailPenalty(Penalty):
         self._check_size(N, name)
         return mats, N
 
-    def _estimate(self, weight, mats, name):
+    def _estimate(self, weight, mats, name, graph=True):
         """Tracker call (with the completeness re-check): ``(estimate, tracker, key)``."""
         B, m, n = mats.shape
         dim = min(m, n)
@@ -105,10 +105,10 @@ class _TailPenalty(Penalty):
             need = min(need, dim)
             return tail_size(need, dim, self.margin), need
 
-        est = tr(mats, 1, 1, choose=choose)
+        est = tr(mats, 1, 1, choose=choose, graph=graph)
         if tr.need < dim and not self._complete(est.evals, tr.need):
             tr.reset()
-            est = tr(mats, 1, 1, choose=choose)
+            est = tr(mats, 1, 1, choose=choose, graph=graph)
         return est, tr, key
 
     def _value(self, lead, total, N, key, name):
@@ -140,9 +140,10 @@ class _TailPenalty(Penalty):
             check_weight(w, name)
         try:
             mats, N = self._mats(w, name)
-            est, tr, key = self._estimate(w, mats, name)
-            lead = est.evals[..., : tr.need].detach().requires_grad_(True)
-            total = w.square().sum().requires_grad_(True)
+            est, tr, key = self._estimate(w, mats, name, graph=False)
+            lead = est.evals[..., : tr.need].requires_grad_(True)
+            flat = w.reshape(-1)
+            total = torch.dot(flat, flat).requires_grad_(True)  # ||W||_F^2, one read of W
             with torch.enable_grad():
                 value = self._value(lead, total, N, key, name)
                 c, d = torch.autograd.grad(value, (lead, total), allow_unused=True)
