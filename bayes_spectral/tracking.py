@@ -191,8 +191,8 @@ class TailTracker:
     ``"k"``, ``"period"``, ``"wide"``, ``"drift"``, or ``None``).
     """
 
-    def __init__(self, refresh_every: int = 100, tol: float = 3e-4, max_iter: int = 8,
-                 jump: float = 0.1, wide: float = 0.5) -> None:
+    def __init__(self, refresh_every: int = 100, tol: float = 1e-3, max_iter: int = 8,
+                 jump: float = 0.1, wide: float = 0.35, momentum: int = 1) -> None:
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         if not tol > 0:
@@ -203,6 +203,9 @@ class TailTracker:
             raise ValueError(f"jump must be > 0, got {jump}")
         if not 0 < wide <= 1:
             raise ValueError(f"wide must be in (0, 1], got {wide}")
+        if momentum < 0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        self.momentum = int(momentum)
         self.refresh_every = int(refresh_every)
         self.tol = float(tol)
         self.max_iter = int(max_iter)
@@ -210,6 +213,8 @@ class TailTracker:
         self.wide = float(wide)
         self.num_iters = 0
         self.V: torch.Tensor | None = None
+        self.X: torch.Tensor | None = None  # the Ritz vectors returned by the last call
+        self.P: torch.Tensor | None = None  # their motion over that call
         self.k = 0
         self.need = 0
         self.boost = 1  # margin multiplier, doubled at every drift refresh (max 16)
@@ -221,7 +226,7 @@ class TailTracker:
 
     def reset(self) -> None:
         """Forget the tracked subspace (the next call decomposes fully)."""
-        self.V = None
+        self.V = self.X = self.P = None
 
     @staticmethod
     def _orient(mats: torch.Tensor) -> torch.Tensor:
@@ -246,7 +251,8 @@ class TailTracker:
         need = int(min(max(int(need), 1), k))
         self.k, self.need = k, need
         V = vecs[..., -k:].flip(-1).contiguous()
-        self.V = V
+        self.V = self.X = V
+        self.P = None
         self._since = 0
         self.num_refreshes += 1
         self.last_reason = reason
@@ -315,6 +321,11 @@ class TailTracker:
             self.last_residual = float("inf")
             return self._estimate(mats, V, Y, self.need, full, True, float("inf"), graph)
         V = V.to(Wd.dtype)
+        X_old, P = self.X, self.P
+        if P is not None and self.momentum:
+            # LOBPCG's third block: Ritz on span(V, P), P the motion of the leading Ritz
+            # vectors over the last call (training steps with momentum move them smoothly)
+            V = torch.linalg.qr(torch.cat([V, P.to(Wd.dtype)], -1)).Q
         residual = float("inf")
         apps = 0  # extra applications of W^T W (beyond the first Ritz step)
         with torch.no_grad():
@@ -322,7 +333,7 @@ class TailTracker:
                 Y = _mm(Wd, V)
                 Z = _mm(Wd.mT, Y)  # W^T W V
                 theta, S = torch.linalg.eigh(V.mT @ Z)  # reads the lower triangle only
-                theta, S = theta.flip(-1), S.flip(-1)
+                theta, S = theta.flip(-1)[..., :k], S.flip(-1)[..., :k]
                 ZS, VS = Z @ S, V @ S
                 R = ZS[..., :need] - VS[..., :need] * theta[..., :need].unsqueeze(-2)
                 top = theta[..., :1].clamp_min(torch.finfo(theta.dtype).tiny)
@@ -369,5 +380,12 @@ class TailTracker:
         with torch.no_grad():
             self.V = torch.linalg.qr(F).Q  # the free power step, for the next call
             U, Y = VS, Y @ S
+            p = min(self.momentum, need)
+            if p and X_old is not None and X_old.shape == U.shape:
+                lead = U[..., :p]
+                self.P = lead - X_old @ (X_old.mT @ lead)  # the part new to span(X_old)
+            else:
+                self.P = None
+            self.X = U
         self.last_reason = None
         return self._estimate(mats, U, Y, need, None, False, residual, graph)

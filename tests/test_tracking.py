@@ -155,6 +155,44 @@ def test_tracker_bad_input():
         TailTracker(wide=0.0)
     with pytest.raises(ValueError, match="jump"):
         TailTracker(jump=0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        TailTracker(momentum=-1)
+
+
+def test_momentum_direction_saves_iterations_at_equal_accuracy():
+    """With SGD momentum the top eigenvector moves smoothly: adding its last motion to the
+    Ritz basis (``momentum=1``) needs fewer extra power steps for the same drift test
+    (measured 2.15 -> 1.43 per call at tol 3e-4) and stays as accurate."""
+    torch.manual_seed(0)
+    d = load_digits(dtype=torch.float64)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, 128)).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    traj = []
+    for _ in range(160):
+        idx = torch.randint(0, len(d.x_train), (64,))
+        out = net(d.x_train[idx])[:, :10]
+        loss = torch.nn.functional.cross_entropy(out, d.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        traj.append(net[2].weight.detach().clone())
+    iters, worst = {}, {}
+    for mom in (0, 1):
+        tr = TailTracker(tol=3e-4, momentum=mom, refresh_every=1000)
+        worst[mom] = 0.0
+        for t, W in enumerate(traj):
+            est = tr(W.unsqueeze(0), 9, 1)
+            if t >= WARMUP:
+                _, s, vh = torch.linalg.svd(W)
+                u = est.vectors[0, :, 0]  # W is 128 x 256: tracked on the 128 side
+                ref = W @ vh[0] / s[0]
+                worst[mom] = max(worst[mom], float((1 - (u @ ref) ** 2).clamp_min(0).sqrt()))
+        assert tr.num_refreshes == 1
+        iters[mom] = tr.num_iters / tr.num_calls
+    print(iters, worst)
+    assert iters[1] < 0.8 * iters[0]
+    assert max(worst.values()) < 1e-3
 
 
 TRACKED = {

@@ -176,7 +176,7 @@ class WeightedAlpha(_TailPenalty):
     label = "weighted alpha"
 
     def __init__(self, coef: float = 1.0, tracked: bool = False, conv: ConvMode = "pool",
-                 refresh_every: int = 100, tol: float = 3e-4, margin: int | None = None,
+                 refresh_every: int = 100, tol: float = 1e-3, margin: int | None = None,
                  **fit_kwargs) -> None:
         super().__init__(coef, tracked, conv, refresh_every, tol, margin)
         self.fit_kwargs = fit_kwargs
@@ -209,7 +209,7 @@ class PowerLawPrior(_TailPenalty):
 
     def __init__(self, alpha: float, tau: float, xmin: float | None = None,
                  xmin_quantile: float | None = None, coef: float = 1.0, tracked: bool = False,
-                 conv: ConvMode = "pool", refresh_every: int = 100, tol: float = 3e-4,
+                 conv: ConvMode = "pool", refresh_every: int = 100, tol: float = 1e-3,
                  margin: int | None = None) -> None:
         super().__init__(coef, tracked, conv, refresh_every, tol, margin)
         if not float(alpha) > 1:
@@ -268,7 +268,7 @@ class FrechetPrior(_TailPenalty):
 
     def __init__(self, concentration: float, scale: float, tau: float, loc: float = 0.0,
                  coef: float = 1.0, tracked: bool = False, conv: ConvMode = "pool",
-                 refresh_every: int = 100, tol: float = 3e-4,
+                 refresh_every: int = 100, tol: float = 1e-3,
                  margin: int | None = None) -> None:
         super().__init__(coef, tracked, conv, refresh_every, tol, margin)
         self.concentration = check_positive(concentration, "concentration")
