@@ -240,3 +240,20 @@ def test_tracked_accumulate_grad_conv_pool(key):
         got = in_place.accumulate_grad(w, grad, name="c", scale=0.7)
         assert float(got) == pytest.approx(float(value.detach()), rel=1e-12, abs=1e-14)
         torch.testing.assert_close(grad - 0.25, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("key", sorted(TRACKED))
+def test_tracked_grad_closed_form_equals_autograd(key):
+    """``_tracked_grad`` (used by accumulate_grad) against autograd of ``_tracked``, float64,
+    on a random spectrum of 60 eigenvalues whose top ones are tracked."""
+    pen = TRACKED[key]()
+    gen = torch.Generator().manual_seed(3)
+    evals = torch.rand(60, generator=gen, dtype=torch.float64) * 3 + 0.05
+    n = pen._sizes(torch.sort(evals).values, "w")
+    top = torch.sort(evals, descending=True).values[:n].clone().requires_grad_(True)
+    total = evals.sum().clone().requires_grad_(True)
+    value = pen._tracked(top, total, 60, "w")
+    g_top, g_total = torch.autograd.grad(value, (top, total), allow_unused=True)
+    d_top, d_total = pen._tracked_grad(top.detach(), total.detach(), 60)
+    torch.testing.assert_close(d_top, g_top, rtol=1e-10, atol=1e-12)
+    assert d_total == pytest.approx(0.0 if g_total is None else float(g_total), rel=1e-10)
