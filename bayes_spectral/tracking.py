@@ -58,7 +58,7 @@ tol / max_iter         weighted alpha      Frechet (need=1)     iters/call  refr
 Hence the defaults ``tol=3e-4``, ``max_iter=8`` (an extra iteration costs ``2 m n k``
 without gradient, far below an SVD), ``refresh_every=100`` (bounds how long an
 eigenvector growing into the block from below can be missed) and a margin of
-``max(8, need)`` extra columns (``k = need + margin``, :func:`tail_size`): a thin margin
+``max(16, need)`` extra columns (``k = need + margin``, :func:`tail_size`): a thin margin
 makes the slowest needed pair converge at ``lambda_{k+1}/lambda_need`` per step, close to
 1 in a Marchenko-Pastur bulk. ``tol`` is relative to ``lambda_max``. A perturbation of
 ``W`` as large as ``W`` fails the drift test even after ``max_iter`` steps and triggers
@@ -92,9 +92,9 @@ __all__ = ["TailTracker", "TailEstimate", "tail_size"]
 
 
 def tail_size(need: int, dim: int, margin: int | None = None) -> int:
-    """Tracked block size ``k = min(dim, need + margin)``, default margin ``max(8, need)``."""
+    """Tracked block size ``k = min(dim, need + margin)``, default margin ``max(16, need)``."""
     if margin is None:
-        margin = max(8, need)
+        margin = max(16, need)
     return int(min(dim, need + margin))
 
 

@@ -4,7 +4,7 @@ Each has an exact mode (full singular values every call) and ``tracked=True``, w
 follows the needed top eigenpairs of every layer with
 :class:`~bayes_spectral.tracking.TailTracker` (three ``m x n x k`` products per call
 instead of an SVD; full decomposition every ``refresh_every`` calls or on drift). Block
-sizes: ``need`` = the eigenvalues the penalty uses, ``k = need + max(8, need)``
+sizes: ``need`` = the eigenvalues the penalty uses, ``k = need + max(16, need)``
 (:func:`~bayes_spectral.tracking.tail_size`), chosen again at every full decomposition:
 
 * weighted alpha: ``need = num_tail`` of the power-law fit at the last full decomposition
