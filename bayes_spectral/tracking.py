@@ -5,13 +5,17 @@ plain SGD step of an MLP. During training ``W`` moves little between steps, so t
 eigenvectors of the previous step are an excellent start: :class:`TailTracker` keeps them
 and, per call, does
 
-1. ``Y = W V`` (the only product that carries gradient), ``Z = W^T Y = W^T W V``;
-2. Rayleigh-Ritz on ``span(V)``: ``H = V^T Z`` (``k x k``), ``H = S diag(theta) S^T``;
-3. drift test: relative residuals ``r_i = ||W^T W u_i - theta_i u_i|| / theta_1`` of the
+1. basis ``V`` (``k`` columns, from the last call) extended by ``P``, the motion of the
+   ``min(momentum, need)`` leading Ritz vectors over the last call (LOBPCG's third
+   block; with SGD momentum the eigenvectors move smoothly, so ``span(V, P)`` already
+   contains most of the next step);
+2. ``Y = W V`` (the only product that carries gradient), ``Z = W^T Y = W^T W V``;
+3. Rayleigh-Ritz: ``H = V^T Z``, ``H = S diag(theta) S^T``, the ``k`` leading pairs kept;
+4. drift test: relative residuals ``r_i = ||W^T W u_i - theta_i u_i|| / theta_1`` of the
    Ritz vectors ``u_i = V s_i`` over the ``need`` leading pairs;
-4. if the test fails, up to ``max_iter`` extra block power + Ritz steps (no gradient),
-   then a full decomposition if it still fails;
-5. one block power step for the next call: ``V <- qr(Z S)`` (no extra product).
+5. if the test fails, up to ``max_iter`` extra Chebyshev-filtered block power + Ritz steps
+   (no gradient), then a full decomposition if it still fails;
+6. one filtered power step for the next call: ``V <- qr((W^T W - c) V S)`` (no product).
 
 Cost: three ``m x n x k`` products (two forward, one in backward) plus ``O(n k^2 + k^3)``.
 The returned eigenvalues are ``lambda_i = ||W u_i||^2`` with ``u_i`` detached, whose
@@ -25,59 +29,44 @@ calls, or when the drift test fails (``max r_i > tol``); the result then comes f
 full decomposition in the same call, so a large jump of ``W`` (a random perturbation, a
 learning-rate spike) never returns stale values.
 
-Defaults from measurements (reproduced by the loop of
-``tests/test_tracking.py``; MLP 64-256-128-10 on sklearn digits, SGD lr 0.2, batch 64,
-300 steps, float64, max relative error of the ``need`` leading eigenvalues after 20
-steps, max_iter=4; "iters" = extra power steps per call on average):
-
-=========  =====  ==========  ==========  ==========
-need / k   tol    max error   iters/call  refreshes
-=========  =====  ==========  ==========  ==========
-15 / 30    inf    4.2e-3      0           1   (one free power step only)
-15 / 30    2e-3   3.9e-5      1.2         3
-15 / 30    5e-3   2.0e-4      0.5-0.8     3
-15 / 30    1e-2   4.9e-4      0.2-0.3     3
-15 / 20    2e-3   1.0e-4      1.5         3-7
-1 / 8      2e-3   1.1e-5      1-1.7       6-12
-1 / 4      2e-3   1.8e-5      2.1-2.6     17-38
-=========  =====  ==========  ==========  ==========
-
 Eigenvalue errors are ~ residual^2 / gap, but gradients ``2 W u u^T`` are only first
 order in the eigenvector error, so the gradient sets ``tol``. Penalty values and gradients
-against exact (same xmin index), same trajectory, 240 steps, after 20 warm-up steps
-(relative error of the value / of the gradient norm; iters per call; refreshes per layer):
+against exact (same xmin index) along the trajectory of ``tests/test_tracking.py`` (MLP
+64-256-128-10 on sklearn digits, SGD lr 0.2, 240 steps, float64, after 20 warm-up steps;
+relative error of the value / of the gradient norm; extra power steps per call on the
+tracked layers; weighted alpha's 64-wide layer is ``wide``, see below):
 
-=====================  ==================  ===================  ==========  =========
-tol / max_iter         weighted alpha      Frechet (need=1)     iters/call  refreshes
-=====================  ==================  ===================  ==========  =========
-5e-3 / 4               6e-4 / 6.5e-3       3e-6 / 1.1e-2        0.1-1.0     3
-1e-3 / 6               4e-6 / 2.5e-3       1e-7 / 1.1e-3        0.8-2.4     3-10
-3e-4 / 8  (default)    3e-6 / 9.4e-4       1e-8 / 2.1e-4        1.1-3.7     3-15
-=====================  ==================  ===================  ==========  =========
+=========  ==================  ===================  ============
+tol        weighted alpha      Frechet (need=1)     iters/call
+=========  ==================  ===================  ============
+5e-3       6.9e-6 / 1.7e-3     2.6e-6 / 4.4e-3      0.4-0.9
+1e-3       6.6e-8 / 4.7e-4     8.6e-8 / 2.6e-4      1.4-2.0
+3e-4       4.6e-8 / 2.1e-4     1.2e-9 / 4.0e-5      1.7-2.5
+=========  ==================  ===================  ============
 
-Hence the defaults ``tol=3e-4``, ``max_iter=8`` (an extra iteration costs ``2 m n k``
-without gradient, far below an SVD), ``refresh_every=100`` (bounds how long an
-eigenvector growing into the block from below can be missed) and a margin of
-``max(16, need)`` extra columns (``k = need + margin``, :func:`tail_size`): a thin margin
-makes the slowest needed pair converge at ``lambda_{k+1}/lambda_need`` per step, close to
-1 in a Marchenko-Pastur bulk. ``tol`` is relative to ``lambda_max``. A perturbation of
-``W`` as large as ``W`` fails the drift test even after ``max_iter`` steps and triggers
-the full decomposition (smaller jumps are usually absorbed by the extra iterations).
-With a ``choose`` callback (the penalties) every drift refresh doubles the margin
-(up to 16x): near a
-Marchenko-Pastur edge (random init) the needed pairs have tiny gaps and a wider block is
-cheaper than repeated SVDs.
+Hence the defaults ``tol=1e-3`` (gradients within 1e-3), ``max_iter=8`` (an extra
+iteration costs ``2 m n k`` without gradient, far below a decomposition),
+``refresh_every=100`` (bounds how long an eigenvector growing into the block from below
+can be missed) and a margin of ``max(16, need)`` extra columns (``k = need + margin``,
+:func:`tail_size`): a thin margin makes the slowest needed pair converge at
+``lambda_{k+1}/lambda_need`` per step, close to 1 in a Marchenko-Pastur bulk (weighted
+alpha on the MLP 784-512-512-10 of ``benchmarks/bench_penalties.py`` at init, need 9:
+11 drift refreshes in 60 calls with a margin of 9, one with 16). ``tol`` is relative to
+``lambda_max``. A perturbation of ``W`` as large as ``W`` fails the drift test even after
+``max_iter`` steps and triggers the full decomposition. With a ``choose`` callback (the
+penalties) every drift refresh doubles the margin (up to 16x). ``momentum=1`` (the top
+pair's motion): on a momentum-SGD trajectory (tested) 2.15 -> 1.43 extra steps per call
+at ``tol=3e-4``; on the MLP bench (SGD momentum 0.9, random data) the Frechet penalty's
+2.7 -> 0.6 at ``tol=3e-4``.
 
 The block stops paying off when it is wide (``benchmarks/bench_tracking.py``, float32, 2
-threads): one block step costs 0.03 of a full ``svd`` at k = 64 but 0.17-0.32 at
-k = min(m, n) / 2 (512 x 784 and 512 x 512), so there a call with the usual 1-3 extra steps
-costs about one decomposition, and a failing one (8 steps, then the ``svd``) 2-4. Such
-blocks are not tracked (``wide=0.5``): every call decomposes. This happens at random init,
-where the KS tail of a Marchenko-Pastur spectrum holds a third of the eigenvalues, and
-under SVI, where the weights are sampled afresh at every step. In
-``benchmarks/bench_infer.py`` (MLP 784-512-512-10, row ``svi/auto_normal (power law,
-tracked)``) the rule took an SVI step from 61-63x a plain step to 26x, the cost of the
-exact path (25x in the same run).
+threads, against the Gram decomposition, 18-24 ms at 512 x 784 and 512 x 512, itself
+2.3-3x faster than ``svd``): one block step costs 0.06-0.15 of it at k <= 64, 0.26-0.33
+at k = min(m, n) / 4 and 0.47-0.56 at k = 0.38 min(m, n), where a call with one extra
+step already costs a decomposition. Blocks wider than ``wide=0.35`` of ``min(m, n)`` are
+not tracked: every call decomposes. This happens at random init, where the KS tail of a
+Marchenko-Pastur spectrum holds a third of the eigenvalues, on small layers, and under
+SVI, where the weights are sampled afresh at every step.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ previous block, no extra iteration: ``max_iter=0``) on a weight that moved by a 
 random step, over the tracker's full decomposition of the same weight (``eigh`` of the
 small-side Gram ``W^T W``; ``torch.linalg.svd`` is printed too), in the same run, for block
 widths ``k`` from 16 to 352. float32, ``torch.set_num_threads(2)``; the perturbed weights
-are drawn before timing. A tracked call during training takes the first step plus 1-3
-extra ones (``bench_penalties.py``), a failing one 8 extra steps and then the SVD. Measured
-(2 cores): one step costs 0.015-0.03 of the SVD at k <= 32, 0.07-0.10 at k = 128, and
-0.17-0.32 at k = min(m, n) / 2, where a typical call (4 steps) already costs about one SVD;
-this is the measurement behind ``TailTracker(wide=0.5)``.
+are drawn before timing. A tracked call during training takes the first step plus 0.2-2
+extra ones (``bench_penalties.py``), a failing one 8 extra steps and then the
+decomposition. Measured (2 cores): the Gram decomposition takes 18-24 ms (``svd`` 42-71
+ms); one step costs 0.06-0.15 of it at k <= 64, 0.26-0.33 at k = min(m, n) / 4 and
+0.47-0.56 at k = 0.38 min(m, n), where a call with one extra step costs about one
+decomposition; this is the measurement behind ``TailTracker(wide=0.35)``.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_tracking.py [--repeats 10]``.
 """
