@@ -9,16 +9,19 @@ gives ``median(reg block) / median(plain block)`` and the amortised ratio of tot
 
 Run: ``PYTHONPATH=. python benchmarks/bench_penalties.py [--quick]``.
 
-Measured on the 2-core CPU box (torch 2.13, float32, ``--quick``; plain MLP step 5-7 ms,
-conv step 45-55 ms): MLP weight decay 1.7x and spectral norm 1.7x through the loss (1.04x
-and 1.2-1.3x in place, ``[grad]``: elementwise passes and gradient accumulation over
-0.4M-weight layers cost as much as ~1 ms next to a fast GEMM step), exact SVD penalties
-~24-26x, tracked Frechet 3.0x, power-law 6.3x, weighted alpha 11.3x (tol 3e-4; 2.3-3.9x
-with tol 5e-3; in place 2.9x, 5.7x, 9.3x); conv net: everything 0.9-1.4x, tracked
-1.13-1.30x. The MLP targets (<= 1.3x
-tracked, <= 1.1x spectral norm) are NOT met at random init: the top of a Marchenko-Pastur
-spectrum has tiny gaps, so the drift test needs 2-3 extra power steps per call and a few
-full refreshes, and each tracker call has ~1 ms of fixed elementwise/QR/eigh overhead.
+Measured on the 2-core CPU box (torch 2.13, float32, full run; plain MLP step 5-7 ms, conv
+step 36-50 ms; the machine is shared, ratios move by ~0.2x between runs): MLP weight decay
+1.4-1.7x and spectral norm 1.6-1.7x through the loss (1.08-1.12x and 1.10-1.20x in place,
+``[grad]``), exact-SVD penalties 23-27x; tracked (default ``tol=1e-3``) Frechet 2.3-2.8x,
+weighted alpha 5.2x, power law 4.9-7.9x (in place 1.7-2.2x, 4.3x, 4.2-6.4x); with
+``tol=5e-3`` 2.5x, 3.4x, 5.0x; conv net 1.0-1.3x everywhere. The MLP targets (<= 1.3x
+tracked, <= 1.1x spectral norm) are not met. At random init with momentum SGD the top
+eigenvector moves by ~6e-3 rad per step against relative gaps of ~3%, and a tracker call
+costs two thin products per layer that stream ``W`` from memory (~0.3 ms each here, and
+they evict the training GEMMs' operands: those slow down by ~0.6 ms per step) plus ~300
+small tensor ops per step (~5 us of dispatch each); a power-law tail at the 0.9 quantile
+needs k = 104 columns, where the k x k ``eigh`` and the n x k QR cost as much as the
+products.
 """
 
 from __future__ import annotations
