@@ -23,11 +23,11 @@ gradient ``2 W u_i u_i^T`` is the exact eigenvalue gradient when ``u_i`` is an
 eigenvector (Hellmann-Feynman); eigenvalue errors of Rayleigh-Ritz are quadratic in the
 subspace error, so they are far smaller than the residuals.
 
-A full decomposition (``eigh`` of the ``n x n`` Gram ``W^T W``, ``n = min(m, n)``) is
-redone when there is no state yet, the shape or ``k`` changed, every ``refresh_every``
-calls, or when the drift test fails (``max r_i > tol``); the result then comes from the
-full decomposition in the same call, so a large jump of ``W`` (a random perturbation, a
-learning-rate spike) never returns stale values.
+A full decomposition (float64 ``eigh`` of the ``n x n`` Gram ``W^T W``, ``n = min(m,
+n)``) is redone when there is no state yet, the shape or ``k`` changed, every
+``refresh_every`` calls, or when the drift test fails (``max r_i > tol``); the result then
+comes from the full decomposition in the same call, so a large jump of ``W`` (a random
+perturbation, a learning-rate spike) never returns stale values.
 
 Eigenvalue errors are ~ residual^2 / gap, but gradients ``2 W u u^T`` are only first
 order in the eigenvector error, so the gradient sets ``tol``. Penalty values and gradients
@@ -59,11 +59,12 @@ pair's motion): on a momentum-SGD trajectory (tested) 2.15 -> 1.43 extra steps p
 at ``tol=3e-4``; on the MLP bench (SGD momentum 0.9, random data) the Frechet penalty's
 2.7 -> 0.6 at ``tol=3e-4``.
 
-The block stops paying off when it is wide (``benchmarks/bench_tracking.py``, float32, 2
-threads, against the Gram decomposition, 18-24 ms at 512 x 784 and 512 x 512, itself
-2.3-3x faster than ``svd``): one block step costs 0.06-0.15 of it at k <= 64, 0.26-0.33
-at k = min(m, n) / 4 and 0.47-0.56 at k = 0.38 min(m, n), where a call with one extra
-step already costs a decomposition. Blocks wider than ``wide=0.35`` of ``min(m, n)`` are
+The block stops paying off when it is wide (``benchmarks/bench_tracking.py``, float32
+weights, 2 threads, against the float64 Gram decomposition, 34-60 ms at 512 x 512 and
+512 x 784, 1.2-1.4x faster than a float32 ``svd``): one block step costs 0.03-0.08 of it
+at k <= 64, 0.15 at k = min(m, n) / 4, 0.26-0.31 at 0.38 min(m, n) and 0.38-0.48 at half,
+where a call with its usual extra step costs over half a decomposition and a failing one
+(8 steps, then the decomposition) 4-5. Blocks wider than ``wide=0.4`` of ``min(m, n)`` are
 not tracked: every call decomposes. This happens at random init, where the KS tail of a
 Marchenko-Pastur spectrum holds a third of the eigenvalues, on small layers, and under
 SVI, where the weights are sampled afresh at every step.
@@ -181,7 +182,7 @@ class TailTracker:
     """
 
     def __init__(self, refresh_every: int = 100, tol: float = 1e-3, max_iter: int = 8,
-                 jump: float = 0.1, wide: float = 0.35, momentum: int = 1) -> None:
+                 jump: float = 0.1, wide: float = 0.4, momentum: int = 1) -> None:
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         if not tol > 0:
@@ -224,13 +225,15 @@ class TailTracker:
         return mats.mT if mats.shape[-2] < mats.shape[-1] else mats
 
     def _full(self, W: torch.Tensor, k: int, need: int, reason: str, choose):
-        # eigh of the small-side Gram W^T W (n x n): 2.5-4x faster than svd(W) (float32,
-        # 512 x 784: 19 ms against 52 ms; a 10 x 512 layer: 0.1 ms against 0.2 ms); its
-        # eigenvalues are accurate to ~eps lambda_max, enough for the tail and for sizing it,
-        # and the returned evals come from ||W u||^2 anyway
+        # eigh of the small-side Gram W^T W (n x n) in float64: 1.3-2x faster than a float32
+        # svd(W) (512 x 784: ~40 ms against 52-71 ms) and its eigenvalues are accurate to
+        # ~1e-16 lambda_max. A float32 Gram (19 ms) loses eigenvalues below ~1e-6 lambda_max,
+        # which moved the KS / quantile choice of the tail on a rank-5-plus-noise weight (weighted
+        # alpha 2.88 against 3.00 exact).
         with torch.no_grad():
-            full, vecs = torch.linalg.eigh(W.mT @ W)
-        full = full.clamp_min(0)
+            W64 = W.to(torch.float64)
+            full, vecs = torch.linalg.eigh(W64.mT @ W64)
+        full, vecs = full.clamp_min(0).to(W.dtype), vecs.to(W.dtype)
         if choose is not None:
             k, need = choose(full)
             if reason == "drift":  # the block converged too slowly: widen its margin

@@ -2,15 +2,16 @@
 
 One :class:`~bayes_spectral.tracking.TailTracker` call (one Rayleigh-Ritz step from the
 previous block, no extra iteration: ``max_iter=0``) on a weight that moved by a small
-random step, over the tracker's full decomposition of the same weight (``eigh`` of the
-small-side Gram ``W^T W``; ``torch.linalg.svd`` is printed too), in the same run, for block
+random step, over the tracker's full decomposition of the same weight (float64 ``eigh`` of
+the small-side Gram ``W^T W``; ``torch.linalg.svd`` is printed too), in the same run, for block
 widths ``k`` from 16 to 352. float32, ``torch.set_num_threads(2)``; the perturbed weights
 are drawn before timing. A tracked call during training takes the first step plus 0.2-2
 extra ones (``bench_penalties.py``), a failing one 8 extra steps and then the
-decomposition. Measured (2 cores): the Gram decomposition takes 18-24 ms (``svd`` 42-71
-ms); one step costs 0.06-0.15 of it at k <= 64, 0.26-0.33 at k = min(m, n) / 4 and
-0.47-0.56 at k = 0.38 min(m, n), where a call with one extra step costs about one
-decomposition; this is the measurement behind ``TailTracker(wide=0.35)``.
+decomposition. Measured (2 cores): the float64 Gram decomposition takes 34-60 ms (a float32
+``svd`` 40-85 ms); one step costs 0.03-0.08 of it at k <= 64, 0.15 at k = min(m, n) / 4,
+0.26-0.31 at k = 0.38 min(m, n) and 0.38-0.48 at half, where a call with its usual extra
+step costs over half a decomposition; this is the measurement behind
+``TailTracker(wide=0.4)``.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_tracking.py [--repeats 10]``.
 """
@@ -53,8 +54,8 @@ def main() -> None:
         W = torch.randn(1, m, n, generator=gen) / n ** 0.5
         steps = [W + 1e-4 * torch.randn(W.shape, generator=gen) for _ in range(args.repeats)]
         t_svd = median_time(lambda x: torch.linalg.svd(x, full_matrices=False), steps)
-        t_full = median_time(
-            lambda x, tall=m >= n: torch.linalg.eigh(x.mT @ x if tall else x @ x.mT), steps)
+        t_full = median_time(lambda x, tall=m >= n: torch.linalg.eigh(
+            x.double().mT @ x.double() if tall else x.double() @ x.double().mT), steps)
         for k in WIDTHS:
             tracker = TailTracker(max_iter=0, tol=1e9, wide=1.0)  # always one Ritz step
             tracker(W, k, k // 2)

@@ -257,3 +257,16 @@ def test_tracked_grad_closed_form_equals_autograd(key):
     d_top, d_total = pen._tracked_grad(top.detach(), total.detach(), 60)
     torch.testing.assert_close(d_top, g_top, rtol=1e-10, atol=1e-12)
     assert d_total == pytest.approx(0.0 if g_total is None else float(g_total), rel=1e-10)
+
+
+@pytest.mark.parametrize("key", ["weighted_alpha", "powerlaw_quantile"])
+def test_refresh_keeps_small_eigenvalues_of_a_float32_weight(key):
+    """A rank-5 float32 weight plus 1e-3 noise: its noise eigenvalues sit ~1e-5 below
+    lambda_max, where a float32 Gram is off by ~eps lambda_max; the refresh must still size
+    the tail as the exact (svd) path does (a float32 Gram gave weighted alpha 2.88 vs 3.00)."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 5, generator=gen) @ torch.randn(5, 200, generator=gen) / 30
+    W = W + 1e-3 * torch.randn(300, 200, generator=gen)
+    pen, exact = TRACKED[key](), TRACKED[key]()
+    exact.tracked = False  # svd, and its own KS / quantile choice at every call
+    torch.testing.assert_close(pen(W, name="w"), exact(W, name="w"), rtol=1e-4, atol=0)
