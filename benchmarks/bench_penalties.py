@@ -9,19 +9,20 @@ gives ``median(reg block) / median(plain block)`` and the amortised ratio of tot
 
 Run: ``PYTHONPATH=. python benchmarks/bench_penalties.py [--quick]``.
 
-Measured on the 2-core CPU box (torch 2.13, float32, full run; plain MLP step 5-7 ms, conv
-step 36-50 ms; the machine is shared, ratios move by ~0.2x between runs): MLP weight decay
-1.4-1.7x and spectral norm 1.6-1.7x through the loss (1.08-1.12x and 1.10-1.20x in place,
-``[grad]``), exact-SVD penalties 23-27x; tracked (default ``tol=1e-3``) Frechet 2.3-2.8x,
-weighted alpha 5.2x, power law 4.9-7.9x (in place 1.7-2.2x, 4.3x, 4.2-6.4x); with
-``tol=5e-3`` 2.5x, 3.4x, 5.0x; conv net 1.0-1.3x everywhere. The MLP targets (<= 1.3x
-tracked, <= 1.1x spectral norm) are not met. At random init with momentum SGD the top
-eigenvector moves by ~6e-3 rad per step against relative gaps of ~3%, and a tracker call
-costs two thin products per layer that stream ``W`` from memory (~0.3 ms each here, and
-they evict the training GEMMs' operands: those slow down by ~0.6 ms per step) plus ~300
-small tensor ops per step (~5 us of dispatch each); a power-law tail at the 0.9 quantile
-needs k = 104 columns, where the k x k ``eigh`` and the n x k QR cost as much as the
-products.
+Measured on the 2-core CPU box (torch 2.13, float32, two full runs; plain MLP step 5-7 ms,
+conv step 36-50 ms; the machine is shared, ratios move by ~0.2x between runs): MLP weight
+decay 1.4-1.6x and spectral norm 1.6-1.7x through the loss (1.08-1.15x and 1.18-1.20x in
+place, ``[grad]``), exact-SVD penalties 23-28x; tracked (default ``tol=1e-3``) Frechet
+2.6-2.9x, weighted alpha 4.8-5.2x, power law 6.9-7.9x (in place 2.0-2.3x, 4.3-4.5x,
+6.1-6.4x); with ``tol=5e-3`` 2.5-2.6x, 3.4-3.6x, 4.8-5.0x; conv net 1.0-1.4x everywhere.
+The MLP targets (<= 1.3x tracked, <= 1.1x spectral norm) are not met. At random init with
+momentum SGD the top eigenvector moves by ~6e-3 rad per step against relative gaps of ~3%,
+so every step needs a Ritz step; a tracker call costs two thin products per layer that
+stream ``W`` from memory (~0.3 ms each here, and they evict the training GEMMs' operands:
+those slow down by ~0.6 ms per step), and the regularised step makes ~1100 more op calls
+(views included), most of them a few microseconds of dispatch each; a power-law tail at
+the 0.9 quantile needs k = 104 columns, where the k x k ``eigh`` and the n x k QR cost as
+much as the products.
 """
 
 from __future__ import annotations

@@ -270,3 +270,15 @@ def test_refresh_keeps_small_eigenvalues_of_a_float32_weight(key):
     pen, exact = TRACKED[key](), TRACKED[key]()
     exact.tracked = False  # svd, and its own KS / quantile choice at every call
     torch.testing.assert_close(pen(W, name="w"), exact(W, name="w"), rtol=1e-4, atol=0)
+
+
+def test_tracked_accumulate_grad_zero_xmin_names_the_layer():
+    """A quantile xmin at an exactly zero eigenvalue: the value is not finite, and the
+    in-place path raises the same clear error as a call, before touching the gradient."""
+    W = torch.zeros(20, 10, dtype=torch.float64)
+    W[:3, :3] = torch.eye(3, dtype=torch.float64) + 0.1
+    pen = P.PowerLawPrior(alpha=3.0, tau=0.05, xmin_quantile=0.5, tracked=True)
+    grad = torch.zeros_like(W)
+    with pytest.raises(ValueError, match="layer 'fc'.*not finite"):
+        pen.accumulate_grad(W, grad, name="fc")
+    assert not grad.any()

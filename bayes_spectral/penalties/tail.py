@@ -294,6 +294,8 @@ class PowerLawPrior(_TailPenalty):
             xmin = self.xmin
         tail = top >= xmin
         d = torch.where(tail, -a / top + 1.0 / tau, 0.0)
+        if j is not None and not xmin > 0:  # a zero xmin: the value is not finite and raises
+            return torch.full_like(top, math.nan), 1.0 / tau
         if j is not None:
             r = xmin / tau
             Z = tau * -math.expm1(-r) + math.exp(-r) * xmin / (a - 1)
