@@ -225,11 +225,10 @@ class TailTracker:
         return mats.mT if mats.shape[-2] < mats.shape[-1] else mats
 
     def _full(self, W: torch.Tensor, k: int, need: int, reason: str, choose):
-        # eigh of the small-side Gram W^T W (n x n) in float64: 1.3-2x faster than a float32
-        # svd(W) (512 x 784: ~40 ms against 52-71 ms) and its eigenvalues are accurate to
-        # ~1e-16 lambda_max. A float32 Gram (19 ms) loses eigenvalues below ~1e-6 lambda_max,
-        # which moved the KS / quantile choice of the tail on a rank-5-plus-noise weight (weighted
-        # alpha 2.88 against 3.00 exact).
+        # float64 eigh of the small-side Gram W^T W (n x n): faster than a float32 svd(W)
+        # (module docstring) and accurate to ~1e-16 lambda_max; a float32 Gram loses
+        # eigenvalues below ~1e-6 lambda_max and moved the KS / quantile choice of the tail
+        # (tests/test_tracking.py, rank-5-plus-noise weight)
         with torch.no_grad():
             W64 = W.to(torch.float64)
             full, vecs = torch.linalg.eigh(W64.mT @ W64)
@@ -314,7 +313,7 @@ class TailTracker:
             return self._estimate(mats, V, Y, self.need, full, True, float("inf"), graph)
         V = V.to(Wd.dtype)
         X_old, P = self.X, self.P
-        if P is not None and self.momentum:
+        if P is not None:  # set only with momentum > 0
             # LOBPCG's third block: Ritz on span(V, P), P the motion of the leading Ritz
             # vectors over the last call (training steps with momentum move them smoothly)
             V = torch.linalg.qr(torch.cat([V, P.to(Wd.dtype)], -1)).Q

@@ -111,22 +111,25 @@ class _TailPenalty(Penalty):
             est = tr(mats, 1, 1, choose=choose, graph=graph)
         return est, tr, key
 
+    def _top(self, lead, key):
+        """``(order, top)``: the pooled ``need`` largest tracked eigenvalues, descending, and
+        their positions in ``lead.reshape(-1)``."""
+        flat = lead.reshape(-1)
+        order = torch.sort(flat, descending=True).indices[: self._pooled_need[key]]
+        return order, flat[order]
+
     def _value(self, lead, total, N, key, name):
-        top = torch.sort(lead.reshape(-1), descending=True).values
-        top = top[: self._pooled_need[key]]
-        return self.coef * self._tracked(top, total, N, name)
+        return self.coef * self._tracked(self._top(lead, key)[1], total, N, name)
 
     def _value_and_grad(self, lead, total, N, key, name):
         """``(R, dR/dlead, dR/dtotal)`` without autograd: ``_tracked`` under ``no_grad`` and
         the closed-form ``_tracked_grad`` (a graph over a few eigenvalues costs ~0.3 ms of
         dispatch per layer, more than the tracking products)."""
-        flat = lead.reshape(-1)
-        order = torch.sort(flat, descending=True).indices[: self._pooled_need[key]]
-        top = flat[order]
+        order, top = self._top(lead, key)
         with torch.no_grad():
             value = self.coef * self._tracked(top, total, N, name)
         dtop, dtotal = self._tracked_grad(top, total, N)
-        c = torch.zeros_like(flat)
+        c = lead.new_zeros(lead.numel())
         c[order] = self.coef * dtop
         return value, c.view_as(lead), self.coef * dtotal
 
@@ -253,6 +256,11 @@ class PowerLawPrior(_TailPenalty):
         self.xmin_quantile = None if xmin_quantile is None else float(xmin_quantile)
         self.min_evals = 1
 
+    def _num_top(self, N):
+        """With ``xmin_quantile``: how many of the ``N`` eigenvalues are ``>= xmin``
+        (``xmin = lambda_(floor(q N))`` ascending, the ``N - floor(q N)``-th largest)."""
+        return N - int(self.xmin_quantile * N)
+
     def _xmin_exact(self, evals):
         if self.xmin is not None:
             return self.xmin
@@ -265,7 +273,7 @@ class PowerLawPrior(_TailPenalty):
     def _sizes(self, pooled, name):
         N = pooled.shape[-1]
         if self.xmin is None:
-            return N - int(self.xmin_quantile * N)
+            return self._num_top(N)
         return int((pooled >= self.xmin).sum()) + 1
 
     def _complete(self, evals, need):
@@ -274,7 +282,7 @@ class PowerLawPrior(_TailPenalty):
 
     def _tracked(self, top, total, N, name):
         if self.xmin is None:
-            xmin = top[N - int(self.xmin_quantile * N) - 1]
+            xmin = top[self._num_top(N) - 1]
         else:
             xmin = self.xmin
         return -spliced_powerlaw_spectrum_sum(top, total, N, self.alpha, xmin, self.tau)
@@ -288,14 +296,14 @@ class PowerLawPrior(_TailPenalty):
         a, tau = self.alpha, self.tau
         j = None
         if self.xmin is None:
-            j = N - int(self.xmin_quantile * N) - 1
+            j = self._num_top(N) - 1
             xmin = float(top[j])
+            if not xmin > 0:  # a zero xmin: the value is not finite and the call raises
+                return torch.full_like(top, math.nan), 1.0 / tau
         else:
             xmin = self.xmin
         tail = top >= xmin
         d = torch.where(tail, -a / top + 1.0 / tau, 0.0)
-        if j is not None and not xmin > 0:  # a zero xmin: the value is not finite and raises
-            return torch.full_like(top, math.nan), 1.0 / tau
         if j is not None:
             r = xmin / tau
             Z = tau * -math.expm1(-r) + math.exp(-r) * xmin / (a - 1)
