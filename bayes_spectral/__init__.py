@@ -1,8 +1,8 @@
 """bayes-spectral: priors on the spectrum of weight matrices, with Pyro and ArviZ."""
 
-from . import data, distributed, distributions, penalties, tracking  # noqa: F401
-from .diagnostics import analyze, weight_layers
-from .guides import (
+from . import data, distributed, distributions, penalties  # noqa: F401
+from .bnn.fit import FitResult, NonFiniteError, fit
+from .bnn.guides import (
     auto_delta,
     auto_lowrank,
     auto_normal,
@@ -10,10 +10,17 @@ from .guides import (
     map_values,
     spectral_guide,
 )
-from .infer import FitResult, NonFiniteError, fit
-from .metrics import METRIC_NAMES, metrics_from_esd, spectral_metrics
-from .nn import BayesianNetwork, SingularValuePrior, TrackedSpectralPrior, bayesian
-from .posterior import (
+from .bnn.network import BayesianNetwork, SingularValuePrior, TrackedSpectralPrior, bayesian
+from .bnn.predict import (
+    evaluate,
+    expected_calibration_error,
+    mutual_information,
+    negative_log_likelihood,
+    predictive_entropy,
+    predictive_probs,
+)
+from .diagnostics.analyze import analyze, weight_layers
+from .diagnostics.posterior import (
     SPECTRAL_VARS,
     ImportanceELPD,
     baseline_dataset,
@@ -24,16 +31,10 @@ from .posterior import (
     to_inference_data,
     weight_draws,
 )
-from .powerlaw import PowerLawFit, alpha_at_index, fit_powerlaw, hill_estimator
-from .predict import (
-    evaluate,
-    expected_calibration_error,
-    mutual_information,
-    negative_log_likelihood,
-    predictive_entropy,
-    predictive_probs,
-)
-from .spectrum import (
+from .spectra import tracking  # noqa: F401
+from .spectra.metrics import METRIC_NAMES, metrics_from_esd, spectral_metrics
+from .spectra.powerlaw import PowerLawFit, alpha_at_index, fit_powerlaw, hill_estimator
+from .spectra.spectrum import (
     PowerIteration,
     as_matrices,
     effective_rank,

@@ -94,7 +94,7 @@ def _example_model(name: str, seed: int) -> nn.Module:
 def cmd_analyze(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .diagnostics import analyze
+    from .diagnostics.analyze import analyze
 
     if args.example:
         model = _example_model(args.example, args.seed)
@@ -118,7 +118,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "analysis.csv")
-        from .plots import plot_esds
+        from .diagnostics.plots import plot_esds
 
         spectra = {}
         for name in ds.layer.values:
@@ -149,7 +149,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from .compare import CompareConfig
+    from .apps.compare import CompareConfig
 
     cfg = CompareConfig.quick() if args.quick else CompareConfig()
     for key in ("dataset", "epochs", "svi_epochs", "batch_size", "lr", "device"):
@@ -169,8 +169,8 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, format_summary, write_outputs
-    from .infer import NonFiniteError
+    from .apps.compare import compare, format_summary, write_outputs
+    from .bnn.fit import NonFiniteError
 
     cfg = _config_from_args(args)
     try:
@@ -194,9 +194,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import json
 
     from ._io import write_text_atomic
-    from .compare import PRIORS, load_dataset, make_mlp
-    from .infer import NonFiniteError, fit
-    from .nn import bayesian
+    from .apps.compare import PRIORS, load_dataset, make_mlp
+    from .bnn.fit import NonFiniteError, fit
+    from .bnn.network import bayesian
 
     if args.method == "nuts" and sum(args.hidden) > 64:
         print("note: NUTS on more than a few thousand weights is slow; try --hidden 16",
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for analysis.csv")
     p.set_defaults(func=cmd_analyze)
 
-    from .compare import BASELINES, DATASETS, PRIORS
+    from .apps.compare import BASELINES, DATASETS, PRIORS
 
     c = sub.add_parser(
         "compare",

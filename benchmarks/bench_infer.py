@@ -12,7 +12,7 @@ Rows (ratio = time / reference time):
 * ``svi/spectral_guide`` : the same prior on ``s`` of the spectral parameterisation
   ``U diag(s) V^T`` (no SVD per step; ``orthogonal`` maps instead), LogNormal guide on ``s``;
 * ``(Frechet, tracked)`` rows: a ``FrechetTopEigenvalue`` penalty prior evaluated by
-  :class:`bayes_spectral.nn.TrackedSpectralPrior` (2 warm-started power iterations and the
+  :class:`bayes_spectral.bnn.network.TrackedSpectralPrior` (2 warm-started power iterations and the
   Frobenius norm, no SVD); the MAP reference loop adds the same tracked penalty;
 * ``(power law, tracked)``: the ``PowerLawSpectrum`` prior through a tail tracker
   (``bayesian(tracked=...)``); at random init its KS tail holds a third of the spectrum, so
@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 import bayes_spectral as bs
+from bayes_spectral.bnn.network import TrackedSpectralPrior
 from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
-from bayes_spectral.nn import TrackedSpectralPrior
-from bayes_spectral.spectrum import PowerIteration
+from bayes_spectral.spectra.spectrum import PowerIteration
 
 N = 60000
 ALPHA, TAU = 2.0, 0.5

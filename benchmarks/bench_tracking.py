@@ -1,6 +1,6 @@
 """When does tracking the top of a spectrum stop paying off? Block width vs a full decomposition.
 
-One :class:`~bayes_spectral.tracking.TailTracker` call (one Rayleigh-Ritz step from the
+One :class:`~bayes_spectral.spectra.tracking.TailTracker` call (one Rayleigh-Ritz step from the
 previous block, no extra iteration: ``max_iter=0``) on a weight that moved by a small
 random step, over the tracker's full decomposition of the same weight (float64 ``eigh`` of
 the small-side Gram ``W^T W``; ``torch.linalg.svd`` is printed too), in the same run, for block
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from bayes_spectral.tracking import TailTracker
+from bayes_spectral.spectra.tracking import TailTracker
 
 SHAPES = [(512, 784), (512, 512)]
 WIDTHS = [16, 32, 64, 128, 192, 256, 352]

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from bayes_spectral import data as _data
-from bayes_spectral.spectrum import effective_rank
+from bayes_spectral.spectra.spectrum import effective_rank
 
 from ._common import new_figure, save_figure, torch_threads, write_results
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 import bayes_spectral as bs
-from bayes_spectral import compare as C
+from bayes_spectral.apps import compare as C
+from bayes_spectral.apps.report import write_html_report
 from bayes_spectral.data import Split
-from bayes_spectral.report import write_html_report
 
 
 @pytest.fixture(scope="module")

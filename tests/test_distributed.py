@@ -108,7 +108,7 @@ def test_resume_across_world_sizes(runs):
     assert _max_diff(full, out["resume12"]["params"]) < TOL
     assert out["resume12"]["history"]["loss"] == pytest.approx(history["loss"], rel=1e-12)
     # 2 ranks (epoch 1) -> 1 rank (epoch 2); rank 0 wrote the file atomically
-    assert [f for f in os.listdir(tmp / "ck2")] == [bs.infer.CHECKPOINT_NAME]
+    assert [f for f in os.listdir(tmp / "ck2")] == [bs.bnn.fit.CHECKPOINT_NAME]
     resumed, history2 = run_fit("svi", epochs=2, num_particles=2,
                                 checkpoint_dir=str(tmp / "ck2"))
     assert _max_diff(full, resumed) < TOL
@@ -120,7 +120,7 @@ def test_nan_guard_stops_every_rank(runs):
     tmp, out = runs
     assert "net.0.weight" in out["nan"]["error"]
     assert out["nan"]["layer"] == "0" and out["nan"]["epoch"] == 1
-    saved = torch.load(tmp / "cknan" / bs.infer.CHECKPOINT_NAME, weights_only=False)
+    saved = torch.load(tmp / "cknan" / bs.bnn.fit.CHECKPOINT_NAME, weights_only=False)
     assert saved["state"]["epoch"] == 1
 
 
@@ -154,7 +154,7 @@ def test_entry_point_one_rank(tmp_path, capsys):
                  "--checkpoint-dir", str(tmp_path)]) == 0
     assert "ranks 1, global batch 64" in capsys.readouterr().out
     assert not is_distributed() and {k: os.environ.get(k) for k in keys} == env
-    assert os.listdir(tmp_path) == [bs.infer.CHECKPOINT_NAME]
+    assert os.listdir(tmp_path) == [bs.bnn.fit.CHECKPOINT_NAME]
     pyro.clear_param_store()
 
 

@@ -25,7 +25,7 @@ from bayes_spectral.distributions import (
     PowerLawSpectrum,
     SpikeAndSlabSpectrum,
 )
-from bayes_spectral.spectral_laws import spliced_powerlaw_log_norm, spliced_powerlaw_log_pdf
+from bayes_spectral.spectra.laws import spliced_powerlaw_log_norm, spliced_powerlaw_log_pdf
 
 F64 = torch.float64
 

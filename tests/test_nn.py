@@ -273,7 +273,7 @@ def test_tracked_powerlaw_prior_equals_exact_penalty(kw):
     torch.manual_seed(0)
     base = PowerLawSpectrum(2.5, 0.5, (20, 30), **kw)
     w = (0.3 * torch.randn(20, 30, dtype=torch.float64)).requires_grad_(True)
-    tp = bs.TrackedSpectralPrior(base, bs.nn._tail_penalty_for(base))
+    tp = bs.TrackedSpectralPrior(base, bs.bnn.network._tail_penalty_for(base))
     lp, exact = tp.log_prob(w), base.penalty_log_prob(w)
     assert torch.allclose(lp, exact.to(lp), rtol=1e-10)
     (g1,) = torch.autograd.grad(lp, w)

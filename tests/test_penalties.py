@@ -13,9 +13,9 @@ from torch import nn
 
 from bayes_spectral import penalties as P
 from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
-from bayes_spectral.powerlaw import fit_powerlaw
-from bayes_spectral.spectral_laws import spliced_powerlaw_log_pdf
-from bayes_spectral.spectrum import esd
+from bayes_spectral.spectra.laws import spliced_powerlaw_log_pdf
+from bayes_spectral.spectra.powerlaw import fit_powerlaw
+from bayes_spectral.spectra.spectrum import esd
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
 import bayes_spectral as bs  # noqa: E402
-from bayes_spectral.plots import plot_esd, plot_esds  # noqa: E402
+from bayes_spectral.diagnostics.plots import plot_esd, plot_esds  # noqa: E402
 
 
 def test_plot_esd_draws_ccdf_fit_and_xmin():
@@ -76,7 +76,7 @@ def _posterior_and_baselines():
 
 
 def test_plot_posterior_spectra_png_axes_and_median(tmp_path):
-    from bayes_spectral.plots import plot_posterior_spectra
+    from bayes_spectral.diagnostics.plots import plot_posterior_spectra
 
     post, base = _posterior_and_baselines()
     path = tmp_path / "spectra.png"
@@ -100,7 +100,7 @@ def test_plot_posterior_spectra_png_axes_and_median(tmp_path):
 
 
 def test_plot_spectral_forest_rows_and_png(tmp_path):
-    from bayes_spectral.plots import plot_spectral_forest
+    from bayes_spectral.diagnostics.plots import plot_spectral_forest
 
     post, base = _posterior_and_baselines()
     path = tmp_path / "forest.png"
@@ -124,7 +124,7 @@ def test_plot_spectral_forest_rows_and_png(tmp_path):
 def test_plot_alpha_vs_accuracy_one_axis_per_layer(tmp_path):
     import pandas as pd
 
-    from bayes_spectral.plots import plot_alpha_vs_accuracy
+    from bayes_spectral.diagnostics.plots import plot_alpha_vs_accuracy
 
     rng = np.random.default_rng(0)
     table = pd.DataFrame([dict(method=m, seed=s, layer=layer, alpha=2 + rng.random(),

@@ -8,7 +8,7 @@ import scipy.stats as st
 import torch
 
 import bayes_spectral as bs
-import bayes_spectral.powerlaw as bpl
+import bayes_spectral.spectra.powerlaw as bpl
 
 
 def reference_ks_fit(evals: np.ndarray):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bayes_spectral as bs
-from bayes_spectral.spectrum import PowerIteration
+from bayes_spectral.spectra.spectrum import PowerIteration
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):

@@ -5,9 +5,9 @@ import torch
 
 from bayes_spectral import penalties as P
 from bayes_spectral.data import load_digits
-from bayes_spectral.powerlaw import alpha_at_index
-from bayes_spectral.spectrum import esd
-from bayes_spectral.tracking import TailTracker, tail_size
+from bayes_spectral.spectra.powerlaw import alpha_at_index
+from bayes_spectral.spectra.spectrum import esd
+from bayes_spectral.spectra.tracking import TailTracker, tail_size
 
 WARMUP = 20
 

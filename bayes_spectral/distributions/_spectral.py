@@ -36,7 +36,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from ..spectral_laws import log_haar_volume, log_sv_jacobian
+from ..spectra.laws import log_haar_volume, log_sv_jacobian
 
 MEASURES = ("penalty", "generative")
 

@@ -9,7 +9,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from ..spectral_laws import frechet_log_pdf
+from ..spectra.laws import frechet_log_pdf
 
 __all__ = ["Frechet"]
 

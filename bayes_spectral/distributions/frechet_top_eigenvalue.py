@@ -7,7 +7,7 @@ import math
 import torch
 from torch.distributions import constraints
 
-from ..spectral_laws import exponential_log_pdf, frechet_log_pdf
+from ..spectra.laws import exponential_log_pdf, frechet_log_pdf
 from ._spectral import SpectralDistribution
 from .frechet import Frechet
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch.distributions import constraints
 
-from ..spectral_laws import half_normal_log_pdf, log_haar_volume, log_sv_jacobian
+from ..spectra.laws import half_normal_log_pdf, log_haar_volume, log_sv_jacobian
 from ._spectral import SpectralDistribution
 
 __all__ = ["GaussianSpectrum"]

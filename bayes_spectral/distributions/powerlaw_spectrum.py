@@ -7,7 +7,7 @@ import math
 import torch
 from torch.distributions import constraints
 
-from ..spectral_laws import spliced_powerlaw_log_norm, spliced_powerlaw_log_pdf
+from ..spectra.laws import spliced_powerlaw_log_norm, spliced_powerlaw_log_pdf
 from ._spectral import SpectralDistribution
 
 __all__ = ["PowerLawSpectrum"]
@@ -15,7 +15,7 @@ __all__ = ["PowerLawSpectrum"]
 
 class PowerLawSpectrum(SpectralDistribution):
     """Eigenvalues ``lambda_i = sigma_i(W)^2`` i.i.d. from the spliced law of
-    :func:`bayes_spectral.spectral_laws.spliced_powerlaw_log_pdf`: an exponential bulk of
+    :func:`bayes_spectral.spectra.laws.spliced_powerlaw_log_pdf`: an exponential bulk of
     mean ``tau`` below ``xmin`` joined continuously to a power-law tail
     ``p(lambda) ~ lambda^(-alpha)`` above it (``alpha > 1``).
 

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from ..spectral_laws import (
+from ..spectra.laws import (
     half_normal_log_pdf,
     log_haar_volume,
     log_sv_jacobian,

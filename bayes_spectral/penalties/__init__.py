@@ -9,7 +9,7 @@ deep-linear closed form), ``schedules`` (decayed / thresholded wrappers) and
 
 MAP equivalence: the prior penalties are exactly ``-log p`` of the penalty measure of
 ``bayes_spectral.distributions.PowerLawSpectrum`` / ``FrechetTopEigenvalue`` (shared
-formulas in :mod:`bayes_spectral.spectral_laws`). A Pyro model with the prior and a
+formulas in :mod:`bayes_spectral.spectra.laws`). A Pyro model with the prior and a
 likelihood over a subsampled plate of size ``B`` out of ``N`` has loss
 ``(N/B) * sum_batch CE + penalty``; dividing by ``N``, ``mean_batch CE + penalty / N``.
 """

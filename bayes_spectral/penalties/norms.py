@@ -7,8 +7,8 @@ import math
 import torch
 
 from .._checks import check_positive
-from ..spectrum import ConvMode, esd, singular_values
-from ..spectrum import stable_rank as _stable_rank
+from ..spectra.spectrum import ConvMode, esd, singular_values
+from ..spectra.spectrum import stable_rank as _stable_rank
 from .base import Penalty
 
 __all__ = ["WeightDecay", "L1", "SchattenNorm", "NuclearNorm", "StableRank"]

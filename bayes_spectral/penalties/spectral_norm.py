@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._checks import check_positive
-from ..spectrum import PowerIteration
+from ..spectra.spectrum import PowerIteration
 from .base import Penalty
 
 __all__ = ["SpectralNorm"]
@@ -17,7 +17,7 @@ class SpectralNorm(Penalty):
     """``coef/2 * sigma_max(W)^2`` per layer, ``sigma_max`` by persistent power iteration.
 
     One power-iteration step per call (``n_iter``) with the left vector kept per layer
-    (:class:`~bayes_spectral.spectrum.PowerIteration`), so the estimate converges over
+    (:class:`~bayes_spectral.spectra.spectrum.PowerIteration`), so the estimate converges over
     training at the cost of two matrix-vector products. Conv kernels are reshaped to
     ``out x (in*kh*kw)`` (Yoshida & Miyato). The gradient is ``coef * sigma u v^T``.
     State is keyed by the layer name; :meth:`state_dict` exposes it for checkpoints.

@@ -2,10 +2,10 @@
 
 Each has an exact mode (full singular values every call) and ``tracked=True``, which
 follows the needed top eigenpairs of every layer with
-:class:`~bayes_spectral.tracking.TailTracker` (three ``m x n x k`` products per call
+:class:`~bayes_spectral.spectra.tracking.TailTracker` (three ``m x n x k`` products per call
 instead of an SVD; full decomposition every ``refresh_every`` calls or on drift). Block
 sizes: ``need`` = the eigenvalues the penalty uses, ``k = need + max(16, need)``
-(:func:`~bayes_spectral.tracking.tail_size`), chosen again at every full decomposition:
+(:func:`~bayes_spectral.spectra.tracking.tail_size`), chosen again at every full decomposition:
 
 * weighted alpha: ``need = num_tail`` of the power-law fit at the last full decomposition
   (tail above xmin plus the xmin eigenvalue); between refreshes the xmin *index* is kept
@@ -17,7 +17,7 @@ sizes: ``need`` = the eigenvalues the penalty uses, ``k = need + max(16, need)``
   the xmin eigenvalue, often inside the bulk where its eigenvector is ill-conditioned, so
   gradients within 1e-3 need ``tol=1e-4``, measured in ``tests/test_tracking.py``); if
   the tail outgrows the block the call re-decomposes at once (the bulk is handled exactly through
-  ``||W||_F^2``, see :func:`~bayes_spectral.spectral_laws.spliced_powerlaw_spectrum_sum`).
+  ``||W||_F^2``, see :func:`~bayes_spectral.spectra.laws.spliced_powerlaw_spectrum_sum`).
 * Frechet prior: ``need = 1`` (``lambda_max``) plus ``||W||_F^2``.
 
 Conv kernels: ``conv="pool"`` (default) pools the eigenvalues of the ``kh*kw`` slices into
@@ -32,15 +32,15 @@ import math
 import torch
 
 from .._checks import check_positive, check_weight
-from ..powerlaw import alpha_at_index, fit_powerlaw
-from ..spectral_laws import (
+from ..spectra.laws import (
     exponential_log_pdf,
     frechet_log_pdf,
     spliced_powerlaw_log_pdf,
     spliced_powerlaw_spectrum_sum,
 )
-from ..spectrum import ConvMode, as_matrices, esd
-from ..tracking import TailTracker, tail_size
+from ..spectra.powerlaw import alpha_at_index, fit_powerlaw
+from ..spectra.spectrum import ConvMode, as_matrices, esd
+from ..spectra.tracking import TailTracker, tail_size
 from .base import Penalty
 
 __all__ = ["WeightedAlpha", "PowerLawPrior", "FrechetPrior"]
@@ -145,7 +145,7 @@ class _TailPenalty(Penalty):
 
         ``R`` depends on ``W`` only through the tracked eigenvalues ``lambda_i = ||W u_i||^2``
         (``u_i`` detached) and ``||W||_F^2``, so ``dR/dW = 2 Y diag(dR/dlambda) U^T +
-        2 (dR/d||W||^2) W`` (:meth:`~bayes_spectral.tracking.TailTracker.add_grad`); the
+        2 (dR/d||W||^2) W`` (:meth:`~bayes_spectral.spectra.tracking.TailTracker.add_grad`); the
         ``k``-vector ``dR/dlambda`` and ``dR/d||W||^2`` are closed forms (``_tracked_grad``,
         tested against autograd of ``_tracked``). Same tracker state and update as a call
         (tested equal to autograd of the call).
@@ -183,7 +183,7 @@ class WeightedAlpha(_TailPenalty):
     """``coef * alpha * log10(lambda_max)`` (Martin & Mahoney; Xiao et al. as a penalty).
 
     ``alpha`` is the differentiable power-law exponent (xmin index chosen by the KS rule
-    without gradient, :func:`~bayes_spectral.powerlaw.fit_powerlaw`); ``fit_kwargs`` go to
+    without gradient, :func:`~bayes_spectral.spectra.powerlaw.fit_powerlaw`); ``fit_kwargs`` go to
     the fit (e.g. ``min_tail``). ``tracked=True``: see the module docstring.
     """
 
@@ -229,7 +229,7 @@ class PowerLawPrior(_TailPenalty):
 
     The negative penalty-measure log-density of ``PowerLawSpectrum(alpha, tau, ...,
     xmin, xmin_quantile, measure="penalty")``, computed by
-    :mod:`bayes_spectral.spectral_laws` (the same function the distribution uses). Give
+    :mod:`bayes_spectral.spectra.laws` (the same function the distribution uses). Give
     ``xmin`` (a value, default ``tau``) or ``xmin_quantile`` (``xmin = lambda_(floor(q N))``
     of the current ascending ESD: the index is chosen without gradient, the gradient flows
     through that eigenvalue, exactly as in ``PowerLawSpectrum``).
@@ -318,7 +318,7 @@ class FrechetPrior(_TailPenalty):
     The negative penalty-measure log-density of ``FrechetTopEigenvalue(concentration,
     scale, tau, ..., loc, measure="penalty")`` (Frechet on ``lambda_max = sigma_max^2``,
     exponential with mean ``tau`` on the other ``N - 1`` eigenvalues), through
-    :func:`~bayes_spectral.spectral_laws.frechet_log_pdf` and ``exponential_log_pdf``.
+    :func:`~bayes_spectral.spectra.laws.frechet_log_pdf` and ``exponential_log_pdf``.
     The exponential part is linear in the eigenvalues, so it needs only their sum
     ``||W||_F^2 - lambda_max``: ``sum_i log Exp(lambda_i) = (N-1) log Exp(mean lambda_i)``.
     """

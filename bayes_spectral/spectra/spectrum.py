@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ._checks import check_weight
+from .._checks import check_weight
 
 ConvMode = Literal["pool", "flatten"]
 SpectrumMethod = Literal["svd", "gram"]

@@ -1,4 +1,4 @@
-"""Layer 4: ``fit()`` a :class:`bayes_spectral.nn.BayesianNetwork` by MAP, SVI or NUTS.
+"""Layer 4: ``fit()`` a :class:`bayes_spectral.bnn.network.BayesianNetwork` by MAP, SVI or NUTS.
 
 MAP and SVI share one loop: ``pyro.infer.SVI`` with ``pyro.optim.Adam`` over shuffled
 mini-batches (``Trace_ELBO``, or ``TraceEnum_ELBO(max_plate_nesting=1)`` when the model has
@@ -41,10 +41,10 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide, init_to_value
 
+from .._io import atomic_path
 from . import distributed as bsd
-from ._io import atomic_path
 from .guides import make_guide
-from .nn import BayesianNetwork
+from .network import BayesianNetwork
 from .predict import PredictiveMetrics, evaluate, predictive_probs
 
 __all__ = ["CHECKPOINT_NAME", "FitResult", "NonFiniteError", "fit"]
@@ -280,7 +280,7 @@ def fit(
 
     :param method: ``"map"`` (default guide ``auto_delta``), ``"svi"`` (default
         ``auto_normal``) or ``"nuts"`` (full batch; layers without a prior stay fixed).
-    :param guide: an ``AutoGuide`` or a kind of :func:`bayes_spectral.guides.make_guide`.
+    :param guide: an ``AutoGuide`` or a kind of :func:`bayes_spectral.bnn.guides.make_guide`.
     :param val_data: ``(x, y)`` evaluated after every epoch (posterior predictive with
         ``val_samples`` draws: 1 for MAP, 8 for SVI by default); ``history`` gains
         ``val_accuracy`` (categorical) and ``val_nll``.

@@ -35,12 +35,12 @@ import xarray as xr
 from pyro import poutine
 from torch import nn
 
-from ._io import atomic_path
-from .diagnostics import weight_layers
-from .infer import FitResult
-from .metrics import metrics_from_esd
-from .nn import BayesianNetwork
-from .spectrum import effective_rank, stable_rank
+from .._io import atomic_path
+from ..bnn.fit import FitResult
+from ..bnn.network import BayesianNetwork
+from ..spectra.metrics import metrics_from_esd
+from ..spectra.spectrum import effective_rank, stable_rank
+from .analyze import weight_layers
 
 __all__ = [
     "SPECTRAL_VARS",

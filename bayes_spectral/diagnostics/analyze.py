@@ -17,8 +17,8 @@ import torch
 import xarray as xr
 from torch import nn
 
-from .metrics import spectral_metrics
-from .spectrum import ConvMode, SpectrumMethod, esd
+from ..spectra.metrics import spectral_metrics
+from ..spectra.spectrum import ConvMode, SpectrumMethod, esd
 
 __all__ = ["analyze", "weight_layers"]
 

@@ -36,28 +36,28 @@ import torch
 import xarray as xr
 from torch import nn
 
-from . import penalties as P
-from ._io import atomic_path, write_text_atomic
-from .data import Split, load_digits, load_mnist1d
-from .diagnostics import analyze
-from .distributions import (
-    FrechetTopEigenvalue,
-    GaussianSpectrum,
-    PowerLawSpectrum,
-    SpikeAndSlabSpectrum,
-)
-from .guides import auto_normal, map_values
-from .infer import fit, save_checkpoint
-from .models._common import torch_threads
-from .nn import bayesian
-from .posterior import (
+from .. import penalties as P
+from .._io import atomic_path, write_text_atomic
+from ..bnn.fit import fit, save_checkpoint
+from ..bnn.guides import auto_normal, map_values
+from ..bnn.network import bayesian
+from ..bnn.predict import evaluate
+from ..data import Split, load_digits, load_mnist1d
+from ..diagnostics.analyze import analyze
+from ..diagnostics.posterior import (
     baseline_dataset,
     importance_elpd,
     load_netcdf,
     save_netcdf,
     to_inference_data,
 )
-from .predict import evaluate
+from ..distributions import (
+    FrechetTopEigenvalue,
+    GaussianSpectrum,
+    PowerLawSpectrum,
+    SpikeAndSlabSpectrum,
+)
+from ..models._common import torch_threads
 
 __all__ = ["BASELINES", "PRIORS", "CompareConfig", "compare", "summarize"]
 
@@ -370,8 +370,8 @@ def config_json(cfg: CompareConfig) -> str:
 
 
 def _esd_figure(result: dict, path: Path, layer: str) -> None:
-    from .plots import plot_esds
-    from .spectrum import esd
+    from ..diagnostics.plots import plot_esds
+    from ..spectra.spectrum import esd
 
     seed = result["config"].seeds[0]
     spectra = {f"{layer}, {kind} {method}": esd(w[layer].double())
@@ -410,7 +410,11 @@ def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     ``posterior_<prior>.nc`` (SVI ``InferenceData``), the PNG plots and the self-contained
     ``report.html`` showing them.
     """
-    from .plots import plot_alpha_vs_accuracy, plot_posterior_spectra, plot_spectral_forest
+    from ..diagnostics.plots import (
+        plot_alpha_vs_accuracy,
+        plot_posterior_spectra,
+        plot_spectral_forest,
+    )
     from .report import write_html_report
 
     out = Path(out_dir)

@@ -5,7 +5,7 @@
 log-binned histogram), the fitted power law ``(n_tail/N) (lambda/xmin)^(1 - alpha)`` and
 ``xmin`` marked.
 
-Posterior spectra (datasets of :mod:`bayes_spectral.posterior`):
+Posterior spectra (datasets of :mod:`bayes_spectral.diagnostics.posterior`):
 
 * ``plot_posterior_spectra``: per layer, the median and the ``hdi_prob`` HDI band of the
   sorted singular values ``sigma_i`` against ``i`` (log y), each baseline method's mean over
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .powerlaw import PowerLawFit, fit_powerlaw
+from ..spectra.powerlaw import PowerLawFit, fit_powerlaw
 
 __all__ = [
     "plot_alpha_vs_accuracy",

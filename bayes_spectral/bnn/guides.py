@@ -1,4 +1,4 @@
-"""Layer 4: guides for :class:`bayes_spectral.nn.BayesianNetwork` models.
+"""Layer 4: guides for :class:`bayes_spectral.bnn.network.BayesianNetwork` models.
 
 Every guide starts from the module's own weights (its Kaiming init, or pretrained weights
 if the module was trained before :func:`bayes_spectral.bayesian`): ``init_to_value`` with
@@ -25,7 +25,7 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 
-from .nn import BayesianNetwork, _names
+from .network import BayesianNetwork, _names
 
 __all__ = [
     "GUIDES",

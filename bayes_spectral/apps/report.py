@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._io import write_text_atomic
+from .._io import write_text_atomic
 
 __all__ = ["write_html_report"]
 

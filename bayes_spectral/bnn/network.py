@@ -43,16 +43,16 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn.utils.parametrizations import orthogonal
 
-from .distributions import (
+from ..distributions import (
     FrechetTopEigenvalue,
     GaussianSpectrum,
     PowerLawSpectrum,
     SpectralDistribution,
     SpikeAndSlabSpectrum,
 )
-from .penalties.tail import PowerLawPrior
-from .spectral_laws import frechet_log_pdf
-from .spectrum import PowerIteration
+from ..penalties.tail import PowerLawPrior
+from ..spectra.laws import frechet_log_pdf
+from ..spectra.spectrum import PowerIteration
 
 __all__ = ["BayesianNetwork", "SingularValuePrior", "TrackedSpectralPrior", "bayesian"]
 
@@ -111,7 +111,7 @@ class TrackedSpectralPrior(dist.TorchDistribution):
     * ``GaussianSpectrum`` (penalty measure): ``r (log sqrt(2/pi) - log s) - ||W||_F^2 / (2 s^2)``
       (exact, needs no power iteration);
     * ``PowerLawSpectrum`` (penalty measure): ``-PowerLawPrior(tracked=True)(W)``, the tail
-      above ``xmin`` from :class:`~bayes_spectral.tracking.TailTracker` and the bulk through
+      above ``xmin`` from :class:`~bayes_spectral.spectra.tracking.TailTracker` and the bulk through
       ``||W||_F^2`` (``power``: that penalty, which holds the tracker). Its state is not a
       buffer: :func:`~bayes_spectral.fit` renews it at every checkpoint boundary (next call
       re-decomposes), so a resumed run repeats the uninterrupted one exactly.
