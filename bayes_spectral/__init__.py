@@ -1,6 +1,7 @@
 """bayes-spectral: priors on the spectrum of weight matrices, with Pyro and ArviZ."""
 
 from . import data, distributed, distributions, penalties  # noqa: F401
+from .bnn.build import bayesian
 from .bnn.fit import FitResult, NonFiniteError, fit
 from .bnn.guides import (
     auto_delta,
@@ -10,7 +11,7 @@ from .bnn.guides import (
     map_values,
     spectral_guide,
 )
-from .bnn.network import BayesianNetwork, SingularValuePrior, TrackedSpectralPrior, bayesian
+from .bnn.network import BayesianNetwork
 from .bnn.predict import (
     evaluate,
     expected_calibration_error,
@@ -19,18 +20,13 @@ from .bnn.predict import (
     predictive_entropy,
     predictive_probs,
 )
+from .bnn.site_priors import SingularValuePrior, TrackedSpectralPrior
 from .diagnostics.analyze import analyze, weight_layers
-from .diagnostics.posterior import (
-    SPECTRAL_VARS,
-    ImportanceELPD,
-    baseline_dataset,
-    importance_elpd,
-    load_netcdf,
-    save_netcdf,
-    spectral_draws,
-    to_inference_data,
-    weight_draws,
-)
+from .diagnostics.baselines import baseline_dataset
+from .diagnostics.draws import SPECTRAL_VARS, spectral_draws, weight_draws
+from .diagnostics.inference_data import to_inference_data
+from .diagnostics.loo import ImportanceELPD, importance_elpd
+from .diagnostics.netcdf import load_netcdf, save_netcdf
 from .spectra import tracking  # noqa: F401
 from .spectra.metrics import METRIC_NAMES, metrics_from_esd, spectral_metrics
 from .spectra.powerlaw import PowerLawFit, alpha_at_index, fit_powerlaw, hill_estimator

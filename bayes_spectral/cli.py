@@ -3,11 +3,18 @@
 Exit codes: 0 success, 2 usage error (argparse, or an impossible setting), 3 unreadable or
 unsafe input file, 4 the input had no analysable weight, 5 training stopped on a NaN/Inf
 (the message names the parameter and layer; the last good checkpoint is kept).
+
+``--plugin MODULE`` (before the subcommand, repeatable) imports a user's module first, so
+the priors, penalties and data sets it registers (``bayes_spectral.distributions.PRIORS``,
+``bayes_spectral.penalties.PENALTIES``, ``bayes_spectral.data.DATASETS``) are valid choices
+of ``--priors`` / ``--prior`` / ``--baselines`` / ``--dataset``; a module that cannot be
+imported is a usage error (exit 2, one line naming it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -68,23 +75,15 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _example_model(name: str, seed: int) -> nn.Module:
+    """The embedded example: a 64-256-128-10 MLP trained by Adam (30 epochs) on the digits."""
     if name != "digits-mlp":
         raise ValueError(f"unknown example {name!r}; available: digits-mlp")
+    from .apps.nets import make_mlp, train_adam
     from .data import load_digits
 
-    torch.manual_seed(seed)
     data = load_digits(seed=seed)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                          nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(30):
-        perm = torch.randperm(len(data.x_train))
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model = make_mlp(64, (256, 128), 10, seed, named=False)
+    train_adam(model, data.x_train, data.y_train, epochs=30, batch_size=64, lr=1e-3)
     with torch.no_grad():
         acc = (model(data.x_test).argmax(-1) == data.y_test).float().mean()
     print(f"example digits-mlp: 64-256-128-10 MLP, Adam 30 epochs, test accuracy {acc:.3f}")
@@ -194,9 +193,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import json
 
     from ._io import write_text_atomic
-    from .apps.compare import PRIORS, load_dataset, make_mlp
+    from .apps.compare import load_dataset
+    from .apps.nets import make_mlp
+    from .bnn.build import bayesian
     from .bnn.fit import NonFiniteError, fit
-    from .bnn.network import bayesian
+    from .distributions import PRIORS
 
     if args.method == "nuts" and sum(args.hidden) > 64:
         print("note: NUTS on more than a few thousand weights is slow; try --hidden 16",
@@ -205,13 +206,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         split = load_dataset(args.dataset, seed=args.seed)
         net = make_mlp(split.x_train.shape[1], tuple(args.hidden),
                        int(split.y_train.max()) + 1, args.seed)
-        bn = bayesian(net, {nn.Linear: PRIORS[args.prior]}, num_data=len(split.x_train))
+        bn = bayesian(net, {nn.Linear: PRIORS.get(args.prior)}, num_data=len(split.x_train))
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config = {k: v for k, v in vars(args).items()
+              if k != "func" and not (k == "plugin" and v is None)}
     write_text_atomic(out / "config.json", json.dumps(config, indent=2))
     print(f"fit {args.method} with prior {args.prior} on {args.dataset}: {config}")
     try:
@@ -233,14 +235,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bayes-spectral",
-        description="Spectral diagnosis and spectral priors for PyTorch networks.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_analyze_parser(sub) -> None:
     p = sub.add_parser(
         "analyze",
         help="per-layer spectral metrics of a checkpoint (WeightWatcher-style table)",
@@ -259,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for analysis.csv")
     p.set_defaults(func=cmd_analyze)
 
-    from .apps.compare import BASELINES, DATASETS, PRIORS
+
+def _add_compare_parser(sub) -> None:
+    from .data import DATASETS
+    from .distributions import PRIORS
+    from .penalties import PENALTIES
 
     c = sub.add_parser(
         "compare",
@@ -273,21 +272,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("--quick", action="store_true", help="under a minute: smaller MLP, 2 seeds")
-    c.add_argument("--dataset", choices=DATASETS, default=None)
+    c.add_argument("--dataset", choices=DATASETS.names(), default=None)
     c.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     c.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden widths")
     c.add_argument("--epochs", type=int, default=None)
     c.add_argument("--svi-epochs", dest="svi_epochs", type=int, default=None)
     c.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     c.add_argument("--lr", type=float, default=None)
-    c.add_argument("--baselines", nargs="*", default=None, choices=list(BASELINES))
-    c.add_argument("--priors", nargs="*", default=None, choices=list(PRIORS))
+    c.add_argument("--baselines", nargs="*", default=None, choices=PENALTIES.names())
+    c.add_argument("--priors", nargs="*", default=None, choices=PRIORS.names())
     c.add_argument("--no-svi", dest="no_svi", action="store_true", help="MAP only")
     c.add_argument("--device", default=None, help="cpu (default) or cuda")
     c.add_argument("--out", default="report", help="report folder (default: report/)")
     c.add_argument("--no-resume", dest="no_resume", action="store_true",
                    help="retrain runs already saved under OUT/runs/")
     c.set_defaults(func=cmd_compare)
+
+
+def _add_fit_parser(sub) -> None:
+    from .data import DATASETS
+    from .distributions import PRIORS
 
     f = sub.add_parser(
         "fit",
@@ -296,9 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  bayes-spectral fit --prior gaussian --method nuts --hidden 8 --out n1/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    f.add_argument("--prior", choices=list(PRIORS), default="powerlaw")
+    f.add_argument("--prior", choices=PRIORS.names(), default="powerlaw")
     f.add_argument("--method", choices=["map", "svi", "nuts"], default="map")
-    f.add_argument("--dataset", choices=DATASETS, default="digits")
+    f.add_argument("--dataset", choices=DATASETS.names(), default="digits")
     f.add_argument("--hidden", type=int, nargs="+", default=[64])
     f.add_argument("--epochs", type=int, default=20)
     f.add_argument("--batch-size", dest="batch_size", type=int, default=64)
@@ -313,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/checkpoint/checkpoint.pt if present")
     f.set_defaults(func=cmd_fit)
 
+
+def _add_reproduce_parser(sub) -> None:
     from .models import REFERENCE_MODELS
 
     r = sub.add_parser(
@@ -327,11 +333,64 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None, help="run a single seed")
     r.add_argument("--out", default=None, help="folder for the CSV table and PNG plot")
     r.set_defaults(func=cmd_reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bayes-spectral`` parser. Registry choices (priors, baselines, data sets) are
+    read now: import plugins (:func:`load_plugins`) before calling it."""
+    parser = argparse.ArgumentParser(
+        prog="bayes-spectral",
+        description="Spectral diagnosis and spectral priors for PyTorch networks.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--plugin", action="append", default=None, metavar="MODULE",
+                        help="import MODULE first (repeatable), so the priors, penalties and "
+                             "data sets it registers are valid choices")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_analyze_parser(sub)
+    _add_compare_parser(sub)
+    _add_fit_parser(sub)
+    _add_reproduce_parser(sub)
     return parser
+
+
+def plugin_names(argv: list[str]) -> list[str]:
+    """The values of ``--plugin`` given before the subcommand, in order (``--plugin M``,
+    ``--plugin=M`` or an abbreviation such as ``--plug M``, as argparse accepts them)."""
+    names, i = [], 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+        opt, eq, value = argv[i].partition("=")
+        if len(opt) > 2 and "--plugin".startswith(opt):
+            if eq:
+                names.append(value)
+            elif i + 1 < len(argv):
+                names.append(argv[i + 1])
+                i += 1
+        i += 1
+    return names
+
+
+def load_plugins(names: list[str]) -> None:
+    """Import each module of ``names`` (its registrations run at import); ``ValueError``
+    with one line naming the first one that cannot be imported, and why."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # any failure of a user's module is a usage error
+            reason = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"--plugin {name!r} cannot be imported "
+                             f"({type(err).__name__}: {reason})") from err
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bayes-spectral`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        load_plugins(plugin_names(argv))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

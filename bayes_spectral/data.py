@@ -1,4 +1,9 @@
-"""Layer 6: embedded datasets (nothing is downloaded at run time) and loaders for users' files."""
+"""Shared: embedded datasets (nothing is downloaded at run time) and loaders for users' files.
+
+``DATASETS`` names the classification sets of ``bayes-spectral compare`` / ``fit``: loaders
+``seed -> Split`` called as ``loader(seed=seed)``; users register theirs. :func:`as_xy` is
+the one reading of ``data`` given as a pair ``(x, y)`` or a :class:`Split`.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .registry import Registry
+
 __all__ = [
+    "DATASETS",
     "Split",
+    "as_xy",
     "load_diabetes",
     "load_digits",
     "load_idx",
@@ -39,6 +48,17 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, dtype,
     t = torch.as_tensor
     return Split(t(x[tr], dtype=dtype), t(y[tr], dtype=y_dtype),
                  t(x[te], dtype=dtype), t(y[te], dtype=y_dtype))
+
+
+def as_xy(data, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of ``data``: a :class:`Split` (or anything with ``x_train``/``y_train``:
+    its training part) or a pair ``(x, y)``; ``TypeError`` naming ``what`` otherwise."""
+    if hasattr(data, "x_train") and hasattr(data, "y_train"):
+        return data.x_train, data.y_train
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data[0], data[1]
+    raise TypeError(f"{what} must be a pair (x, y) or a bayes_spectral.data.Split, got "
+                    f"{type(data).__name__}")
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0,
@@ -106,6 +126,12 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, test_fraction: float =
     t = torch.as_tensor
     return Split(t(ds["x"], dtype=dtype), t(ds["y"], dtype=torch.long),
                  t(ds["x_test"], dtype=dtype), t(ds["y_test"], dtype=torch.long))
+
+
+#: data set name -> loader, called as ``loader(seed=seed)`` and returning a :class:`Split`
+DATASETS: Registry = Registry("dataset")
+DATASETS.register("digits")(load_digits)
+DATASETS.register("mnist1d")(load_mnist1d)
 
 
 # --------------------------------------------------------------------------------------

@@ -63,6 +63,11 @@ class Registry(Generic[T]):
         except KeyError:
             raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {self.names()}") from None
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a user's entry, e.g. at the end of a test)."""
+        self.get(name)
+        del self._items[name]
+
     def names(self) -> list[str]:
         """Registered names, in registration order."""
         return list(self._items)

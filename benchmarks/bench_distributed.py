@@ -37,9 +37,9 @@ N_LAYERS = ((784, 256), (256, 256), (256, 10))
 
 
 def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                         nn.Linear(256, 10))
+    from bayes_spectral.apps.nets import make_mlp
+
+    return make_mlp(784, (256, 256), 10, seed=0, named=False)
 
 
 def _fit_worker(rank: int, world: int, methods: list[str], batch: int, steps: int,

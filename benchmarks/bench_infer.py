@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import bayes_spectral as bs
+from bayes_spectral.apps.nets import make_mlp
 from bayes_spectral.bnn.network import TrackedSpectralPrior
 from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
 from bayes_spectral.spectra.spectrum import PowerIteration
@@ -50,9 +51,7 @@ ALPHA, TAU = 2.0, 0.5
 
 
 def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                         nn.Linear(512, 10))
+    return make_mlp(784, (512, 512), 10, seed=0, named=False)
 
 
 def interleaved(steps_by_name: dict, steps: int, repeats: int) -> dict[str, list[float]]:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from bayes_spectral import penalties as P
+from bayes_spectral.apps.nets import make_mlp
 
 QUICK = "--quick" in sys.argv
 BLOCK = 5 if QUICK else 10
@@ -43,8 +44,7 @@ WARMUP = 30 if QUICK else 60
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                         nn.Linear(512, 10))
+    return make_mlp(784, (512, 512), 10, named=False)  # seeded by bench()
 
 
 def convnet():

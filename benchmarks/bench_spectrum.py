@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import bayes_spectral as bs
+from bayes_spectral.apps.nets import make_mlp
 
 
 def best_time(fn, repeat: int = 3) -> float:
@@ -30,8 +31,7 @@ def best_time(fn, repeat: int = 3) -> float:
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                         nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
+    return make_mlp(784, (1024, 1024, 512), 10, named=False)  # seeded in main()
 
 
 def conv_net() -> nn.Module:

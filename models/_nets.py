@@ -1,4 +1,6 @@
-"""Small classifiers and one SGD loop with a penalty, shared by the reference models (private).
+"""A small CNN and one SGD loop with a penalty, shared by the reference models (private).
+
+The MLPs are :func:`bayes_spectral.apps.nets.make_mlp` (``output_name="out"``).
 
 Training objective (every model that uses :func:`train_classifier`)::
 
@@ -18,19 +20,7 @@ from torch import nn
 
 from bayes_spectral.penalties import Penalty
 
-__all__ = ["mlp", "digits_cnn", "train_classifier", "accuracy"]
-
-
-def mlp(in_dim: int, widths: tuple[int, ...], num_classes: int, seed: int) -> nn.Sequential:
-    """``in_dim -> widths[0] -> ... -> num_classes`` with ReLU; layers ``fc1, fc2, ..., out``."""
-    torch.manual_seed(seed)
-    layers: list[tuple[str, nn.Module]] = []
-    d = in_dim
-    for i, w in enumerate(widths, start=1):
-        layers += [(f"fc{i}", nn.Linear(d, w)), (f"relu{i}", nn.ReLU())]
-        d = w
-    layers.append(("out", nn.Linear(d, num_classes)))
-    return nn.Sequential(collections.OrderedDict(layers))
+__all__ = ["digits_cnn", "train_classifier", "accuracy"]
 
 
 def digits_cnn(channels: tuple[int, int], hidden: int, num_classes: int, seed: int,

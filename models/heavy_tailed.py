@@ -1,9 +1,10 @@
 """Heavy-tailed spectral regularisation and priors (Xiao et al. 2023).
 
 Data: scikit-learn's 8x8 digits (:func:`bayes_spectral.data.load_digits`, 1438 train /
-359 test). Architectures (:mod:`models._nets`): an MLP ``64 -> width -> width -> 10`` and
-a small CNN (two 3x3 convs, max-pool, ``fc1``, ``out``). Training: SGD with momentum on
-``mean CE + R(theta)``; ``R`` is summed over every Linear/Conv weight (biases never):
+359 test). Architectures: an MLP ``64 -> width -> width -> 10``
+(:func:`bayes_spectral.apps.nets.make_mlp`, output layer ``out``) and a small CNN
+(:mod:`models._nets`: two 3x3 convs, max-pool, ``fc1``, ``out``). Training: SGD with
+momentum on ``mean CE + R(theta)``; ``R`` is summed over every Linear/Conv weight (biases never):
 
 * ``none``: ``R = 0``;
 * ``weight_decay``: ``coef/2 ||W||_F^2`` (:class:`~bayes_spectral.penalties.WeightDecay`);
@@ -63,10 +64,11 @@ from torch.distributions import Distribution
 
 import bayes_spectral as bs
 from bayes_spectral import penalties as P
+from bayes_spectral.apps.nets import make_mlp
 from bayes_spectral.distributions import SpikeAndSlabSpectrum
 
 from ._common import new_figure, save_figure, torch_threads, write_results
-from ._nets import accuracy, digits_cnn, mlp, train_classifier
+from ._nets import accuracy, digits_cnn, train_classifier
 
 __all__ = ["Config", "METHODS", "ARCHS", "run", "per_run", "summary", "paired_vs_weight_decay"]
 
@@ -169,19 +171,15 @@ class _PerLayer(P.Penalty):
         return self._inner[key](weight, name=name)
 
 
+#: the methods that are entries of the penalty registry ``bayes_spectral.penalties.PENALTIES``
+_REGISTERED = ("none", "weight_decay", "spectral_norm", "stable_rank", "weighted_alpha")
+
+
 def make_penalty(method: str, config: Config, num_train: int) -> P.Penalty | None:
     """The regulariser ``R`` of ``method`` (module docstring); ``None`` for ``"none"``."""
     c = config
-    if method == "none":
-        return None
-    if method == "weight_decay":
-        return P.WeightDecay(c.weight_decay)
-    if method == "spectral_norm":
-        return P.SpectralNorm(c.spectral_norm)
-    if method == "stable_rank":
-        return P.StableRank(c.stable_rank)
-    if method == "weighted_alpha":
-        return P.WeightedAlpha(c.weighted_alpha)
+    if method in _REGISTERED:  # coefficient: the Config field named after the penalty
+        return P.PENALTIES.get(method)(0.0 if method == "none" else getattr(c, method))
     if method == "weighted_alpha_decayed":
         return P.Decayed(P.WeightedAlpha(c.weighted_alpha), every=c.decay_every, rate=0.5)
     if method == "weighted_alpha_thresholded":
@@ -203,7 +201,7 @@ def make_penalty(method: str, config: Config, num_train: int) -> P.Penalty | Non
 
 def _net(arch: str, config: Config, seed: int) -> nn.Module:
     if arch == "mlp":
-        return mlp(64, (config.width, config.width), 10, seed)
+        return make_mlp(64, (config.width, config.width), 10, seed, output_name="out")
     return digits_cnn(config.channels, config.cnn_hidden, 10, seed)
 
 

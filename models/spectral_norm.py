@@ -2,11 +2,11 @@
 
 Data: MNIST-1D (:func:`bayes_spectral.data.load_mnist1d`, generated locally; 40-sample
 signals, 10 classes, 80/20 train/test split), or the 8x8 digits. Model: an MLP
-``d -> width -> width -> 10`` (ReLU, :func:`models._nets.mlp`) trained by SGD with momentum
-at every batch size ``B`` (``B >= N`` is full-batch gradient descent) until the training
-accuracy reaches ``stop_at`` (0.99; checked every epoch, at most every 50 steps) or
-``steps`` steps, so every run is compared at the same training fit, on
-``mean CE + R(theta)``:
+``d -> width -> width -> 10`` (ReLU, :func:`bayes_spectral.apps.nets.make_mlp`, output
+layer ``out``) trained by SGD with momentum at every batch size ``B`` (``B >= N`` is
+full-batch gradient descent) until the training accuracy reaches ``stop_at`` (0.99;
+checked every epoch, at most every 50 steps) or ``steps`` steps, so every run is compared
+at the same training fit, on ``mean CE + R(theta)``:
 
 * ``none``: ``R = 0``;
 * ``weight_decay``: ``R = coef/2 sum_l ||W_l||_F^2``
@@ -42,9 +42,10 @@ from torch import nn
 
 from bayes_spectral import data as _data
 from bayes_spectral import penalties as P
+from bayes_spectral.apps.nets import make_mlp
 
 from ._common import new_figure, save_figure, torch_threads, write_results
-from ._nets import accuracy, mlp, train_classifier
+from ._nets import accuracy, train_classifier
 
 __all__ = ["Config", "METHODS", "DATASETS", "run", "summary"]
 
@@ -100,13 +101,10 @@ class Config:
 
 
 def make_penalty(method: str, config: Config) -> P.Penalty | None:
-    """``R`` of ``method`` (module docstring); ``None`` for ``"none"``."""
-    if method == "none":
-        return None
-    if method == "weight_decay":
-        return P.WeightDecay(config.weight_decay)
-    if method == "spectral_norm":
-        return P.SpectralNorm(config.spectral_norm)
+    """``R`` of ``method`` (module docstring); ``None`` for ``"none"``: the entry of the
+    penalty registry ``PENALTIES`` with the coefficient of the Config field of that name."""
+    if method in METHODS:
+        return P.PENALTIES.get(method)(0.0 if method == "none" else getattr(config, method))
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -133,7 +131,8 @@ def run(config: Config | None = None, out_dir=None) -> pd.DataFrame:
             for b in config.batch_sizes:
                 b = min(b, n)
                 for seed in config.seeds:
-                    model = mlp(x.shape[1], (config.width, config.width), 10, seed)
+                    model = make_mlp(x.shape[1], (config.width, config.width), 10, seed,
+                                     output_name="out")
                     steps = train_classifier(model, x, y, make_penalty(method, config),
                                              steps=config.steps, batch_size=b, lr=config.lr,
                                              momentum=config.momentum, seed=seed,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyro
 import pytest
 import scipy.stats as st
 import torch
+from pyro.distributions import TorchDistribution
 from pyro.infer import MCMC, NUTS, TraceEnum_ELBO
 from pyro.nn import PyroModule, PyroSample
 
@@ -98,6 +101,59 @@ def test_frechet_rsample_gradient_and_support():
     assert float(d.log_prob(t(0.5)).exp()) == 0.0  # below loc: -inf without validation
     with pytest.raises(ValueError):
         Frechet(t(3.0), t(2.0), t(1.0), validate_args=True).log_prob(t(0.5))
+
+
+# --------------------------------------------------------------------------------------
+# Spectral priors: one named fixture table drives the generic tests below
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpectralPriorFixture:
+    """One row of the spectral-prior table: a name (the test id), a factory
+    ``(shape, measure) -> prior`` and the properties the generic tests rely on.
+
+    :param kink_at_equal_top: the penalty is a ``max`` over eigenvalues (not differentiable
+        where ``lambda_max`` is repeated), so there only finiteness of the gradient holds.
+    :param closed_form_generative_gradient: the generative gradient has a closed form checked
+        by its own test, instead of finite differences.
+    """
+
+    name: str
+    make: Callable[[tuple[int, ...], str], TorchDistribution]
+    kink_at_equal_top: bool = False
+    closed_form_generative_gradient: bool = False
+
+    def __call__(self, shape: tuple[int, ...], measure: str) -> TorchDistribution:
+        return self.make(shape, measure)
+
+
+SPECTRAL_PRIORS = [
+    SpectralPriorFixture(
+        "gaussian", lambda shape, m: GaussianSpectrum(t(1.3), shape, measure=m),
+        closed_form_generative_gradient=True),
+    SpectralPriorFixture(
+        "powerlaw", lambda shape, m: PowerLawSpectrum(t(2.5), t(0.5), shape, xmin=t(1.5),
+                                                      measure=m)),
+    SpectralPriorFixture(
+        "frechet_top", lambda shape, m: FrechetTopEigenvalue(t(3.0), t(2.0), t(0.7), shape,
+                                                             measure=m),
+        kink_at_equal_top=True),
+    SpectralPriorFixture(
+        "spike_and_slab", lambda shape, m: SpikeAndSlabSpectrum(t(0.3), t(0.1), t(1.0), shape,
+                                                                measure=m)),
+]
+
+
+@pytest.fixture(params=SPECTRAL_PRIORS, ids=lambda f: f.name)
+def spectral_prior(request) -> SpectralPriorFixture:
+    return request.param
+
+
+@pytest.fixture(params=[f for f in SPECTRAL_PRIORS if not f.closed_form_generative_gradient],
+                ids=lambda f: f.name)
+def spectral_prior_without_closed_form_gradient(request) -> SpectralPriorFixture:
+    return request.param
 
 
 # --------------------------------------------------------------------------------------
@@ -244,15 +300,6 @@ def test_nuts_frechet_top_eigenvalue():
 # --------------------------------------------------------------------------------------
 
 
-def _priors(shape, measure):
-    return [
-        GaussianSpectrum(t(1.3), shape, measure=measure),
-        PowerLawSpectrum(t(2.5), t(0.5), shape, xmin=t(1.5), measure=measure),
-        FrechetTopEigenvalue(t(3.0), t(2.0), t(0.7), shape, measure=measure),
-        SpikeAndSlabSpectrum(t(0.3), t(0.1), t(1.0), shape, measure=measure),
-    ]
-
-
 def _repeated_sv_weights():
     torch.manual_seed(9)
     q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=F64))
@@ -263,17 +310,16 @@ def _repeated_sv_weights():
     return [orth, two_equal]
 
 
-@pytest.mark.parametrize("which", [0, 1, 2, 3])
-def test_penalty_gradient_at_repeated_singular_values(which):
+def test_penalty_gradient_at_repeated_singular_values(spectral_prior):
     """Finite gradients at an orthogonal W and at W with two equal singular values, equal to
     finite differences. FrechetTopEigenvalue's penalty has a kink where lambda_max itself is
     repeated (a max), so there only finiteness is checked."""
     for k, w0 in enumerate(_repeated_sv_weights()):
-        d = _priors((3, 4), "penalty")[which]
+        d = spectral_prior((3, 4), "penalty")
         w = w0.clone().requires_grad_()
         (g,) = torch.autograd.grad(d.log_prob(w), w)
         assert bool(torch.isfinite(g).all())
-        if which == 2 and k == 0:
+        if spectral_prior.kink_at_equal_top and k == 0:
             continue
         assert torch.autograd.gradcheck(d.log_prob, (w0.clone().requires_grad_(),), eps=1e-6,
                                         atol=1e-5)
@@ -287,13 +333,13 @@ def test_gaussian_generative_gradient_at_repeated_singular_values():
         np.testing.assert_allclose(g.numpy(), (-w0 / 1.3**2).numpy(), atol=1e-10)
 
 
-@pytest.mark.parametrize("which", [1, 2, 3])
-def test_generative_gradient_matches_finite_differences(which):
+def test_generative_gradient_matches_finite_differences(
+        spectral_prior_without_closed_form_gradient):
     torch.manual_seed(10)
     u, _ = torch.linalg.qr(torch.randn(3, 3, dtype=F64))
     v, _ = torch.linalg.qr(torch.randn(4, 3, dtype=F64))
     w0 = u @ torch.diag(t([2.2, 1.1, 0.4])) @ v.T
-    d = _priors((3, 4), "generative")[which]
+    d = spectral_prior_without_closed_form_gradient((3, 4), "generative")
     assert torch.autograd.gradcheck(d.log_prob, (w0.requires_grad_(),), eps=1e-6, atol=1e-5)
 
 
@@ -358,7 +404,9 @@ def test_shapes_and_expand():
     np.testing.assert_allclose(e.log_prob(w[0, 0])[3].numpy(), d.log_prob(w[0, 0]).numpy())
     with pytest.raises(RuntimeError):
         d.expand((3,))
-    for prior in _priors((2, 3, 2), "generative") + _priors((4, 3), "penalty"):
+    priors = [f((2, 3, 2), "generative") for f in SPECTRAL_PRIORS]
+    priors += [f((4, 3), "penalty") for f in SPECTRAL_PRIORS]
+    for prior in priors:
         ex = prior.expand((2,))
         assert ex.sample((3,)).shape == (3, 2) + tuple(prior.event_shape)
         assert ex.log_prob(prior.sample()).shape == (2,)

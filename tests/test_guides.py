@@ -3,6 +3,8 @@ spectral guide, errors."""
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -113,3 +115,43 @@ def test_spectral_guide_lognormal_singular_values():
     assert torch.allclose(med["net.2.weight"], net[2].weight)  # AutoDelta elsewhere
     res = bs.fit(bn, (x, y), "svi", guide=guide, epochs=3, batch_size=20, progress=False)
     assert res.predict(x, num_samples=4).shape == (4, 40, 3)
+
+
+# --- the guide registry -----------------------------------------------------------------
+
+
+def test_guide_registry_lists_builtin_kinds():
+    from bayes_spectral.bnn.guides import GUIDES
+
+    assert GUIDES.names()[:4] == ["delta", "normal", "lowrank", "spectral"]
+    assert GUIDES.get("normal") is bs.auto_normal
+
+
+def test_user_registered_guide_is_used_by_name(monkeypatch):
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoDiagonalNormal, init_to_value
+
+    from bayes_spectral.bnn.guides import GUIDES
+
+    monkeypatch.setattr(GUIDES, "_items", dict(GUIDES._items))  # restored after the test
+
+    @GUIDES.register("diagonal")
+    def diagonal(model, init_scale=0.05):
+        return AutoDiagonalNormal(poutine.block(model, expose=model.latent_sites),
+                                  init_loc_fn=init_to_value(values=model.initial_values()),
+                                  init_scale=init_scale)
+
+    net, x, y = pretrained()
+    bn = bs.bayesian(net, PRIOR, num_data=40)
+    pyro.clear_param_store()
+    guide = bs.make_guide(bn, "diagonal", init_scale=0.2)
+    assert isinstance(guide, AutoDiagonalNormal)
+    guide(x, y)
+    med = guide.median()
+    assert torch.allclose(med["net.0.weight"], net[0].weight, atol=1e-6)
+    assert float(guide.scale.detach().mean()) == pytest.approx(0.2, rel=1e-5)
+    res = bs.fit(bn, (x, y), "svi", guide="diagonal", epochs=2, batch_size=20, progress=False)
+    assert isinstance(res.guide, AutoDiagonalNormal)
+    assert all(math.isfinite(v) for v in res.history["loss"])
+    with pytest.raises(ValueError, match=r"guide kind must be one of \(.*'diagonal'\)"):
+        bs.make_guide(bn, "laplace")

@@ -273,7 +273,7 @@ def test_tracked_powerlaw_prior_equals_exact_penalty(kw):
     torch.manual_seed(0)
     base = PowerLawSpectrum(2.5, 0.5, (20, 30), **kw)
     w = (0.3 * torch.randn(20, 30, dtype=torch.float64)).requires_grad_(True)
-    tp = bs.TrackedSpectralPrior(base, bs.bnn.network._tail_penalty_for(base))
+    tp = bs.TrackedSpectralPrior(base, bs.bnn.site_priors._tail_penalty_for(base))
     lp, exact = tp.log_prob(w), base.penalty_log_prob(w)
     assert torch.allclose(lp, exact.to(lp), rtol=1e-10)
     (g1,) = torch.autograd.grad(lp, w)
@@ -317,3 +317,50 @@ def test_tracked_powerlaw_layers_train_track_and_resume_exactly(tmp_path):
         tracked = bs.TrackedSpectralPrior(bn._priors[layer], bn._tail_penalties[layer])
         exact = bn._priors[layer].penalty_log_prob(w)
         assert torch.allclose(tracked.log_prob(w), exact, rtol=1e-3), layer
+
+
+# --- the likelihood registry ------------------------------------------------------------
+
+
+def test_likelihood_registry_lists_builtin_likelihoods():
+    from bayes_spectral.bnn.likelihoods import LIKELIHOODS, GaussianLikelihood
+
+    assert LIKELIHOODS.names()[:2] == ["categorical", "gaussian"]
+    assert isinstance(LIKELIHOODS.get("gaussian"), GaussianLikelihood)
+
+
+def test_user_registered_likelihood_is_used_by_name(monkeypatch):
+    from bayes_spectral.bnn.likelihoods import LIKELIHOODS, Likelihood
+
+    monkeypatch.setattr(LIKELIHOODS, "_items", dict(LIKELIHOODS._items))  # restored after
+
+    class StudentT(Likelihood):
+        """``y ~ StudentT(3, f(x), 0.5)`` for a one-output regression."""
+
+        def prepare_output(self, out, y):
+            return out.squeeze(-1)
+
+        def law(self, out, params):
+            return pyro.distributions.StudentT(3.0, out, 0.5)
+
+        def check_targets(self, out, y, what):
+            if not y.is_floating_point():
+                raise TypeError(f"{what}: student-t targets must be floating point")
+
+    LIKELIHOODS.register("student_t")(StudentT())
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+    bn = bs.bayesian(net, {"0": gauss}, likelihood="student_t", num_data=20)
+    x, y = torch.randn(10, 6), torch.randn(10)
+    tr = poutine.trace(poutine.condition(bn, data=bn.initial_values())).get_trace(x, y)
+    obs = tr.nodes["obs"]
+    assert obs["scale"] == pytest.approx(20 / 10)
+    expected = pyro.distributions.StudentT(3.0, net(x).squeeze(-1), 0.5).log_prob(y)
+    assert torch.allclose(obs["fn"].log_prob(y), expected, atol=1e-6)
+    bn.check_data(x, y)
+    with pytest.raises(TypeError, match="student-t targets"):
+        bn.check_data(x, torch.zeros(10, dtype=torch.long))
+    res = bs.fit(bn, (x, y), "map", epochs=2, batch_size=10, progress=False)
+    assert all(math.isfinite(v) for v in res.history["loss"])
+    with pytest.raises(ValueError, match=r"likelihood must be one of \(.*'student_t'\)"):
+        bs.bayesian(net, {}, likelihood="poisson")

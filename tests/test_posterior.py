@@ -1,4 +1,5 @@
-"""posterior.py: spectral draws vs direct SVDs, InferenceData dims, az.summary vs NumPy,
+"""diagnostics (draws, inference_data, baselines, loo, netcdf, arviz_adapter): spectral
+draws vs direct SVDs, InferenceData dims, az.summary vs NumPy,
 az.compare of a 100x wrong prior, importance-weighted ELPD vs NUTS PSIS-LOO, baselines,
 netCDF round trip and bad input."""
 
@@ -413,3 +414,19 @@ def test_netcdf_round_trip_keeps_every_group_dim_and_coord(nuts_small, tmp_path)
     bs.save_netcdf(loaded, path)  # overwriting a file that was read works
     with pytest.raises(TypeError, match="InferenceData"):
         bs.save_netcdf(base, tmp_path / "x.nc")
+
+
+def test_arviz_adapter_reads_groups_and_joins_chains():
+    from bayes_spectral.diagnostics import arviz_adapter as ad
+
+    g = torch.Generator().manual_seed(0)
+    ds = bs.spectral_draws({"a": torch.randn(2, 3, 4, 5, generator=g)})
+    idata = ad.inference_data(posterior=ds)
+    assert ad.is_inference_data(idata) and not ad.is_inference_data(ds)
+    assert ad.has_groups(idata) and not ad.has_groups(ds)
+    assert ad.posterior_of(ds) is ds
+    xr.testing.assert_identical(ad.posterior_of(idata), ds)
+    assert ad.concat_chains([idata]) is idata
+    both = ad.posterior_of(ad.concat_chains([idata, idata]))
+    assert both["chain"].values.tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(both["alpha"].values[2:], ds["alpha"].values)

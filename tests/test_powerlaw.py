@@ -239,3 +239,51 @@ def test_per_candidate_alpha_and_ks_equal_powerlaw_package(seed):
     assert wide.xmin == pytest.approx(float(ours.xmin), rel=1e-12)
     assert wide.alpha == pytest.approx(float(ours.alpha), rel=1e-10)
     assert wide.D == pytest.approx(float(ours.ks_distance), rel=1e-10)
+
+
+def _spectra_without_ties():
+    """Seeded spectra of several shapes of tail: ESDs of Gaussian (Marchenko-Pastur, steep:
+    alpha > 3) and Student-t random matrices, Pareto samples with alpha 2.5 and 3.5."""
+    for seed in range(2):
+        rng = np.random.default_rng(100 + seed)
+        yield f"gaussian-{seed}", np.linalg.svd(rng.standard_normal((300, 150)),
+                                                compute_uv=False) ** 2
+        yield f"student-t-{seed}", np.linalg.svd(rng.standard_t(2.5 + 2 * seed, (250, 200)),
+                                                 compute_uv=False) ** 2
+    yield "pareto-2.5", pareto_evals(2.5, 300, seed=0)
+    yield "pareto-3.5", pareto_evals(3.5, 300, seed=1)
+
+
+@pytest.mark.parametrize("ev", [pytest.param(np.sort(ev), id=name)
+                                for name, ev in _spectra_without_ties()])
+def test_fit_equals_powerlaw_package_with_wide_alpha_range(ev):
+    """README ("Where we differ from WeightWatcher"): with ``parameter_ranges={"alpha":
+    [1, 100]}`` powerlaw.Fit equals ours (alpha and KS distance to 1e-10 relative, the same
+    xmin); with its default range it keeps only candidates with alpha in (0, 3): its xmin is
+    the KS argmin over our candidates with alpha < 3, and when no candidate has alpha < 3 it
+    flags the fit (``noise_flag``) and returns alpha at the bound 3 (ours is the MLE > 3)."""
+    assert len(np.unique(ev)) == len(ev)  # no ties: both searches see the same candidates
+    ours = bs.fit_powerlaw(torch.tensor(ev))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wide = powerlaw.Fit(ev, verbose=False, parameter_ranges={"alpha": [1, 100]})
+        default = powerlaw.Fit(ev, verbose=False)
+    assert wide.xmin == float(ours.xmin)
+    assert wide.alpha == pytest.approx(float(ours.alpha), rel=1e-10)
+    assert wide.D == pytest.approx(float(ours.ks_distance), rel=1e-10)
+    assert not wide.noise_flag
+
+    alphas, D = bpl._ks_scan(torch.tensor(ev)[None], torch.tensor([0]), 2)
+    n = len(default.xmin_fitting_results["xmins"])
+    alphas, D = alphas[0, :n].numpy(), D[0, :n].numpy()
+    if (alphas < 3).any():
+        best = int(np.argmin(np.where(alphas < 3, D, np.inf)))
+        assert default.xmin == ev[best] and not default.noise_flag
+        assert default.alpha == pytest.approx(alphas[best], rel=1e-10)
+        assert default.D == pytest.approx(D[best], rel=1e-10)
+    else:
+        assert default.noise_flag and default.alpha == pytest.approx(3.0, abs=1e-9)
+    if float(ours.alpha) < 3:  # our KS argmin is in its range: the default fit is ours
+        assert default.xmin == float(ours.xmin)
+    else:  # the default-range answer differs, as the README says
+        assert default.alpha <= 3 + 1e-9 and default.xmin != float(ours.xmin)

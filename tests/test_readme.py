@@ -1,13 +1,49 @@
-"""The README's Python examples run as written and give sensible numbers."""
+"""The README's Python examples run as written and give sensible numbers.
+
+Every ```python block of README.md is one test (id: its index and section heading), run in a
+fresh namespace inside a temporary working directory, so the files the examples write
+("ckpt", "posterior.nc", "spectra.png", ...) land there. Blocks with something to check
+beyond "it runs" have an entry in ``CHECKS``, keyed by text that precedes the block.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import pathlib
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TEN_LINE_MARKER = "A prior on a Linear layer, SVI, and an ArviZ summary"
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    heading: str
+    start: int  # offset of the opening fence in README.md
+    code: str
+
+    @property
+    def id(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.heading.lower()).strip("-")
+        return f"{self.index}-{slug}"
+
+
+def python_blocks(text: str) -> list[Block]:
+    """Every ```python block with the heading of the section it sits in."""
+    blocks = []
+    for index, match in enumerate(re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M)):
+        headings = re.findall(r"^#+ +(.+)$", text[: match.start()], re.M)
+        heading = headings[-1] if headings else "top"
+        blocks.append(Block(index, heading, match.start(), match.group(1)))
+    return blocks
 
 
 def _block_after(marker: str) -> str:
@@ -16,16 +52,93 @@ def _block_after(marker: str) -> str:
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
 
 
-def test_ten_line_svi_example_runs_and_learns():
-    code = _block_after("A prior on a Linear layer, SVI, and an ArviZ summary")
-    assert len(code.strip().splitlines()) <= 10
-    namespace: dict = {}
+def _run(code: str) -> tuple[dict, str]:
+    namespace: dict = {"__name__": "__readme__"}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), namespace)
-    metrics = namespace["res"].evaluate(namespace["split"].x_test, namespace["split"].y_test)
+    return namespace, out.getvalue()
+
+
+# --------------------------------------------------------------------------- per-block checks
+def check_quick_start(ns: dict, out: str, cwd: pathlib.Path) -> None:
+    fit = ns["fit"]  # W is unseeded Gaussian: a Marchenko-Pastur ESD, alpha anywhere above 1
+    assert math.isfinite(float(fit.alpha)) and float(fit.alpha) > 1
+    assert 2 <= int(fit.num_tail) <= 256 and float(fit.xmin) > 0
+    assert ns["ds"].sizes["layer"] == 2 and "alpha" in out
+
+
+def check_ten_line_svi(ns: dict, out: str, cwd: pathlib.Path) -> None:
+    assert len(_block_after(TEN_LINE_MARKER).strip().splitlines()) <= 10
+    metrics = ns["res"].evaluate(ns["split"].x_test, ns["split"].y_test)
     assert metrics.accuracy > 0.85  # 5 SVI epochs on digits; chance is 0.1
-    post = namespace["idata"].posterior
+    post = ns["idata"].posterior
     assert post.sizes["chain"] == 1 and post.sizes["draw"] == 50
     assert list(post.layer.values) == ["0"]
-    assert "alpha[0]" in out.getvalue() and "stable_rank[0]" in out.getvalue()
+    assert "alpha[0]" in out and "stable_rank[0]" in out
+
+
+def check_bayesian_network(ns: dict, out: str, cwd: pathlib.Path) -> None:
+    assert (cwd / "ckpt").is_dir() and any((cwd / "ckpt").iterdir())
+    assert ns["res"].evaluate(ns["split"].x_test, ns["split"].y_test).accuracy > 0.85
+
+
+def check_posterior_spectra(ns: dict, out: str, cwd: pathlib.Path) -> None:
+    for name in ("posterior.nc", "spectra.png", "forest.png"):
+        assert (cwd / name).stat().st_size > 0, name
+    post = ns["idata"].posterior
+    assert post.sizes["chain"] == 2 and post.sizes["draw"] == 20
+    assert list(ns["base"].method.values) == ["weight_decay", "spectral_norm"]
+
+
+CHECKS: dict[str, Callable[[dict, str, pathlib.Path], None]] = {
+    "## Quick start": check_quick_start,
+    TEN_LINE_MARKER: check_ten_line_svi,
+    "## Bayesian networks from any PyTorch model": check_bayesian_network,
+    "## Posterior spectra with ArviZ": check_posterior_spectra,
+}
+
+
+def _checks_for(text: str, blocks: list[Block]) -> dict[int, Callable]:
+    """Each marker names the first python block after it."""
+    found = {}
+    for marker, check in CHECKS.items():
+        at = text.index(marker)
+        block = next(b for b in blocks if b.start > at)
+        found[block.index] = check
+    return found
+
+
+TEXT = README.read_text()
+BLOCKS = python_blocks(TEXT)
+BLOCK_CHECKS = _checks_for(TEXT, BLOCKS)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)
+def test_python_block_runs_as_written(block, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    namespace, out = _run(block.code)
+    check = BLOCK_CHECKS.get(block.index)
+    if check is not None:
+        check(namespace, out, tmp_path)
+
+
+def test_every_python_block_is_found_and_checked():
+    assert len(BLOCKS) == TEXT.count("```python") >= 4
+    assert len(BLOCK_CHECKS) == len(CHECKS)  # every marker precedes its own block
+    assert BLOCK_CHECKS[python_blocks(TEXT)[1].index] is check_ten_line_svi
+
+
+def test_python_blocks_extractor_self_test():
+    text = "# A\n```python\nx = 1\n```\n## B c\n```bash\nls\n```\n```python\ny = 2\n```\n"
+    blocks = python_blocks(text)
+    assert [(b.id, b.code) for b in blocks] == [("0-a", "x = 1\n"), ("1-b-c", "y = 2\n")]
+
+
+# --------------------------------------------------------------------- paths the README cites
+def test_every_test_file_the_readme_cites_exists():
+    cited = sorted(set(re.findall(r"\btests/[\w/]+\.py\b", TEXT)))
+    assert "tests/test_readme.py" in cited and "tests/test_powerlaw.py" in cited
+    missing = [path for path in cited if not (ROOT / path).is_file()]
+    assert not missing, f"README.md cites test files that do not exist: {missing}"

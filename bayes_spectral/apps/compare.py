@@ -17,77 +17,72 @@ Each finished run is saved atomically under ``<out>/runs/``: its table rows and 
 weights (``.pt``) and, for SVI, its ``InferenceData`` (``_svi.nc``, written first);
 ``resume=True`` skips runs already there, so an interrupted comparison loses at most the
 run in progress.
+
+Baselines, priors and data sets are looked up by name in the registries
+:data:`bayes_spectral.penalties.PENALTIES`, :data:`bayes_spectral.distributions.PRIORS` and
+:data:`bayes_spectral.data.DATASETS`, so an entry a user registers works here too. The MLP
+and the baselines' Adam loop are :mod:`.nets`; the report folder is :mod:`.outputs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-import xarray as xr
 from torch import nn
 
 from .. import penalties as P
-from .._io import atomic_path, write_text_atomic
+from ..bnn.build import bayesian
 from ..bnn.fit import fit, save_checkpoint
 from ..bnn.guides import auto_normal, map_values
-from ..bnn.network import bayesian
 from ..bnn.predict import evaluate
-from ..data import Split, load_digits, load_mnist1d
+from ..data import DATASETS, Split
 from ..diagnostics.analyze import analyze
-from ..diagnostics.posterior import (
-    baseline_dataset,
-    importance_elpd,
-    load_netcdf,
-    save_netcdf,
-    to_inference_data,
-)
-from ..distributions import (
-    FrechetTopEigenvalue,
-    GaussianSpectrum,
-    PowerLawSpectrum,
-    SpikeAndSlabSpectrum,
-)
+from ..diagnostics.inference_data import to_inference_data
+from ..diagnostics.loo import importance_elpd
+from ..diagnostics.netcdf import load_netcdf, save_netcdf
+from ..distributions import BUILTIN_PRIORS, PRIORS
 from ..models._common import torch_threads
+from ..penalties import BUILTIN_PENALTIES, PENALTIES
+from ..select import weight_modules
+from .nets import make_mlp, train_adam
+from .outputs import (  # noqa: F401 (public names of compare before apps.outputs existed)
+    baselines_of,
+    config_json,
+    format_summary,
+    long_table,
+    summarize,
+    write_outputs,
+)
 
 __all__ = ["BASELINES", "PRIORS", "CompareConfig", "compare", "summarize"]
 
-#: baseline name -> penalty factory (coefficient in the units of ``R`` above)
-BASELINES: dict[str, Callable[[float], P.Penalty | None]] = {
-    "none": lambda c: None,
-    "weight_decay": lambda c: P.WeightDecay(c),
-    "spectral_norm": lambda c: P.SpectralNorm(c),
-    "stable_rank": lambda c: P.StableRank(c),
-    "weighted_alpha": lambda c: P.WeightedAlpha(c),
-}
-#: default coefficients of the baselines (``weight_decay``: the Gaussian prior's ``1/s^2``)
+#: baseline name -> penalty factory ``coef -> Penalty | None`` (coefficient in the units of
+#: ``R`` above): the penalty registry, :data:`bayes_spectral.penalties.PENALTIES`
+BASELINES = PENALTIES
+#: default coefficients of the baselines (``weight_decay``: the Gaussian prior's ``1/s^2``);
+#: a penalty a user registered has coefficient ``DEFAULT_COEF`` unless ``coefs`` names it
 BASELINE_COEFS = {"none": 0.0, "weight_decay": 4.0, "spectral_norm": 5.0,
                   "stable_rank": 5.0, "weighted_alpha": 20.0}
-
-#: prior name -> factory ``weight_shape -> Distribution`` (penalty measure, as in MAP)
-PRIORS: dict[str, Callable[[torch.Size], torch.distributions.Distribution]] = {
-    "gaussian": lambda s: GaussianSpectrum(0.5, s, measure="penalty"),
-    "powerlaw": lambda s: PowerLawSpectrum(2.0, 0.5, s),
-    "frechet_top": lambda s: FrechetTopEigenvalue(2.0, 1.0, 0.5, s),
-    "spike_and_slab": lambda s: SpikeAndSlabSpectrum(0.5, 0.01, 1.0, s),
-}
-DATASETS = ("digits", "mnist1d")
+DEFAULT_COEF = 1.0
 #: importance draws of the ELPD columns at least (PSIS tail of 13 draws; k-hat is inf at <= 20)
 ELPD_DRAWS = 64
 
 
 @dataclasses.dataclass
 class CompareConfig:
-    """Settings of :func:`compare`; the default takes a few minutes on 2 CPU cores."""
+    """Settings of :func:`compare`; the default takes a few minutes on 2 CPU cores.
+
+    ``baselines`` / ``priors`` / ``dataset`` are names in the registries
+    :data:`~bayes_spectral.penalties.PENALTIES`, :data:`~bayes_spectral.distributions.PRIORS`
+    and :data:`~bayes_spectral.data.DATASETS` (the defaults: every built-in entry).
+    """
 
     dataset: str = "digits"
     hidden: tuple[int, ...] = (128, 64)
@@ -96,8 +91,8 @@ class CompareConfig:
     svi_epochs: int = 15
     batch_size: int = 64
     lr: float = 3e-3
-    baselines: tuple[str, ...] = tuple(BASELINES)
-    priors: tuple[str, ...] = tuple(PRIORS)
+    baselines: tuple[str, ...] = BUILTIN_PENALTIES
+    priors: tuple[str, ...] = BUILTIN_PRIORS
     svi: bool = True
     num_posterior_samples: int = 64
     coefs: dict[str, float] = dataclasses.field(default_factory=lambda: dict(BASELINE_COEFS))
@@ -111,19 +106,13 @@ class CompareConfig:
         return cls(hidden=(64,), seeds=(0, 1), epochs=10, svi_epochs=5,
                    num_posterior_samples=16)
 
+    def coef(self, baseline: str) -> float:
+        """Coefficient of ``baseline``: ``coefs``, else ``BASELINE_COEFS``, else 1."""
+        return self.coefs.get(baseline, BASELINE_COEFS.get(baseline, DEFAULT_COEF))
+
     def validate(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        unknown = [b for b in self.baselines if b not in BASELINES]
-        if unknown:
-            raise ValueError(f"unknown baselines {unknown}; available: {list(BASELINES)}")
-        unknown = [p for p in self.priors if p not in PRIORS]
-        if unknown:
-            raise ValueError(f"unknown priors {unknown}; available: {list(PRIORS)}")
-        if not self.seeds:
-            raise ValueError("seeds is empty: give at least one seed")
-        if not self.baselines and not self.priors:
-            raise ValueError("nothing to compare: no baseline and no prior selected")
+        """``ValueError`` naming the first impossible setting."""
+        self._validate_names()
         for key in ("epochs", "svi_epochs", "batch_size", "num_posterior_samples"):
             val = getattr(self, key)
             if int(val) != val or val < 1:
@@ -133,34 +122,36 @@ class CompareConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         for name in self.baselines:
-            coef = self.coefs.get(name, BASELINE_COEFS[name])
+            coef = self.coef(name)
             if name != "none" and not (math.isfinite(coef) and coef > 0):
                 raise ValueError(f"coefficient of {name!r} must be a positive number, "
                                  f"got {coef!r}")
+
+    def _validate_names(self) -> None:
+        """Data set, baselines and priors are registered; something is selected."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {self.dataset!r}")
+        unknown = [b for b in self.baselines if b not in PENALTIES]
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}; available: {list(PENALTIES)}")
+        unknown = [p for p in self.priors if p not in PRIORS]
+        if unknown:
+            raise ValueError(f"unknown priors {unknown}; available: {list(PRIORS)}")
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed")
+        if not self.baselines and not self.priors:
+            raise ValueError("nothing to compare: no baseline and no prior selected")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def load_dataset(name: str, seed: int = 0) -> Split:
-    """The embedded data set ``name`` (digits: 8x8 images; mnist1d: generated locally)."""
-    if name == "digits":
-        return load_digits(seed=seed)
-    if name == "mnist1d":
-        return load_mnist1d(seed=seed)
-    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
-
-
-def make_mlp(num_inputs: int, hidden: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """ReLU MLP with layers named ``fc1 ... fcK`` (Kaiming-uniform init, seeded)."""
-    torch.manual_seed(seed)
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    widths = (num_inputs, *hidden)
-    for i in range(len(hidden)):
-        layers[f"fc{i + 1}"] = nn.Linear(widths[i], widths[i + 1])
-        layers[f"relu{i + 1}"] = nn.ReLU()
-    layers[f"fc{len(hidden) + 1}"] = nn.Linear(widths[-1], num_classes)
-    return nn.Sequential(layers)
+    """The data set registered as ``name`` in :data:`bayes_spectral.data.DATASETS` (built in:
+    digits, 8x8 images; mnist1d, generated locally), loaded with ``seed``."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
+    return DATASETS.get(name)(seed=seed)
 
 
 def _layer_metrics(weights: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -174,8 +165,9 @@ def _layer_metrics(weights: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach().cpu().clone() for n, m in module.named_modules()
-            if isinstance(m, nn.Linear)}
+    """CPU copies of the Linear weights, by module name (the root named ``""``)."""
+    rows = weight_modules(module, types=(nn.Linear,), min_dim=None, root="").rows
+    return {r.name: r.weight.detach().cpu().clone() for r in rows}
 
 
 def train_baseline(split: Split, cfg: CompareConfig, method: str, seed: int):
@@ -189,23 +181,12 @@ def train_baseline(split: Split, cfg: CompareConfig, method: str, seed: int):
     x, y = split.x_train.to(device), split.y_train.to(device)
     n = x.shape[0]
     net = make_mlp(x.shape[1], cfg.hidden, int(split.y_train.max()) + 1, seed).to(device)
-    coef = cfg.coefs.get(method, BASELINE_COEFS[method])
-    penalty = BASELINES[method](coef)
+    penalty = PENALTIES.get(method)(cfg.coef(method))
     reg = None if penalty is None else P.Regularizer(net, penalty, log=False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    torch.manual_seed(seed)  # the data order of fit(..., seed=seed): same permutations
-    bs = min(cfg.batch_size, n)
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n).to(device)
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            # N * (mean CE + R/N): the scale of the Pyro loss, so Adam's eps acts alike
-            loss = n * nn.functional.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            if reg is not None:
-                reg.accumulate_grad()  # += dR/dW in place (closed form where there is one)
-            opt.step()
+    # N * (mean CE + R/N): the scale of the Pyro loss, so Adam's eps acts alike; seed: the
+    # data order of fit(..., seed=seed), same permutations
+    train_adam(net, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+               loss_scale=n, regularizer=reg, seed=seed)
     with torch.no_grad():
         probs = torch.softmax(net(split.x_test.to(device)), -1).unsqueeze(0).cpu()
     return net, probs
@@ -213,7 +194,7 @@ def train_baseline(split: Split, cfg: CompareConfig, method: str, seed: int):
 
 def _prior_model(split: Split, cfg: CompareConfig, prior: str, seed: int):
     net = make_mlp(split.x_train.shape[1], cfg.hidden, int(split.y_train.max()) + 1, seed)
-    return bayesian(net, {nn.Linear: PRIORS[prior]}, num_data=len(split.x_train))
+    return bayesian(net, {nn.Linear: PRIORS.get(prior)}, num_data=len(split.x_train))
 
 
 def train_prior(split: Split, cfg: CompareConfig, prior: str, seed: int):
@@ -284,55 +265,68 @@ def _svi_outputs(res, split: Split, cfg: CompareConfig, seed: int):
     return idata, {"elpd_loo": elpd.elpd, "elpd_se": elpd.se, "khat_max": elpd.khat_max}
 
 
+def _train_baseline_run(split: Split, cfg: CompareConfig, method: str, seed: int) -> dict:
+    """One baseline run: ``{"rows": [row], "weights": {"baseline": w}}``."""
+    t0 = time.perf_counter()
+    net, probs = train_baseline(split, cfg, method, seed)
+    w = _weights_of(net)
+    row = _row("baseline", method, seed, probs, split.y_test, w, time.perf_counter() - t0)
+    return {"rows": [row], "weights": {"baseline": w}}
+
+
+def _train_prior_run(split: Split, cfg: CompareConfig, prior: str, seed: int,
+                     nc_path: Path | None):
+    """One prior run (MAP, then SVI): ``(saved, idata)``; the SVI ``InferenceData`` is
+    written to ``nc_path`` (before the run's ``.pt``, which marks it done)."""
+    res = train_prior(split, cfg, prior, seed)
+    probs = res["map"].predict(split.x_test).cpu()
+    w = _point_weights(res["map"])
+    saved = {"rows": [_row("map", prior, seed, probs, split.y_test, w, res["seconds"]["map"])],
+             "weights": {"map": w}}
+    idata = None
+    if res["svi"] is not None:
+        probs = res["svi"].predict(split.x_test, cfg.num_posterior_samples).cpu()
+        w = _point_weights(res["svi"])
+        row = _row("svi", prior, seed, probs, split.y_test, w, res["seconds"]["svi"])
+        idata, elpd = _svi_outputs(res["svi"], split, cfg, seed)
+        row.update(elpd)
+        saved["rows"].append(row)
+        saved["weights"]["svi"] = w
+        if nc_path is not None:
+            save_netcdf(idata, nc_path)
+    return saved, idata
+
+
 def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
+    """Every baseline, then every prior, each over the seeds, in that order (one job
+    each), resuming finished jobs from ``<out_dir>/runs/``."""
     split = load_dataset(cfg.dataset)
     runs_dir = None if out_dir is None else Path(out_dir) / "runs"
     say = progress or (lambda s: None)
     rows, weights, idatas = [], {}, {}
     jobs = [("baseline", b, s) for b in cfg.baselines for s in cfg.seeds]
     jobs += [("prior", p, s) for p in cfg.priors for s in cfg.seeds]
-    y_test = split.y_test
     for i, (what, method, seed) in enumerate(jobs):
         stem = f"{what}_{method}_seed{seed}"
         path = None if runs_dir is None else runs_dir / f"{stem}.pt"
         nc_path = None if runs_dir is None else runs_dir / f"{stem}_svi.nc"
+        head = f"[{i + 1}/{len(jobs)}] {what} {method} seed {seed}"
         idata = None
         if resume and path is not None and path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if nc_path.exists():
                 idata = load_netcdf(nc_path)
-            say(f"[{i + 1}/{len(jobs)}] {what} {method} seed {seed}: resumed from {path}")
+            say(f"{head}: resumed from {path}")
         else:
             t0 = time.perf_counter()
-            saved = {"rows": [], "weights": {}}
             if what == "baseline":
-                net, probs = train_baseline(split, cfg, method, seed)
-                w = _weights_of(net)
-                saved["rows"].append(_row("baseline", method, seed, probs, y_test, w,
-                                          time.perf_counter() - t0))
-                saved["weights"]["baseline"] = w
+                saved = _train_baseline_run(split, cfg, method, seed)
             else:
-                res = train_prior(split, cfg, method, seed)
-                probs = res["map"].predict(split.x_test).cpu()
-                w = _point_weights(res["map"])
-                saved["rows"].append(_row("map", method, seed, probs, y_test, w,
-                                          res["seconds"]["map"]))
-                saved["weights"]["map"] = w
-                if res["svi"] is not None:
-                    probs = res["svi"].predict(split.x_test, cfg.num_posterior_samples).cpu()
-                    w = _point_weights(res["svi"])
-                    row = _row("svi", method, seed, probs, y_test, w, res["seconds"]["svi"])
-                    idata, elpd = _svi_outputs(res["svi"], split, cfg, seed)
-                    row.update(elpd)
-                    saved["rows"].append(row)
-                    saved["weights"]["svi"] = w
-                    if nc_path is not None:  # before the .pt, which marks the run done
-                        save_netcdf(idata, nc_path)
+                saved, idata = _train_prior_run(split, cfg, method, seed, nc_path)
             if path is not None:
                 save_checkpoint(str(path), saved)
-            last = saved["rows"][-1]
-            say(f"[{i + 1}/{len(jobs)}] {what} {method} seed {seed}: "
-                f"test accuracy {last['test_accuracy']:.3f} ({time.perf_counter() - t0:.1f} s)")
+            say(f"{head}: test accuracy {saved['rows'][-1]['test_accuracy']:.3f} "
+                f"({time.perf_counter() - t0:.1f} s)")
         rows.extend(saved["rows"])
         for kind, w in saved["weights"].items():
             weights[(kind, method, seed)] = w
@@ -350,135 +344,3 @@ def _stack_chains(parts: list):
     if len(parts) == 1:
         return parts[0]
     return az.concat(*parts, dim="chain", reset_dim=True)
-
-
-def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sd over seeds per (kind, method) of every numeric column but ``seed``."""
-    cols = [c for c in table.columns if c not in ("kind", "method", "seed", "seconds")]
-    g = table.groupby(["kind", "method"], sort=False)[cols]
-    mean, sd = g.mean(), g.std(ddof=1)
-    out = mean.copy()
-    for c in ("test_accuracy", "nll", "ece"):
-        out[f"{c}_sd"] = sd[c]
-    out["seeds"] = g.size()
-    return out
-
-
-def config_json(cfg: CompareConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, default=lambda o: list(o))
-
-
-
-def _esd_figure(result: dict, path: Path, layer: str) -> None:
-    from ..diagnostics.plots import plot_esds
-    from ..spectra.spectrum import esd
-
-    seed = result["config"].seeds[0]
-    spectra = {f"{layer}, {kind} {method}": esd(w[layer].double())
-               for (kind, method, s), w in result["weights"].items() if s == seed}
-    plot_esds(spectra, path)
-
-
-def long_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The results table with one row per (run, layer): columns ``method`` (``kind:method``),
-    ``seed``, ``layer``, ``alpha``, ``stable_rank``, ``test_accuracy``."""
-    layers = [c[len("alpha_"):] for c in table.columns if c.startswith("alpha_")]
-    parts = []
-    for layer in layers:
-        part = table[["kind", "method", "seed", "test_accuracy"]].copy()
-        part["method"] = table["kind"] + ":" + table["method"]
-        part["layer"] = layer
-        part["alpha"] = table[f"alpha_{layer}"]
-        part["stable_rank"] = table[f"stable_rank_{layer}"]
-        parts.append(part.drop(columns="kind"))
-    return pd.concat(parts, ignore_index=True)
-
-
-def baselines_of(result: dict) -> xr.Dataset:
-    """Spectral variables of every point fit (baselines and MAP), dims ``method, seed,
-    layer[, sv_index]``; methods named ``baseline:<name>`` / ``map:<prior>``."""
-    return baseline_dataset({(f"{kind}:{method}", seed): w
-                             for (kind, method, seed), w in result["weights"].items()
-                             if kind != "svi"})
-
-
-def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write the report folder of :func:`compare`; returns ``{what: path}``.
-
-    ``results.csv`` (one row per run), ``summary.csv`` (mean/sd over seeds),
-    ``config.json``, ``baselines.nc`` (point fits, :func:`baselines_of`),
-    ``posterior_<prior>.nc`` (SVI ``InferenceData``), the PNG plots and the self-contained
-    ``report.html`` showing them.
-    """
-    from ..diagnostics.plots import (
-        plot_alpha_vs_accuracy,
-        plot_posterior_spectra,
-        plot_spectral_forest,
-    )
-    from .report import write_html_report
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg: CompareConfig = result["config"]
-    table, summary = result["table"], summarize(result["table"])
-    paths = {"results": out / "results.csv", "summary": out / "summary.csv",
-             "config": out / "config.json"}
-    table.to_csv(paths["results"], index=False)
-    summary.to_csv(paths["summary"])
-    write_text_atomic(paths["config"], config_json(cfg))
-    baselines = baselines_of(result)
-    paths["baselines"] = out / "baselines.nc"
-    with atomic_path(paths["baselines"]) as tmp:
-        baselines.to_netcdf(tmp, engine="h5netcdf")
-    images = {}
-    for prior, idata in result["idata"].items():
-        paths[f"posterior_{prior}"] = save_netcdf(idata, out / f"posterior_{prior}.nc")
-    first = "fc1"
-    paths["esd"] = out / f"esd_{first}.png"
-    _esd_figure(result, paths["esd"], first)
-    images[f"ESD of layer {first} (seed {cfg.seeds[0]}), every method"] = paths["esd"]
-    paths["alpha_vs_accuracy"] = out / "alpha_vs_accuracy.png"
-    plot_alpha_vs_accuracy(long_table(table), path=paths["alpha_vs_accuracy"])
-    images["alpha vs test accuracy, every run"] = paths["alpha_vs_accuracy"]
-    if result["idata"]:
-        paths["forest"] = out / "spectral_forest.png"
-        keep = [m for m in baselines.method.values if str(m).startswith("baseline:")]
-        penalties_only = baselines.sel({"method": keep}) if keep else None
-        plot_spectral_forest({f"svi:{p}": d.posterior for p, d in result["idata"].items()},
-                             penalties_only, path=paths["forest"])
-        images["Posterior intervals (SVI) next to the penalty baselines"] = paths["forest"]
-        for prior, idata in result["idata"].items():
-            key = f"posterior_spectra_{prior}"
-            paths[key] = out / f"{key}.png"
-            plot_posterior_spectra(idata.posterior, penalties_only, path=paths[key])
-            images[f"Sorted singular values: SVI posterior ({prior}) and baselines"] = paths[key]
-    notes = [
-        f"Data set {cfg.dataset}; MLP hidden widths {list(cfg.hidden)}; seeds {list(cfg.seeds)}; "
-        f"{cfg.epochs} epochs of Adam (lr {cfg.lr}, batch {cfg.batch_size}); SVI: "
-        f"{cfg.svi_epochs} epochs of AutoNormal started at the MAP fit, "
-        f"{cfg.num_posterior_samples} posterior draws per seed.",
-        "Every method minimises N * mean CE + R(W): R a penalty (baseline) or -log p(W) "
-        "(MAP with a spectral prior). alpha: power-law exponent of each layer's ESD "
-        "(KS-chosen xmin, WeightWatcher's rule); SVI rows use the posterior median weights. "
-        "elpd_loo: importance-weighted PSIS-LOO on the training data (khat_max > 0.7: "
-        "unreliable).",
-    ]
-    paths["report"] = write_html_report(
-        out / "report.html", "bayes-spectral compare", cfg.to_dict(),
-        {"Mean over seeds": summary, "Every run": table}, images, notes)
-    return paths
-
-
-def format_summary(table: pd.DataFrame) -> str:
-    """The printed results table: accuracy (mean +- sd), NLL, ECE, alpha, stable rank."""
-    s = summarize(table)
-    cols = {"acc": s["test_accuracy"].map("{:.3f}".format) + " +- "
-            + s["test_accuracy_sd"].fillna(0).map("{:.3f}".format),
-            "nll": s["nll"].map("{:.3f}".format), "ece": s["ece"].map("{:.3f}".format)}
-    if "elpd_loo" in s.columns:
-        cols["elpd_loo"] = s["elpd_loo"].map(lambda v: "-" if np.isnan(v) else f"{v:.1f}")
-        cols["khat"] = s["khat_max"].map(lambda v: "-" if np.isnan(v) else f"{v:.2f}")
-    for c in s.columns:
-        if c.startswith(("alpha_", "stable_rank_")):
-            cols[c.replace("stable_rank_", "srank_")] = s[c].map("{:.2f}".format)
-    return pd.DataFrame(cols).to_string()

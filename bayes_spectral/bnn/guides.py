@@ -8,11 +8,21 @@ elsewhere (e.g. from a MAP fit: ``map_values(guide)``).
 
 Guides only see the latent weight / singular-value sites (``poutine.block(expose=...)``),
 so the enumerated spike-and-slab indicators stay to ``TraceEnum_ELBO``.
+
+``GUIDES`` names the guide makers ``maker(model, **kwargs) -> AutoGuide`` that
+:func:`make_guide` (and ``fit(..., guide="<name>")``) reads; users register their own:
+
+    >>> from pyro.infer.autoguide import AutoLaplaceApproximation, init_to_value
+    >>> @GUIDES.register("laplace")
+    ... def laplace(model):
+    ...     return AutoLaplaceApproximation(
+    ...         poutine.block(model, expose=model.latent_sites),
+    ...         init_loc_fn=init_to_value(values=model.initial_values()))
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from pyro import poutine
@@ -25,7 +35,9 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 
-from .network import BayesianNetwork, _names
+from ..registry import Registry
+from ..select import pick_union
+from .network import BayesianNetwork
 
 __all__ = [
     "GUIDES",
@@ -37,7 +49,10 @@ __all__ = [
     "spectral_guide",
 ]
 
-GUIDES = ("delta", "normal", "lowrank", "spectral")
+GuideMaker = Callable[..., AutoGuide]
+
+#: guide kind -> maker ``maker(model, **kwargs) -> AutoGuide``
+GUIDES: Registry[GuideMaker] = Registry("guide")
 
 
 def _check_model(model) -> None:
@@ -63,7 +78,8 @@ def _split_sites(model: BayesianNetwork, layers) -> tuple[list[str], list[str]]:
     if layers is None:
         chosen = list(model.latent_sites)
     else:
-        names = _names(layers, {n: model.layer(n) for n in model.weight_layer_names}, "layers")
+        names = pick_union(layers, {n: model.layer(n) for n in model.weight_layer_names},
+                                "layers")
         missing = [n for n in names if n not in model.prior_sites]
         if missing:
             raise ValueError(f"layers {missing} have no prior; layers with priors are "
@@ -83,6 +99,7 @@ def _compose(model, chosen, rest, make, init_values) -> AutoGuide:
     return guide
 
 
+@GUIDES.register("delta")
 def auto_delta(model: BayesianNetwork, init_values: Mapping | None = None) -> AutoDelta:
     """MAP: a point mass on every latent site, initialised at the module's weights."""
     _check_model(model)
@@ -90,6 +107,7 @@ def auto_delta(model: BayesianNetwork, init_values: Mapping | None = None) -> Au
                      init_loc_fn=_init(model, init_values))
 
 
+@GUIDES.register("normal")
 def auto_normal(model: BayesianNetwork, layers=None, init_scale: float = 0.01,
                 init_values: Mapping | None = None) -> AutoGuide:
     """Mean-field Normal on the chosen ``layers`` (all prior layers by default); the other
@@ -101,6 +119,7 @@ def auto_normal(model: BayesianNetwork, layers=None, init_scale: float = 0.01,
                     init_values)
 
 
+@GUIDES.register("lowrank")
 def auto_lowrank(model: BayesianNetwork, layers=None, rank: int = 10,
                  init_scale: float = 0.01, init_values: Mapping | None = None) -> AutoGuide:
     """Low-rank-plus-diagonal Normal (``AutoLowRankMultivariateNormal``) jointly over the
@@ -115,6 +134,7 @@ def auto_lowrank(model: BayesianNetwork, layers=None, rank: int = 10,
                     init_values)
 
 
+@GUIDES.register("spectral")
 def spectral_guide(model: BayesianNetwork, init_scale: float = 0.01,
                    init_values: Mapping | None = None) -> AutoGuide:
     """Variational law over singular values: ``s_i ~ LogNormal(mu_i, sd_i)`` independently
@@ -133,12 +153,11 @@ def spectral_guide(model: BayesianNetwork, init_scale: float = 0.01,
 
 
 def make_guide(model: BayesianNetwork, kind: str = "delta", **kwargs) -> AutoGuide:
-    """``kind``: ``"delta"`` (MAP), ``"normal"``, ``"lowrank"`` or ``"spectral"``."""
-    makers = {"delta": auto_delta, "normal": auto_normal, "lowrank": auto_lowrank,
-              "spectral": spectral_guide}
-    if kind not in makers:
-        raise ValueError(f"guide kind must be one of {GUIDES}, got {kind!r}")
-    return makers[kind](model, **kwargs)
+    """The guide of ``kind``, a name of ``GUIDES``: ``"delta"`` (MAP), ``"normal"``,
+    ``"lowrank"``, ``"spectral"`` or one registered by the user; ``kwargs`` go to its maker."""
+    if kind not in GUIDES:
+        raise ValueError(f"guide kind must be one of {tuple(GUIDES.names())}, got {kind!r}")
+    return GUIDES.get(kind)(model, **kwargs)
 
 
 def map_values(guide: AutoGuide, sites: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

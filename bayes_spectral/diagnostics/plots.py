@@ -5,7 +5,8 @@
 log-binned histogram), the fitted power law ``(n_tail/N) (lambda/xmin)^(1 - alpha)`` and
 ``xmin`` marked.
 
-Posterior spectra (datasets of :mod:`bayes_spectral.diagnostics.posterior`):
+Posterior spectra (datasets of :mod:`bayes_spectral.diagnostics.draws` and
+:mod:`bayes_spectral.diagnostics.baselines`, or their ArviZ containers):
 
 * ``plot_posterior_spectra``: per layer, the median and the ``hdi_prob`` HDI band of the
   sorted singular values ``sigma_i`` against ``i`` (log y), each baseline method's mean over
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..spectra.powerlaw import PowerLawFit, fit_powerlaw
+from .arviz_adapter import has_groups, posterior_of
 
 __all__ = [
     "plot_alpha_vs_accuracy",
@@ -113,19 +115,13 @@ def _grid(plt, n: int, ncols: int, width: float, height: float):
     return fig, flat[:n]
 
 
-def _finish(plt, fig, path):
-    fig.tight_layout()
+def _finish(plt, fig, path, rect=None):
+    """Tight layout (inside ``rect`` when given), saved as PNG when ``path`` is given."""
+    fig.tight_layout(rect=rect)
     if path is not None:
         fig.savefig(path, dpi=_DPI)
         plt.close(fig)
     return fig
-
-
-def _posterior_of(ds):
-    """An ``InferenceData`` -> its ``posterior`` group; a Dataset is returned as is."""
-    if hasattr(ds, "posterior") and not hasattr(ds, "data_vars"):
-        return ds.posterior
-    return ds
 
 
 def _samples(da) -> np.ndarray:
@@ -145,6 +141,14 @@ def _hdi(x: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
     return s[i, cols], s[i + k, cols]
 
 
+def _layer_names(ds) -> list[str]:
+    return [str(v) for v in ds["layer"].values]
+
+
+def _colors(plt) -> list:
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
 def plot_posterior_spectra(posterior, baselines=None, layers=None, hdi_prob: float = 0.9,
                            path: str | Path | None = None, ncols: int = 3):
     """Sorted singular values per layer: posterior median line and ``hdi_prob`` HDI band
@@ -155,57 +159,82 @@ def plot_posterior_spectra(posterior, baselines=None, layers=None, hdi_prob: flo
     returns the figure (saved as PNG at 100 dpi when ``path`` is given).
     """
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    post = posterior_of(posterior)
+    names = _spectra_layers(post, layers, hdi_prob)
+    fig, axes = _grid(plt, len(names), ncols, 5.0, 3.8)
+    colors = _colors(plt)
+    for ax, name in zip(axes, names, strict=True):
+        sv = _samples(post["singular_values"].sel(layer=name))
+        sv = sv[:, ~np.all(np.isnan(sv), axis=0)]  # NaN padding sits at the end
+        _draw_spectrum_band(ax, sv, hdi_prob)
+        if baselines is not None and name in set(_layer_names(baselines)):
+            _draw_baseline_spectra(ax, baselines["singular_values"].sel(layer=name),
+                                   sv.shape[1], colors)
+        _label_spectrum_axis(ax, name)
+    return _finish(plt, fig, path)
 
-    post = _posterior_of(posterior)
+
+def _spectra_layers(post, layers, hdi_prob: float) -> list[str]:
+    """The layers to draw (all by default), after checking the dataset and ``hdi_prob``."""
     if "singular_values" not in post:
         raise ValueError("plot_posterior_spectra() needs a dataset with 'singular_values'")
     if not 0 < hdi_prob < 1:
         raise ValueError(f"hdi_prob must be in (0, 1), got {hdi_prob!r}")
-    names = [str(v) for v in post["layer"].values] if layers is None else list(layers)
-    unknown = [n for n in names if n not in set(map(str, post["layer"].values))]
+    names = _layer_names(post) if layers is None else list(layers)
+    unknown = [n for n in names if n not in set(_layer_names(post))]
     if unknown or not names:
-        raise ValueError(f"unknown layers {unknown}; the posterior has "
-                         f"{list(map(str, post['layer'].values))}")
-    fig, axes = _grid(plt, len(names), ncols, 5.0, 3.8)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, name in zip(axes, names, strict=True):
-        sv = _samples(post["singular_values"].sel(layer=name))
-        sv = sv[:, ~np.all(np.isnan(sv), axis=0)]  # NaN padding sits at the end
-        idx = np.arange(1, sv.shape[1] + 1)
-        lo, hi = _hdi(sv, hdi_prob)
-        ax.fill_between(idx, lo, hi, color="0.6", alpha=0.45, lw=0,
-                        label=f"posterior {int(round(100 * hdi_prob))}% HDI")
-        ax.plot(idx, np.median(sv, axis=0), color="k", lw=2,
-                label=f"posterior median ({sv.shape[0]} draws)")
-        if baselines is not None and name in set(map(str, baselines["layer"].values)):
-            base = baselines["singular_values"].sel(layer=name)
-            for j, method in enumerate(map(str, base["method"].values)):
-                vals = base.sel({"method": method}).values[:, : sv.shape[1]]
-                vals = vals[~np.all(np.isnan(vals), axis=1)]  # seeds not given are NaN
-                if vals.shape[0] == 0:
-                    continue
-                mean, n_seeds = vals.mean(axis=0), vals.shape[0]
-                ax.plot(idx[: mean.shape[0]], mean, "o-", ms=2.5, lw=1,
-                        color=colors[j % len(colors)], label=f"{method} (mean of {n_seeds} seeds)")
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("index i (singular values sorted descending)")
-        ax.set_ylabel("singular value sigma_i")
-        ax.set_title(f"layer {name}: posterior spectrum")
-        ax.legend(fontsize=7, loc="best")
-        ax.grid(True, which="major", alpha=0.3)
-    return _finish(plt, fig, path)
+        raise ValueError(f"unknown layers {unknown}; the posterior has {_layer_names(post)}")
+    return names
+
+
+def _draw_spectrum_band(ax, sv: np.ndarray, hdi_prob: float) -> None:
+    """The HDI band and the median of draws ``sv`` ``(S, r)`` against ``i = 1..r``."""
+    idx = np.arange(1, sv.shape[1] + 1)
+    lo, hi = _hdi(sv, hdi_prob)
+    ax.fill_between(idx, lo, hi, color="0.6", alpha=0.45, lw=0,
+                    label=f"posterior {int(round(100 * hdi_prob))}% HDI")
+    ax.plot(idx, np.median(sv, axis=0), color="k", lw=2,
+            label=f"posterior median ({sv.shape[0]} draws)")
+
+
+def _draw_baseline_spectra(ax, base, width: int, colors: list) -> None:
+    """Each method's mean over its given seeds of ``base`` (method, seed, sv_index),
+    the first ``width`` singular values."""
+    idx = np.arange(1, width + 1)
+    for j, method in enumerate(map(str, base["method"].values)):
+        vals = base.sel({"method": method}).values[:, :width]
+        vals = vals[~np.all(np.isnan(vals), axis=1)]  # seeds not given are NaN
+        if vals.shape[0] == 0:
+            continue
+        mean, n_seeds = vals.mean(axis=0), vals.shape[0]
+        ax.plot(idx[: mean.shape[0]], mean, "o-", ms=2.5, lw=1,
+                color=colors[j % len(colors)], label=f"{method} (mean of {n_seeds} seeds)")
+
+
+def _label_spectrum_axis(ax, name: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("index i (singular values sorted descending)")
+    ax.set_ylabel("singular value sigma_i")
+    ax.set_title(f"layer {name}: posterior spectrum")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+# --- forest plot -------------------------------------------------------------------------
 
 
 def _as_sources(posteriors) -> dict:
+    """``{name: posterior Dataset}`` of one Dataset / container or a mapping of them."""
     if posteriors is None:
         return {}
     if isinstance(posteriors, dict) or (hasattr(posteriors, "items")
                                         and not hasattr(posteriors, "data_vars")
-                                        and not hasattr(posteriors, "posterior")):
-        return {str(k): _posterior_of(v) for k, v in posteriors.items()}
-    return {"posterior": _posterior_of(posteriors)}
+                                        and not has_groups(posteriors)):
+        return {str(k): posterior_of(v) for k, v in posteriors.items()}
+    return {"posterior": posterior_of(posteriors)}
 
 
 _LOG_VARS = ("lambda_max",)
@@ -230,22 +259,8 @@ def plot_spectral_forest(posteriors, baselines=None,
         raise ValueError("plot_spectral_forest() needs posteriors or baselines")
     if not var_names:
         raise ValueError("var_names is empty")
-    layer_order: list[str] = []
-    for ds in [*sources.values(), *([baselines] if baselines is not None else [])]:
-        layer_order += [str(n) for n in ds["layer"].values if str(n) not in layer_order]
-        missing = [v for v in var_names if v not in ds]
-        if missing:
-            raise ValueError(f"variables {missing} are not in a dataset with {list(ds)}")
-    rows = []  # (label, kind, source name, layer)
-    for layer in layer_order:
-        for name, ds in sources.items():
-            if layer in set(map(str, ds["layer"].values)):
-                rows.append((f"{layer} | {name}", "posterior", name, layer))
-        if baselines is not None and layer in set(map(str, baselines["layer"].values)):
-            for method in map(str, baselines["method"].values):
-                rows.append((f"{layer} | {method}", "baseline", method, layer))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color_of = {}
+    rows = _forest_rows(sources, baselines, var_names)
+    colors, color_of = _colors(plt), {}
     for _, _, name, _ in rows:
         color_of.setdefault(name, colors[len(color_of) % len(colors)])
     height = 1.4 + 0.32 * len(rows) + (0.25 if len(var_names) == 1 else 0.0)
@@ -254,52 +269,91 @@ def plot_spectral_forest(posteriors, baselines=None,
     ypos = np.arange(len(rows))[::-1]
     for ax, var in zip(axes[0], var_names, strict=True):
         for y, (_, kind, name, layer) in zip(ypos, rows, strict=True):
-            c = color_of[name]
             if kind == "posterior":
-                draws = _samples(sources[name][var].sel(layer=layer)).ravel()
-                draws = draws[np.isfinite(draws)]
-                if draws.size == 0:
-                    continue
-                lo, hi = _hdi(draws[:, None], hdi_prob)
-                q25, q50, q75 = np.percentile(draws, [25, 50, 75])
-                ax.plot([lo[0], hi[0]], [y, y], color=c, lw=1.2)
-                ax.plot([q25, q75], [y, y], color=c, lw=4, solid_capstyle="butt")
-                ax.plot([q50], [y], "o", color="white", mec=c, ms=5)
+                _forest_interval(ax, sources[name][var].sel(layer=layer), y, color_of[name],
+                                 hdi_prob)
             else:
-                vals = baselines[var].sel({"layer": layer, "method": name}).values.ravel()
-                vals = vals[np.isfinite(vals)]
-                if vals.size == 0:
-                    continue
-                ax.plot(vals, np.full(vals.shape, y), "o", color=c, ms=3, alpha=0.6)
-                ax.plot([vals.mean()], [y], "D", color=c, mec="k", ms=6)
-        if var in _LOG_VARS:
-            ax.set_xscale("log")
-        ax.set_title(var)
-        ax.set_xlabel(_VAR_LABELS.get(var, var))
-        ax.grid(True, axis="x", alpha=0.3)
-        for y in ypos[:-1]:
-            ax.axhline(y - 0.5, color="0.9", lw=0.5)
+                vals = baselines[var].sel({"layer": layer, "method": name}).values
+                _forest_seeds(ax, vals, y, color_of[name])
+        _label_forest_axis(ax, var, ypos)
     axes[0][0].set_yticks(ypos)
     axes[0][0].set_yticklabels([r[0] for r in rows], fontsize=8)
     axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
+    legend_h = _forest_legend(fig, bool(sources), baselines is not None, hdi_prob,
+                              4.2 * len(var_names))
+    return _finish(plt, fig, path, rect=(0, legend_h / height, 1, 1))
+
+
+def _forest_rows(sources: dict, baselines, var_names) -> list[tuple[str, str, str, str]]:
+    """Rows ``(label, kind, source name, layer)``: per layer (first-appearance order), one
+    per posterior holding it, then one per baseline method; checks every dataset has
+    ``var_names``."""
+    layer_order: list[str] = []
+    for ds in [*sources.values(), *([baselines] if baselines is not None else [])]:
+        layer_order += [n for n in _layer_names(ds) if n not in layer_order]
+        missing = [v for v in var_names if v not in ds]
+        if missing:
+            raise ValueError(f"variables {missing} are not in a dataset with {list(ds)}")
+    rows = []
+    for layer in layer_order:
+        for name, ds in sources.items():
+            if layer in set(_layer_names(ds)):
+                rows.append((f"{layer} | {name}", "posterior", name, layer))
+        if baselines is not None and layer in set(_layer_names(baselines)):
+            for method in map(str, baselines["method"].values):
+                rows.append((f"{layer} | {method}", "baseline", method, layer))
+    return rows
+
+
+def _forest_interval(ax, da, y: float, color, hdi_prob: float) -> None:
+    """Posterior row: ``hdi_prob`` HDI (thin), 25-75% (thick), median (open dot)."""
+    draws = _samples(da).ravel()
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return
+    lo, hi = _hdi(draws[:, None], hdi_prob)
+    q25, q50, q75 = np.percentile(draws, [25, 50, 75])
+    ax.plot([lo[0], hi[0]], [y, y], color=color, lw=1.2)
+    ax.plot([q25, q75], [y, y], color=color, lw=4, solid_capstyle="butt")
+    ax.plot([q50], [y], "o", color="white", mec=color, ms=5)
+
+
+def _forest_seeds(ax, vals: np.ndarray, y: float, color) -> None:
+    """Baseline row: one dot per (finite) seed, a diamond at their mean."""
+    vals = vals.ravel()
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return
+    ax.plot(vals, np.full(vals.shape, y), "o", color=color, ms=3, alpha=0.6)
+    ax.plot([vals.mean()], [y], "D", color=color, mec="k", ms=6)
+
+
+def _label_forest_axis(ax, var: str, ypos: np.ndarray) -> None:
+    if var in _LOG_VARS:
+        ax.set_xscale("log")
+    ax.set_title(var)
+    ax.set_xlabel(_VAR_LABELS.get(var, var))
+    ax.grid(True, axis="x", alpha=0.3)
+    for y in ypos[:-1]:
+        ax.axhline(y - 0.5, color="0.9", lw=0.5)
+
+
+def _forest_legend(fig, posteriors: bool, baselines: bool, hdi_prob: float,
+                   width: float) -> float:
+    """The legend below the axes (one row when the figure is >= 8 inches wide); returns
+    its height in inches."""
     from matplotlib.lines import Line2D
 
     handles = []
-    if sources:
+    if posteriors:
         handles.append(Line2D([], [], color="k", lw=4, label="posterior: median, 50% (thick), "
                               f"{int(round(100 * hdi_prob))}% HDI (thin)"))
-    if baselines is not None:
+    if baselines:
         handles.append(Line2D([], [], color="k", marker="D", ls="",
                               label="baseline: mean over seeds (dots: seeds)"))
-    width = 4.2 * len(var_names)
     ncol = len(handles) if width >= 8 else 1
-    legend_h = 0.25 * math.ceil(len(handles) / ncol) + 0.15
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, legend_h / height, 1, 1))
-    if path is not None:
-        fig.savefig(path, dpi=_DPI)
-        plt.close(fig)
-    return fig
+    return 0.25 * math.ceil(len(handles) / ncol) + 0.15
 
 
 _VAR_LABELS = {
@@ -350,8 +404,4 @@ def plot_alpha_vs_accuracy(table, path: str | Path | None = None, ncols: int = 3
     counts = table.groupby(table["method"].astype(str)).size() // len(layers)
     fig.legend(list(handles.values()), [f"{m} ({counts[m]} runs)" for m in handles],
                loc="lower center", ncol=legend_cols, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
-    if path is not None:
-        fig.savefig(path, dpi=_DPI)
-        plt.close(fig)
-    return fig
+    return _finish(plt, fig, path, rect=(0, legend_in / fig.get_figheight(), 1, 1))

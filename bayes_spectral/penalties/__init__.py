@@ -5,7 +5,8 @@ scalar tensor. Modules (one job each): ``norms`` (weight decay, L1, nuclear / Sc
 stable rank), ``spectral_norm`` (Yoshida & Miyato), ``tail`` (weighted alpha and the
 power-law / Frechet prior penalties, exact or tracked), ``hessian`` (Hutchinson and the
 deep-linear closed form), ``schedules`` (decayed / thresholded wrappers) and
-``regularizer`` (select layers of a model, log per-layer values).
+``regularizer`` (select layers of a model, log per-layer values); ``registry`` names
+penalty factories ``coef -> Penalty | None`` (``PENALTIES``; users register theirs).
 
 MAP equivalence: the prior penalties are exactly ``-log p`` of the penalty measure of
 ``bayes_spectral.distributions.PowerLawSpectrum`` / ``FrechetTopEigenvalue`` (shared
@@ -17,16 +18,19 @@ likelihood over a subsampled plate of size ``B`` out of ``N`` has loss
 from .base import Penalty
 from .hessian import deep_linear_hessian_trace, hutchinson_trace
 from .norms import L1, NuclearNorm, SchattenNorm, StableRank, WeightDecay
+from .registry import BUILTIN_PENALTIES, PENALTIES
 from .regularizer import Regularizer
 from .schedules import Decayed, Thresholded
 from .spectral_norm import SpectralNorm
 from .tail import FrechetPrior, PowerLawPrior, WeightedAlpha
 
 __all__ = [
+    "BUILTIN_PENALTIES",
     "Decayed",
     "FrechetPrior",
     "L1",
     "NuclearNorm",
+    "PENALTIES",
     "Penalty",
     "PowerLawPrior",
     "Regularizer",

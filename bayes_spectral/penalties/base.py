@@ -6,19 +6,18 @@ import torch
 from torch import nn
 
 from .._checks import check_weight
+from ..select import LINEAR_CONV, weight_modules
 
 __all__ = ["Penalty", "weight_layers_of", "check_finite"]
 
-_WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
 def weight_layers_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``(name, weight)`` of every Linear / Conv1d-3d layer (``<root>`` for the module itself)."""
-    return [
-        (name or "<root>", m.weight)
-        for name, m in module.named_modules()
-        if isinstance(m, _WEIGHT_TYPES)
-    ]
+    """``(name, weight)`` of every Linear / Conv1d-3d layer (``<root>`` for the module itself).
+
+    The weights are taken as they are (no shape check); see
+    :func:`bayes_spectral.select.weight_modules`.
+    """
+    view = weight_modules(module, types=LINEAR_CONV, min_dim=None)
+    return [(row.name, row.weight) for row in view.rows]
 
 
 def check_finite(value: torch.Tensor, name: str | None, what: str) -> torch.Tensor:

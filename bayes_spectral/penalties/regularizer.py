@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from ..select import pick_modules
 from .base import Penalty
 
 __all__ = ["Regularizer"]
-
-_DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _has_weight(module: nn.Module) -> bool:
-    w = getattr(module, "weight", None)
-    return isinstance(w, torch.Tensor) and w.dim() >= 2
 
 
 class Regularizer:
@@ -48,40 +41,10 @@ class Regularizer:
         self.model = model
         self.penalty = penalty
         self.log = bool(log)
-        modules = dict(model.named_modules())
-        if "" in modules:
-            modules["<root>"] = modules.pop("")
-        if types is None and names is None and pattern is None:
-            chosen = [n for n, m in modules.items() if isinstance(m, _DEFAULT_TYPES)]
-            if not chosen:
-                raise ValueError(f"{type(model).__name__} has no Linear/Conv layer; "
-                                 "select layers with types=, names= or pattern=")
-        else:
-            chosen = list(modules)
-            if names is not None:
-                wanted = [names] if isinstance(names, str) else list(names)
-                unknown = [w for w in wanted if w not in modules]
-                if unknown:
-                    known = [n for n, m in modules.items() if _has_weight(m)]
-                    raise ValueError(f"unknown layer names {unknown}; layers with weights: {known}")
-                chosen = [n for n in chosen if n in wanted]
-            if types is not None:
-                tt = types if isinstance(types, tuple) else (types,)
-                chosen = [n for n in chosen if isinstance(modules[n], tt)]
-                if not chosen:
-                    raise ValueError(f"no layer of type {[t.__name__ for t in tt]} selected")
-            if pattern is not None:
-                rx = re.compile(pattern)
-                chosen = [n for n in chosen if rx.search(n) and
-                          (names is not None or types is not None or _has_weight(modules[n]))]
-                if not chosen:
-                    raise ValueError(f"pattern {pattern!r} matches no layer with a weight; "
-                                     f"layers: {[n for n, m in modules.items() if _has_weight(m)]}")
-        bad = [n for n in chosen if not _has_weight(modules[n])]
-        if bad:
-            raise ValueError(f"selected layers without a >= 2-D weight: {bad}")
-        self.layers: dict[str, nn.Module] = {n: modules[n] for n in chosen}
-        self.history: dict[str, list[float]] = {n: [] for n in chosen}
+        selection = pick_modules(model, types=types, names=names, pattern=pattern,
+                                 mode="search")
+        self.layers: dict[str, nn.Module] = selection.modules()
+        self.history: dict[str, list[float]] = {n: [] for n in self.layers}
 
     def set_epoch(self, epoch: int) -> None:
         self.penalty.set_epoch(epoch)

@@ -67,7 +67,7 @@ class PowerLawFit:
 
 def _prepare(evals: torch.Tensor, min_tail: int, name: str | None) -> tuple[torch.Tensor, int]:
     """Validate, sort ascending, and return (sorted evals (B, N), first usable index per row)."""
-    where = f" (layer {name!r})" if name else ""
+    where = _where(name)
     if not isinstance(evals, torch.Tensor):
         raise TypeError(f"evals{where} must be a torch.Tensor, got {type(evals).__name__}")
     if not evals.is_floating_point():
@@ -313,18 +313,48 @@ def fit_powerlaw(
     ``exhaustive=True`` computes the exact ``D_i`` of every candidate (for plots); the
     default prunes candidates by a lower bound and returns the same xmin (``_ks_pruned``).
     """
-    fixed = [xmin != "ks", xmin_quantile is not None, xmin_index is not None]
-    if sum(fixed) > 1:
-        raise ValueError("give at most one of xmin=<value>, xmin_quantile, xmin_index")
-    if isinstance(xmin, str) and xmin != "ks":
-        raise ValueError(f"xmin must be 'ks' or a number, got {xmin!r}")
+    rule, value = _xmin_rule(xmin, xmin_quantile, xmin_index)
     if num_fingers < 0:
         raise ValueError(f"num_fingers must be >= 0, got {num_fingers}")
     lam, N = _prepare(evals, min_tail, name)
-    where = f" (layer {name!r})" if name else ""
+    where = _where(name)
     truncated = xmax is not None or num_fingers > 0
     batch_shape = lam.shape[:-1]
-    lam2 = lam.reshape(-1, N)
+    lam2 = _drop_top(lam.reshape(-1, N), xmax, num_fingers, min_tail, where)
+    with torch.no_grad():
+        lam_d = lam2.detach()
+        first = _first_usable(lam_d, rtol, min_tail, where)
+        scan = _TailScan(lam_d, first, min_tail, truncated, exhaustive, where)
+        alphas, D, idx = _XMIN_RULES[rule](scan, value)
+        ks = D.gather(-1, idx[:, None]).squeeze(-1)
+    alpha = _tail_alpha(lam2, idx, alphas, truncated)
+    method = "truncated" if truncated else ("ks" if rule == "ks" else "fixed")
+    return _fit_result(lam2, idx, alpha, ks, D, batch_shape, method)
+
+
+def _where(name: str | None) -> str:
+    """The `` (layer 'name')`` suffix of error messages (empty without a name)."""
+    return f" (layer {name!r})" if name else ""
+
+
+def _xmin_rule(xmin, xmin_quantile, xmin_index) -> tuple[str, object]:
+    """The xmin rule asked for, ``(rule, value)``: ``("ks", None)``, ``("value", xmin)``,
+    ``("quantile", q)`` or ``("index", i)``; at most one may be given."""
+    given = [(rule, v) for rule, v, on in (("value", xmin, xmin != "ks"),
+                                          ("quantile", xmin_quantile, xmin_quantile is not None),
+                                          ("index", xmin_index, xmin_index is not None)) if on]
+    if len(given) > 1:
+        raise ValueError("give at most one of xmin=<value>, xmin_quantile, xmin_index")
+    if isinstance(xmin, str) and xmin != "ks":
+        raise ValueError(f"xmin must be 'ks' or a number, got {xmin!r}")
+    return given[0] if given else ("ks", None)
+
+
+def _drop_top(lam2: torch.Tensor, xmax: float | None, num_fingers: int, min_tail: int,
+              where: str) -> torch.Tensor:
+    """The rows ``(B, N)`` (ascending) without their ``num_fingers`` largest values and,
+    for one ESD, without the values above ``xmax`` (the truncated fit's range)."""
+    N = lam2.shape[-1]
     if num_fingers:
         if N - num_fingers < min_tail:
             raise ValueError(f"num_fingers={num_fingers} leaves fewer than {min_tail} eigenvalues")
@@ -336,57 +366,122 @@ def fit_powerlaw(
         if keep < min_tail:
             raise ValueError(f"xmax={xmax} leaves {keep} eigenvalues{where}, need {min_tail}")
         lam2 = lam2[:, :keep]
-    N2 = lam2.shape[-1]
-    with torch.no_grad():
-        lam_d = lam2.detach()
-        first = _zero_cut(lam_d, rtol)
-        usable = N2 - first
-        if bool((usable < min_tail).any()):
-            raise ValueError(
-                f"too few non-zero eigenvalues for a tail fit{where}: {int(usable.min())} "
-                f"above the zero cut, need at least {min_tail} (is the matrix all zeros or "
-                "rank-deficient?)"
-            )
-        scan = _truncated_fit if truncated else _ks_scan
-        if sum(fixed) == 0 and not truncated and not exhaustive:
-            alphas, D, idx = _ks_pruned(lam_d, first, min_tail)
-            if bool((idx < 0).any()):
-                raise ValueError(f"no valid xmin candidate{where}")
-        elif sum(fixed) == 0:
-            alphas, D = scan(lam_d, first, min_tail)
-            idx = torch.argmin(D, dim=-1)
-            if bool(torch.isinf(D.gather(-1, idx[:, None])).any()):
-                raise ValueError(f"no valid xmin candidate{where}")
-        else:
-            if xmin_index is not None:
-                i = int(xmin_index)
-            elif xmin_quantile is not None:
-                if not 0.0 <= float(xmin_quantile) < 1.0:
-                    raise ValueError(f"xmin_quantile must be in [0, 1), got {xmin_quantile}")
-                i = int(float(xmin_quantile) * N2)
-            else:
-                if not float(xmin) > 0:
-                    raise ValueError(f"xmin must be > 0, got {xmin}")
-                if lam_d.shape[0] != 1:
-                    raise ValueError("xmin=<value> is for a single ESD")
-                i = int(torch.searchsorted(lam_d[0].contiguous(), torch.tensor(
-                    [float(xmin)], dtype=lam_d.dtype, device=lam_d.device))[0])
-            if not 0 <= i <= N2 - min_tail:
-                raise ValueError(
-                    f"xmin choice gives tail index {i}{where}: need 0 <= index <= "
-                    f"{N2 - min_tail} so that at least {min_tail} eigenvalues are in the tail"
-                )
-            idx = torch.full((lam_d.shape[0],), i, dtype=torch.long, device=lam_d.device)
-            alphas, D = scan(lam_d, first, min_tail, lo=i, hi=i + 1)
-            if bool((idx < first).any()):
-                raise ValueError(f"xmin index {i}{where} falls on a zero eigenvalue")
-        ks = D.gather(-1, idx[:, None]).squeeze(-1)
+    return lam2
+
+
+def _first_usable(lam_d: torch.Tensor, rtol: float | None, min_tail: int,
+                  where: str) -> torch.Tensor:
+    """Per row, the first index above the zero cut (:func:`_zero_cut`); raises when fewer
+    than ``min_tail`` values are above it."""
+    first = _zero_cut(lam_d, rtol)
+    usable = lam_d.shape[-1] - first
+    if bool((usable < min_tail).any()):
+        raise ValueError(
+            f"too few non-zero eigenvalues for a tail fit{where}: {int(usable.min())} "
+            f"above the zero cut, need at least {min_tail} (is the matrix all zeros or "
+            "rank-deficient?)"
+        )
+    return first
+
+
+@dataclass
+class _TailScan:
+    """What every xmin rule needs: detached ascending rows ``lam`` ``(B, N)``, the first
+    usable index per row, ``min_tail``, the law (plain or truncated), whether a KS choice
+    evaluates every candidate exactly, and the message suffix naming the layer."""
+
+    lam: torch.Tensor
+    first: torch.Tensor
+    min_tail: int
+    truncated: bool
+    exhaustive: bool
+    where: str
+
+    def scan(self, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha_i`` and ``D_i`` of candidates ``lo <= i < hi`` under the law."""
+        fit = _truncated_fit if self.truncated else _ks_scan
+        return fit(self.lam, self.first, self.min_tail, lo=lo, hi=hi)
+
+
+def _xmin_by_ks(s: _TailScan, _value=None):
+    """``argmin_i D_i`` (first on ties): pruned by a lower bound for the plain law, an
+    exact scan of every candidate when truncated or ``exhaustive``."""
+    if not s.truncated and not s.exhaustive:
+        alphas, D, idx = _ks_pruned(s.lam, s.first, s.min_tail)
+        if bool((idx < 0).any()):
+            raise ValueError(f"no valid xmin candidate{s.where}")
+        return alphas, D, idx
+    alphas, D = s.scan()
+    idx = torch.argmin(D, dim=-1)
+    if bool(torch.isinf(D.gather(-1, idx[:, None])).any()):
+        raise ValueError(f"no valid xmin candidate{s.where}")
+    return alphas, D, idx
+
+
+def _xmin_at_index(s: _TailScan, i: int):
+    """The fit at the fixed xmin index ``i`` (the same for every row)."""
+    N2, min_tail, where = s.lam.shape[-1], s.min_tail, s.where
+    if not 0 <= i <= N2 - min_tail:
+        raise ValueError(
+            f"xmin choice gives tail index {i}{where}: need 0 <= index <= "
+            f"{N2 - min_tail} so that at least {min_tail} eigenvalues are in the tail"
+        )
+    idx = torch.full((s.lam.shape[0],), i, dtype=torch.long, device=s.lam.device)
+    alphas, D = s.scan(lo=i, hi=i + 1)
+    if bool((idx < s.first).any()):
+        raise ValueError(f"xmin index {i}{where} falls on a zero eigenvalue")
+    return alphas, D, idx
+
+
+def _xmin_by_index(s: _TailScan, index):
+    """``xmin_index=i``: the tail starts at ``lambda_i`` (0-based ascending)."""
+    return _xmin_at_index(s, int(index))
+
+
+def _xmin_by_quantile(s: _TailScan, q):
+    """``xmin_quantile=q``: index ``floor(q N)``."""
+    if not 0.0 <= float(q) < 1.0:
+        raise ValueError(f"xmin_quantile must be in [0, 1), got {q}")
+    return _xmin_at_index(s, int(float(q) * s.lam.shape[-1]))
+
+
+def _xmin_by_value(s: _TailScan, xmin):
+    """``xmin=<value>``: the first index with ``lambda_i >= xmin`` (one ESD only)."""
+    if not float(xmin) > 0:
+        raise ValueError(f"xmin must be > 0, got {xmin}")
+    lam = s.lam
+    if lam.shape[0] != 1:
+        raise ValueError("xmin=<value> is for a single ESD")
+    i = int(torch.searchsorted(lam[0].contiguous(), torch.tensor(
+        [float(xmin)], dtype=lam.dtype, device=lam.device))[0])
+    return _xmin_at_index(s, i)
+
+
+#: xmin rule -> ``(scan, value) -> (alphas, D, idx)``
+_XMIN_RULES = {
+    "ks": _xmin_by_ks,
+    "index": _xmin_by_index,
+    "quantile": _xmin_by_quantile,
+    "value": _xmin_by_value,
+}
+
+
+def _tail_alpha(lam2: torch.Tensor, idx: torch.Tensor, alphas: torch.Tensor,
+                truncated: bool) -> torch.Tensor:
+    """Differentiable ``alpha`` at the chosen (detached) xmin index: the MLE recomputed
+    from the eigenvalues (:func:`alpha_at_index`), or for the truncated law one Newton step
+    from the bisection root (:func:`_truncated_alpha_grad`)."""
     if truncated:
         b0 = alphas.gather(-1, idx[:, None]).squeeze(-1) - 1.0
-        alpha = _truncated_alpha_grad(lam2, idx, b0)
-    else:
-        alpha = alpha_at_index(lam2, idx)
-    n_tail = N2 - idx
+        return _truncated_alpha_grad(lam2, idx, b0)
+    return alpha_at_index(lam2, idx)
+
+
+def _fit_result(lam2: torch.Tensor, idx: torch.Tensor, alpha: torch.Tensor, ks: torch.Tensor,
+                D: torch.Tensor, batch_shape: torch.Size, method: str) -> PowerLawFit:
+    """Assemble the :class:`PowerLawFit` in the input's batch shape; ``n = N - i`` tail
+    values, ``sigma = (alpha - 1) / sqrt(n)``."""
+    n_tail = lam2.shape[-1] - idx
     xmin_val = lam2.gather(-1, idx[:, None]).squeeze(-1)
     sigma = (alpha - 1.0) / n_tail.to(alpha.dtype).sqrt()
     return PowerLawFit(
@@ -397,7 +492,7 @@ def fit_powerlaw(
         ks_distance=ks.reshape(batch_shape),
         sigma=sigma.reshape(batch_shape),
         xmax=lam2[:, -1].reshape(batch_shape),
-        method="truncated" if truncated else ("ks" if sum(fixed) == 0 else "fixed"),
+        method=method,
         ks_distances=D.reshape(*batch_shape, -1),
     )
 

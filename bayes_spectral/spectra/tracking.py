@@ -280,6 +280,28 @@ class TailTracker:
         full decomposition (``self.k``, ``self.need``) and override the arguments.
         ``graph=False``: all ``evals`` detached (for :meth:`add_grad`, no autograd node).
         """
+        W, k, need = self._check_call(mats, k, need, choose)
+        self.num_calls += 1
+        self._since += 1
+        reason = self._refresh_reason(W, k)
+        Wd = W.detach()
+        if reason is not None:
+            V, Y, full = self._full(Wd, k, need, reason, choose)
+            self.last_residual = float("inf")
+            return self._estimate(mats, V, Y, self.need, full, True, float("inf"), graph)
+        step = self._refine(Wd, self._start_block(Wd), k, need)
+        self.num_iters += step.apps
+        self.last_residual = step.residual
+        if not step.residual <= self.tol:  # the drift test (also catches NaN)
+            V, Y, full = self._full(Wd, k, need, "drift", choose)
+            return self._estimate(mats, V, Y, self.need, full, True, step.residual, graph)
+        U, Y = self._advance(step, need)
+        self.last_reason = None
+        return self._estimate(mats, U, Y, need, None, False, step.residual, graph)
+
+    def _check_call(self, mats: torch.Tensor, k: int, need: int | None, choose):
+        """Validate a call; returns the oriented ``W`` and the block sizes ``(k, need)``
+        (those of the last full decomposition when ``choose`` sizes the block)."""
         if mats.dim() != 3:
             raise ValueError(f"TailTracker expects a stack (B, m, n), got {tuple(mats.shape)}")
         W = self._orient(mats)
@@ -292,85 +314,75 @@ class TailTracker:
             raise ValueError(f"need must be in [1, k={k}], got {need}")
         if choose is not None and self.V is not None:
             k, need = self.k, self.need
-        self.num_calls += 1
-        self._since += 1
-        V = self.V
-        reason = None
+        return W, k, need
+
+    def _refresh_reason(self, W: torch.Tensor, k: int) -> str | None:
+        """Why this call must decompose fully (``None``: track the block)."""
+        V, n = self.V, W.shape[-1]
         if V is None:
-            reason = "init"
-        elif V.shape[:-1] != W.shape[:-2] + (n,) or V.device != W.device:
-            reason = "shape"
-        elif V.shape[-1] != k:
-            reason = "k"
-        elif self._since >= self.refresh_every:
-            reason = "period"
-        elif k > self.wide * n:
-            reason = "wide"  # a block this wide costs as much as the decomposition
-        Wd = W.detach()
-        if reason is not None:
-            V, Y, full = self._full(Wd, k, need, reason, choose)
-            self.last_residual = float("inf")
-            return self._estimate(mats, V, Y, self.need, full, True, float("inf"), graph)
-        V = V.to(Wd.dtype)
-        X_old, P = self.X, self.P
-        if P is not None:  # set only with momentum > 0
-            # LOBPCG's third block: Ritz on span(V, P), P the motion of the leading Ritz
-            # vectors over the last call (training steps with momentum move them smoothly)
-            V = torch.linalg.qr(torch.cat([V, P.to(Wd.dtype)], -1)).Q
-        residual = float("inf")
+            return "init"
+        if V.shape[:-1] != W.shape[:-2] + (n,) or V.device != W.device:
+            return "shape"
+        if V.shape[-1] != k:
+            return "k"
+        if self._since >= self.refresh_every:
+            return "period"
+        if k > self.wide * n:
+            return "wide"  # a block this wide costs as much as the decomposition
+        return None
+
+    def _start_block(self, Wd: torch.Tensor) -> torch.Tensor:
+        """The block of the last call, extended by ``P`` when momentum is on:
+        ``qr([V, P])`` (LOBPCG's third block; ``P`` the motion of the leading Ritz vectors
+        over the last call, smooth when training steps have momentum)."""
+        V = self.V.to(Wd.dtype)
+        if self.P is not None:  # set only with momentum > 0
+            V = torch.linalg.qr(torch.cat([V, self.P.to(Wd.dtype)], -1)).Q
+        return V
+
+    def _refine(self, Wd: torch.Tensor, V: torch.Tensor, k: int, need: int) -> _RitzStep:
+        """Rayleigh-Ritz on ``V``, then Chebyshev-filtered block power steps until the drift
+        test passes, ``max_iter`` extra applications of ``W^T W`` are spent, or the first
+        residual exceeds ``jump`` (the subspace is lost: a perturbation as large as ``W``
+        gives ~0.2, training steps < 0.035; the caller then decomposes at once)."""
         apps = 0  # extra applications of W^T W (beyond the first Ritz step)
         with torch.no_grad():
             while True:
-                Y = _mm(Wd, V)
-                Z = _mm(Wd.mT, Y)  # W^T W V
-                theta, S = torch.linalg.eigh(V.mT @ Z)  # reads the lower triangle only
-                theta, S = theta.flip(-1)[..., :k], S.flip(-1)[..., :k]
-                ZS, VS = Z @ S, V @ S
-                R = ZS[..., :need] - VS[..., :need] * theta[..., :need].unsqueeze(-2)
-                top = theta[..., :1].clamp_min(torch.finfo(theta.dtype).tiny)
-                residual = float((R.norm(dim=-2) / top).amax())
-                # next block: Chebyshev filter for the unwanted interval [0, theta_k]
-                # (centre and half width c = theta_k / 2); degree one, (W^T W - c) V S,
-                # is free: per step the error of pair i shrinks by theta_k / (2 theta_i -
-                # theta_k) instead of lambda_{k+1} / lambda_i (0.82 instead of 0.9 at a
-                # Marchenko-Pastur edge)
-                if need < k:
-                    c = 0.5 * theta[..., -1:].unsqueeze(-1)
-                    F = ZS - VS * c
-                else:
-                    F = ZS
-                # a residual above `jump` means the subspace is lost (a perturbation as
-                # large as W gives ~0.2, training steps < 0.035): decompose at once
-                if residual <= self.tol or apps >= self.max_iter or (
-                        apps == 0 and not residual <= self.jump):
-                    break
-                d = 1
-                if need < k:
-                    # degree d divides the error of pair `need` by T_d(x), x = 2 theta_need
-                    # / theta_k - 1: the smallest degree expected to pass the test (with a
-                    # factor 2 of safety), within the max_iter budget
-                    ratio = float((theta[..., need - 1] / theta[..., -1]).amin())
-                    x = max(2.0 * ratio - 1.0, 1.0)
-                    want = 2.0 * residual / self.tol
-                    budget = self.max_iter - apps
-                    while d < budget and d < 4 and math.cosh(d * math.acosh(x)) < want:
-                        d += 1
-                    if d > 1:
-                        X_prev, X = VS, F / c
-                        for _ in range(d - 1):  # X_{j+1} = 2 (A - c) X_j / c - X_{j-1}
-                            AX = _mm(Wd.mT, _mm(Wd, X))
-                            X_prev, X = X, 2.0 * (AX - X * c) / c - X_prev
-                        F = X
+                step = _ritz_step(Wd, V, k, need)
+                step.apps = apps
+                if step.residual <= self.tol or apps >= self.max_iter or (
+                        apps == 0 and not step.residual <= self.jump):
+                    return step
+                d = self._chebyshev_degree(step, need, apps)
+                if d > 1:
+                    step.F = _chebyshev_filter(Wd, step, d)
                 apps += d
-                V = torch.linalg.qr(F).Q
-        self.num_iters += apps
-        self.last_residual = residual
-        if not residual <= self.tol:  # also catches NaN
-            V, Y, full = self._full(Wd, k, need, "drift", choose)
-            return self._estimate(mats, V, Y, self.need, full, True, residual, graph)
+                V = torch.linalg.qr(step.F).Q
+
+    def _chebyshev_degree(self, step: _RitzStep, need: int, apps: int) -> int:
+        """Degree ``d`` of the next filter: it divides the error of pair ``need`` by
+        ``T_d(x)``, ``x = 2 theta_need / theta_k - 1``; the smallest degree expected to pass
+        the test (with a factor 2 of safety), within the ``max_iter`` budget, at most 4."""
+        d = 1
+        if step.c is None:  # no margin: plain power steps
+            return d
+        theta = step.theta
+        ratio = float((theta[..., need - 1] / theta[..., -1]).amin())
+        x = max(2.0 * ratio - 1.0, 1.0)
+        want = 2.0 * step.residual / self.tol
+        budget = self.max_iter - apps
+        while d < budget and d < 4 and math.cosh(d * math.acosh(x)) < want:
+            d += 1
+        return d
+
+    def _advance(self, step: _RitzStep, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the free power step ``qr(F)`` for the next call, the Ritz vectors ``U = V S``
+        and their new direction ``P`` (the part of the ``min(momentum, need)`` leading ones
+        outside the span of the last call's); returns ``(U, Y S)``."""
+        X_old = self.X
         with torch.no_grad():
-            self.V = torch.linalg.qr(F).Q  # the free power step, for the next call
-            U, Y = VS, Y @ S
+            self.V = torch.linalg.qr(step.F).Q  # the free power step, for the next call
+            U, Y = step.VS, step.Y @ step.S
             p = min(self.momentum, need)
             if p and X_old is not None and X_old.shape == U.shape:
                 lead = U[..., :p]
@@ -378,5 +390,59 @@ class TailTracker:
             else:
                 self.P = None
             self.X = U
-        self.last_reason = None
-        return self._estimate(mats, U, Y, need, None, False, residual, graph)
+        return U, Y
+
+
+@dataclass
+class _RitzStep:
+    """One Rayleigh-Ritz step on a block ``V``: ``Y = W V``, the ``k`` leading Ritz values
+    ``theta`` and rotation ``S``, ``ZS = W^T W V S``, ``VS = V S``, the drift residual, the
+    next (filtered) block ``F``, the filter centre ``c`` (``None`` without a margin) and the
+    extra applications of ``W^T W`` spent before this step (``apps``)."""
+
+    Y: torch.Tensor
+    theta: torch.Tensor
+    S: torch.Tensor
+    ZS: torch.Tensor
+    VS: torch.Tensor
+    residual: float
+    F: torch.Tensor
+    c: torch.Tensor | None
+    apps: int = 0
+
+
+def _ritz_step(Wd: torch.Tensor, V: torch.Tensor, k: int, need: int) -> _RitzStep:
+    """``Z = W^T W V``, ``H = V^T Z = S diag(theta) S^T`` (``k`` leading pairs), relative
+    residuals ``r_i = ||Z s_i - theta_i V s_i|| / theta_1`` over the ``need`` leading ones.
+
+    Next block: degree-one Chebyshev filter for the unwanted interval ``[0, theta_k]``
+    (centre and half width ``c = theta_k / 2``), ``(W^T W - c) V S``, free from ``Z``: per
+    step the error of pair ``i`` shrinks by ``theta_k / (2 theta_i - theta_k)`` instead of
+    ``lambda_{k+1} / lambda_i`` (0.82 instead of 0.9 at a Marchenko-Pastur edge).
+    """
+    Y = _mm(Wd, V)
+    Z = _mm(Wd.mT, Y)  # W^T W V
+    theta, S = torch.linalg.eigh(V.mT @ Z)  # reads the lower triangle only
+    theta, S = theta.flip(-1)[..., :k], S.flip(-1)[..., :k]
+    ZS, VS = Z @ S, V @ S
+    R = ZS[..., :need] - VS[..., :need] * theta[..., :need].unsqueeze(-2)
+    top = theta[..., :1].clamp_min(torch.finfo(theta.dtype).tiny)
+    residual = float((R.norm(dim=-2) / top).amax())
+    c = None
+    if need < k:
+        c = 0.5 * theta[..., -1:].unsqueeze(-1)
+        F = ZS - VS * c
+    else:
+        F = ZS
+    return _RitzStep(Y, theta, S, ZS, VS, residual, F, c)
+
+
+def _chebyshev_filter(Wd: torch.Tensor, step: _RitzStep, d: int) -> torch.Tensor:
+    """Degree-``d`` Chebyshev filter of ``V S`` by the recurrence
+    ``X_{j+1} = 2 (W^T W - c) X_j / c - X_{j-1}`` from ``X_0 = V S``, ``X_1 = F / c``."""
+    c = step.c
+    X_prev, X = step.VS, step.F / c
+    for _ in range(d - 1):
+        AX = _mm(Wd.mT, _mm(Wd, X))
+        X_prev, X = X, 2.0 * (AX - X * c) / c - X_prev
+    return X

@@ -1,0 +1,280 @@
+"""Layer 4: the MAP/SVI training loop behind :func:`bayes_spectral.bnn.fit.fit`.
+
+:func:`start_run` builds the guide, the ELBO (``Trace_ELBO``, or
+``TraceEnum_ELBO(max_plate_nesting=1)`` with enumerated spike-and-slab indicators),
+``pyro.optim.Adam`` and ``SVI``, restores a checkpoint (:mod:`bayes_spectral.bnn.checkpoint`)
+and sets up the data-parallel loss. :func:`train` runs the epochs: shuffled mini-batches
+through :func:`bayes_spectral.bnn.guard.guarded_step`, the loss per epoch
+``sum_b loss_b * |b| / N^2`` (the ELBO estimate per training example), validation,
+:class:`EarlyStopping`, checkpoints and callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import ELBO, SVI, Trace_ELBO, TraceEnum_ELBO
+from pyro.infer.autoguide import AutoGuide
+
+from . import distributed as bsd
+from .checkpoint import Checkpointer
+from .guard import guarded_step
+from .guides import make_guide
+from .network import BayesianNetwork
+from .predict import evaluate, predictive_probs
+
+__all__ = ["EarlyStopping", "TrainingRun", "param_snapshot", "start_run", "train"]
+
+
+def param_snapshot() -> dict[str, torch.Tensor]:
+    """Detached clones of the param store's (unconstrained) values."""
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+
+# ----------------------------------------------------------------------------- SVI set-up
+
+
+def _make_guide(model: BayesianNetwork, guide: AutoGuide | str | None, method: str):
+    """The given guide, or :func:`make_guide` of its kind (default: delta for MAP, normal)."""
+    if guide is None:
+        return make_guide(model, "delta" if method == "map" else "normal")
+    if isinstance(guide, str):
+        return make_guide(model, guide)
+    return guide
+
+
+def _make_elbo(model: BayesianNetwork, num_particles: int) -> ELBO:
+    """``TraceEnum_ELBO`` when spike-and-slab indicators are enumerated, else ``Trace_ELBO``."""
+    if model.enumerated_layers:
+        return TraceEnum_ELBO(max_plate_nesting=1, num_particles=num_particles)
+    return Trace_ELBO(num_particles=num_particles)
+
+
+def _data_parallel(model, guide, elbo, x, y, batch_size: int, device: torch.device):
+    """The data-parallel loss and the per-rank batch shards of the global batches."""
+    # point every module at the param store's tensors (PyroParams update lazily), off the
+    # RNG stream so that the draws stay those of the single-process run
+    elbo_module = elbo(model, guide)
+    with torch.no_grad(), torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []):
+        elbo_module(x[:1], y[:1])
+    dp = bsd.DataParallelELBO(elbo_module, model.num_data, device)
+    return dp, bsd.GlobalBatchShards(x.shape[0], batch_size)
+
+
+def _new_history(model: BayesianNetwork, with_validation: bool) -> dict[str, list]:
+    """``epoch`` and ``loss``; ``val_nll`` (and ``val_accuracy``, categorical) with val_data."""
+    history: dict[str, list] = {"epoch": [], "loss": []}
+    if with_validation:
+        history["val_nll"] = []
+        if model.likelihood == "categorical":
+            history["val_accuracy"] = []
+    return history
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without improvement of ``monitor`` (``val_nll``: lower
+    is better; ``val_accuracy``: higher); the best parameters are kept to be restored."""
+
+    monitor: str
+    patience: int | None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_params: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    stopped: bool = False
+
+    def state_dict(self) -> dict:
+        """The fields saved in the checkpoint's ``state`` (with epoch and step)."""
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch,
+                "best_params": self.best_params, "bad_epochs": self.bad_epochs,
+                "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the fields of :meth:`state_dict` from a checkpoint's ``state``."""
+        for key in ("best_value", "best_epoch", "best_params", "bad_epochs", "stopped"):
+            setattr(self, key, state[key])
+
+    def update(self, value: float, epoch: int) -> None:
+        """Record the monitored ``value`` after 0-based ``epoch``."""
+        better = self.best_value is None or (
+            value < self.best_value if self.monitor == "val_nll" else value > self.best_value)
+        if better:
+            self.best_value, self.best_epoch = value, epoch + 1
+            self.best_params, self.bad_epochs = param_snapshot(), 0
+        else:
+            self.bad_epochs += 1
+            if self.patience is not None and self.bad_epochs >= self.patience:
+                self.stopped = True
+
+    def restore_best(self) -> None:
+        """After an early stop: copy the best parameters back into the param store."""
+        if self.stopped and self.best_params is not None:
+            store = pyro.get_param_store()
+            with torch.no_grad():
+                for k, v in self.best_params.items():
+                    store._params[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainingRun:
+    """One MAP/SVI run: what its epochs share, its position and its history."""
+
+    model: BayesianNetwork
+    guide: AutoGuide
+    svi: SVI
+    elbo: ELBO
+    x: torch.Tensor
+    y: torch.Tensor
+    batch_size: int
+    device: torch.device
+    checkpointer: Checkpointer
+    history: dict[str, list]
+    stopper: EarlyStopping
+    epoch: int = 0
+    step: int = 0
+    dp: bsd.DataParallelELBO | None = None
+    shards: bsd.GlobalBatchShards | None = None
+
+    def state_dict(self) -> dict:
+        """The checkpoint's ``state``: epoch, step and the early-stopping state."""
+        return {"epoch": self.epoch, "step": self.step, **self.stopper.state_dict()}
+
+    def resume(self) -> None:
+        """Continue from the checkpoint file (param store, optimiser, RNGs, history)."""
+        self.history, state = self.checkpointer.restore(self.device)
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.stopper.load_state_dict(state)
+
+    def save(self) -> None:
+        """Write the checkpoint (history and :meth:`state_dict`)."""
+        self.checkpointer.save(self.history, self.state_dict())
+
+
+def start_run(model: BayesianNetwork, x, y, method: str, guide, *, num_particles: int,
+              lr: float, batch_size: int, device: torch.device, checkpoint_dir, resume: bool,
+              rank: int, distributed: bool, monitor: str, patience: int | None,
+              with_validation: bool) -> TrainingRun:
+    """Guide, ELBO, Adam and SVI (the guide's parameters registered on a first batch), then
+    the checkpoint restored (``resume``) and the data-parallel pieces (``distributed``)."""
+    guide = _make_guide(model, guide, method)
+    elbo = _make_elbo(model, num_particles)
+    optim = pyro.optim.Adam({"lr": lr})
+    svi = SVI(model, guide, optim, loss=elbo)
+    bs = min(int(batch_size), x.shape[0])
+    with torch.no_grad():  # set up the guide and register every parameter
+        guide(x[:bs], y[:bs])
+    checkpointer = Checkpointer(checkpoint_dir, model=model, optim=optim, method=method,
+                                rank=rank, distributed=distributed)
+    run = TrainingRun(model=model, guide=guide, svi=svi, elbo=elbo, x=x, y=y, batch_size=bs,
+                      device=device, checkpointer=checkpointer,
+                      history=_new_history(model, with_validation),
+                      stopper=EarlyStopping(monitor, patience))
+    if resume and checkpointer.last_good() is not None:
+        run.resume()
+    if distributed:
+        run.dp, run.shards = _data_parallel(model, guide, elbo, x, y, bs, device)
+    return run
+
+
+# ----------------------------------------------------------------------------- the epochs
+
+def _batches(run: TrainingRun, epoch: int):
+    """``(indices, size)`` of this epoch's shuffled mini-batches (this rank's shard)."""
+    n, bs = run.x.shape[0], run.batch_size
+    perm = torch.randperm(n).to(run.device)
+    if run.shards is None:
+        return ((perm[i:i + bs], min(bs, n - i)) for i in range(0, n, bs))
+    run.shards.set_epoch(epoch, perm)
+    return iter(run.shards)
+
+
+def _train_epoch(run: TrainingRun, epoch: int) -> float:
+    """One pass over the data; returns the mean loss per example divided by ``N``."""
+    n = run.x.shape[0]
+    total = 0.0
+    for idx, size in _batches(run, epoch):
+        run.step += 1
+        step_fn = None if run.dp is None else (
+            lambda idx=idx, size=size: run.dp.loss_and_grads(run.x, run.y, idx, size))
+        loss = guarded_step(run.svi, run.model, run.guide, (run.x[idx], run.y[idx]), epoch,
+                            run.step, run.checkpointer.last_good(), step_fn)
+        total += loss * size
+    return total / n / n
+
+
+def _validate(run: TrainingRun, xv, yv, num_samples: int) -> dict[str, str]:
+    """Posterior-predictive metrics on the validation data, appended to the history;
+    returns the progress-bar fields."""
+    probs = predictive_probs(run.model, xv, guide=run.guide, num_samples=num_samples)
+    if run.model.likelihood == "categorical":
+        m = evaluate(probs.cpu(), yv.cpu())
+        run.history["val_accuracy"].append(m.accuracy)
+        run.history["val_nll"].append(m.nll)
+        return {"val_acc": f"{m.accuracy:.3f}"}
+    mse = float((probs.mean(0).reshape(yv.shape) - yv.to(probs)).square().mean())
+    run.history["val_nll"].append(mse)
+    return {"val_mse": f"{mse:.4f}"}
+
+
+def _end_epoch(run: TrainingRun, epochs: int, checkpoint_every: int,
+               callbacks: Iterable[Callable[[dict], Any]]) -> bool:
+    """Checkpoint when due, then the callbacks; returns whether one of them (on any rank)
+    asked to stop (the checkpoint is then written)."""
+    done = run.epoch
+    info = {"epoch": done, "step": run.step, "history": run.history,
+            "model": run.model, "guide": run.guide}
+    if done % checkpoint_every == 0 or done == epochs or run.stopper.stopped:
+        run.save()
+        run.model.renew_tracking()  # tracker state is not saved: renew it in both runs
+    stop = False
+    for cb in callbacks:
+        stop = bool(cb(info)) or stop
+    if run.dp is not None:
+        stop = run.dp.any(stop)
+    if stop:
+        run.save()
+    return stop
+
+
+def train(run: TrainingRun, method: str, *, epochs: int, checkpoint_every: int, callbacks, val,
+          val_samples: int | None, monitor: str, show: bool) -> None:
+    """Epochs until ``epochs``, an early stop or a callback's stop, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    if val_samples is None:
+        val_samples = 1 if method == "map" else 8
+    with tqdm(total=int(epochs), initial=min(run.epoch, int(epochs)), disable=not show,
+              desc=f"fit[{method}]", unit="epoch") as bar:
+        _train_epochs(run, epochs, checkpoint_every, callbacks, val, val_samples, monitor, bar)
+
+
+def _train_epochs(run: TrainingRun, epochs: int, checkpoint_every: int, callbacks, val,
+                  val_samples: int, monitor: str, bar) -> None:
+    """The epoch loop: train, validate (early stopping), checkpoint and callbacks."""
+    while run.epoch < epochs and not run.stopper.stopped:
+        epoch = run.epoch
+        loss = _train_epoch(run, epoch)
+        run.history["epoch"].append(epoch + 1)
+        run.history["loss"].append(loss)
+        postfix = {"loss": f"{run.history['loss'][-1]:.4f}"}
+        if val is not None:
+            postfix.update(_validate(run, *val, val_samples))
+            run.stopper.update(run.history[monitor][-1], epoch)
+        bar.set_postfix(postfix)
+        bar.update(1)
+        run.epoch = epoch + 1
+        if _end_epoch(run, epochs, checkpoint_every, callbacks):
+            break
+

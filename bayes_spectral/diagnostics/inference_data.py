@@ -1,0 +1,74 @@
+"""Layer 5: a fit's posterior spectra, log-likelihood and data as one ArviZ container.
+
+:func:`to_inference_data`: ``posterior`` (spectral variables of
+:func:`~bayes_spectral.diagnostics.draws.spectral_draws`), pointwise ``log_likelihood``
+(var ``y``, dims ``chain, draw, obs_id``) and ``observed_data`` groups; the container
+itself is built by :mod:`bayes_spectral.diagnostics.arviz_adapter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..bnn.fit import FitResult
+from .arviz_adapter import InferenceData, inference_data
+from .draws import latent_draws, spectral_draws, weights_from_latent
+from .traces import as_data, check_result, pointwise_log_likelihood
+
+__all__ = ["to_inference_data"]
+
+
+def to_inference_data(result: FitResult, data, num_samples: int = 100, seed: int = 0,
+                      include_latent: bool = False) -> InferenceData:
+    """``InferenceData`` of a fit: ``posterior`` (spectral variables of
+    :func:`spectral_draws`; with ``include_latent`` also the raw latent sites, dims
+    ``<site>_dim_k``), ``log_likelihood`` (var ``y``, dims ``chain, draw, obs_id``:
+    ``log p(y_i | x_i, theta)``, unscaled) and ``observed_data`` (var ``y``).
+
+    Draws as in :func:`weight_draws` (NUTS ``C x S``, SVI ``1 x num_samples``, MAP ``1 x 1``).
+    The log-likelihood is computed here rather than by ``az.from_pyro``: a ``FitResult``
+    keeps only the stacked samples (the chains run as separate ``MCMC`` objects that are not
+    kept), and ``from_pyro`` needs the ``MCMC`` object and a model it can vectorise over draws,
+    which an ``nn.Module`` forward with one weight matrix is not; so we condition the model
+    on each draw, trace it, and read ``log_prob`` of the ``obs`` site.
+    """
+    model = check_result(result)
+    x, y = as_data(model, data)
+    latent = latent_draws(result, num_samples, seed, (x, y))
+    posterior = spectral_draws(weights_from_latent(model, latent))
+    if include_latent:
+        _add_latent(posterior, latent)
+    posterior.attrs.update(inference_method=result.method)
+    loglik = pointwise_log_likelihood(model, latent, x, y).cpu().to(torch.float64).numpy()
+    obs_id = np.arange(loglik.shape[-1])
+    return inference_data(posterior=posterior,
+                          log_likelihood=_log_likelihood_group(loglik, obs_id),
+                          observed_data=_observed_group(y, obs_id))
+
+
+def _add_latent(posterior: xr.Dataset, latent: Mapping[str, torch.Tensor]) -> None:
+    """Add each latent site ``(chain, draw, *event)`` as a float64 variable, dims
+    ``chain, draw, <site>_dim_0, ...``."""
+    for site, v in latent.items():
+        arr = v.detach().cpu().to(torch.float64).numpy()
+        dims = ("chain", "draw") + tuple(f"{site}_dim_{k}" for k in range(arr.ndim - 2))
+        posterior[site] = (dims, arr)
+
+
+def _log_likelihood_group(loglik: np.ndarray, obs_id: np.ndarray) -> xr.Dataset:
+    """``y``: ``log p(y_i | x_i, theta)`` with dims ``chain, draw, obs_id``."""
+    chains, draws = loglik.shape[:2]
+    return xr.Dataset(
+        {"y": (("chain", "draw", "obs_id"), loglik)},
+        coords={"chain": np.arange(chains), "draw": np.arange(draws), "obs_id": obs_id})
+
+
+def _observed_group(y: torch.Tensor, obs_id: np.ndarray) -> xr.Dataset:
+    """``y``: the observed targets, dims ``obs_id, y_dim_0, ...``."""
+    y_np = y.detach().cpu().numpy()
+    y_dims = ("obs_id",) + tuple(f"y_dim_{k}" for k in range(y_np.ndim - 1))
+    return xr.Dataset({"y": (y_dims, y_np)}, coords={"obs_id": obs_id})

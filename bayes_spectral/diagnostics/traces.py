@@ -1,0 +1,86 @@
+"""Layer 5: Pyro traces of a fitted network, shared by the draws, the ArviZ container and
+importance-weighted LOO.
+
+* :func:`check_result`: the fit's :class:`BayesianNetwork`, which must have prior layers;
+* :func:`as_data`: ``(x, y)`` of a pair or a ``Split``, checked and moved to the model;
+* :func:`guide_trace`: one guide draw and its ``log q``;
+* :func:`trace_draw`: ``log p(y_i | theta)`` per point and ``log p(theta)`` of one draw;
+* :func:`pointwise_log_likelihood`: ``log p(y_i | x_i, theta_{c,d})`` over all draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from pyro import poutine
+
+from ..bnn.fit import FitResult
+from ..bnn.network import BayesianNetwork
+
+__all__ = ["as_data", "check_result", "guide_trace", "pointwise_log_likelihood", "trace_draw"]
+
+
+def check_result(result) -> BayesianNetwork:
+    """The model of a ``FitResult`` that has prior layers (else ``TypeError``/``ValueError``)."""
+    if not isinstance(result, FitResult):
+        raise TypeError(f"expected a bayes_spectral.FitResult, got {type(result).__name__}")
+    model = result.model
+    if not model.prior_sites:
+        raise ValueError("the FitResult's model has no prior layers: no posterior over "
+                         "weights to describe (give bayesian() priors)")
+    return model
+
+
+def _model_like(model: BayesianNetwork) -> torch.Tensor:
+    return next(iter(model.parameters()), torch.zeros(()))
+
+
+def as_data(model: BayesianNetwork, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from a pair or a ``Split`` (its training part), checked by the model and
+    moved to its device and dtype (``y`` keeps its dtype unless the likelihood is Gaussian)."""
+    if hasattr(data, "x_train") and hasattr(data, "y_train"):
+        x, y = data.x_train, data.y_train
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    else:
+        raise TypeError(f"data must be a pair (x, y) or a Split, got {type(data).__name__}")
+    model.check_data(x, y, "data")
+    ref = _model_like(model)
+    x = x.to(device=ref.device, dtype=ref.dtype)
+    y = y.to(device=ref.device, dtype=ref.dtype if model.likelihood == "gaussian" else y.dtype)
+    return x, y
+
+
+def guide_trace(result: FitResult, args: tuple):
+    """One guide draw: (values of the latent sites, ``log q`` of the draw)."""
+    tr = poutine.trace(result.guide).get_trace(*args)
+    values = {s: tr.nodes[s]["value"].detach() for s in result.model.latent_sites}
+    log_q = sum(site["fn"].log_prob(site["value"]).sum() for site in tr.nodes.values()
+                if site["type"] == "sample" and not site["is_observed"])
+    return values, torch.as_tensor(log_q).detach()
+
+
+def trace_draw(model: BayesianNetwork, values: Mapping[str, torch.Tensor], x, y):
+    """``(log p(y_i | theta) for each i, log p(theta))`` with the latent sites fixed."""
+    with poutine.trace() as tr, poutine.condition(data=dict(values)):
+        model(x, y)
+    obs = tr.trace.nodes["obs"]
+    loglik = obs["fn"].log_prob(obs["value"])  # unscaled by the data plate's N / B
+    logprior = sum(tr.trace.nodes[s]["fn"].log_prob(tr.trace.nodes[s]["value"]).sum()
+                   for s in model.latent_sites)
+    return loglik.detach(), torch.as_tensor(logprior).detach()
+
+
+def pointwise_log_likelihood(model: BayesianNetwork, latent: Mapping[str, torch.Tensor],
+                             x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``log p(y_i | x_i, theta_{c,d})`` of shape ``(chain, draw, n)`` for latent draws
+    ``{site: (chain, draw, *event)}`` (one conditioned forward pass per draw)."""
+    first = next(iter(latent.values()))
+    c, d = first.shape[:2]
+    rows = []
+    with torch.no_grad():
+        for i in range(c * d):
+            vals = {s: v.reshape(c * d, *v.shape[2:])[i] for s, v in latent.items()}
+            rows.append(trace_draw(model, vals, x, y)[0])
+    return torch.stack(rows).reshape(c, d, -1)
