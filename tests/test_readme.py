@@ -139,6 +139,6 @@ def test_python_blocks_extractor_self_test():
 # --------------------------------------------------------------------- paths the README cites
 def test_every_test_file_the_readme_cites_exists():
     cited = sorted(set(re.findall(r"\btests/[\w/]+\.py\b", TEXT)))
-    assert "tests/test_readme.py" in cited and "tests/test_powerlaw.py" in cited
+    assert "tests/test_readme.py" in cited and "tests/spectra/test_powerlaw.py" in cited
     missing = [path for path in cited if not (ROOT / path).is_file()]
     assert not missing, f"README.md cites test files that do not exist: {missing}"

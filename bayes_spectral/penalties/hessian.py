@@ -15,7 +15,7 @@ the trace). Summing this quadratic form over the basis ``E = e_i e_j^T``:
     tr H = 2c * sum_l ||A_l||_F^2 * ||B_l X||_F^2
 
 independent of the targets ``y``. Checked against ``torch.autograd.functional.hessian``
-in ``tests/test_penalties.py``.
+in ``tests/penalties/test_penalties.py``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ sizes: ``need`` = the eigenvalues the penalty uses, ``k = need + max(16, need)``
 * power-law prior: ``need`` = number of eigenvalues ``>= xmin`` plus one (with
   ``xmin_quantile``: the ``N - floor(q N)`` top ones; the gradient then also flows through
   the xmin eigenvalue, often inside the bulk where its eigenvector is ill-conditioned, so
-  gradients within 1e-3 need ``tol=1e-4``, measured in ``tests/test_tracking.py``); if
+  gradients within 1e-3 need ``tol=1e-4``, measured in ``tests/spectra/test_tracking.py``); if
   the tail outgrows the block the call re-decomposes at once (the bulk is handled exactly through
   ``||W||_F^2``, see :func:`~bayes_spectral.spectra.laws.spliced_powerlaw_spectrum_sum`).
 * Frechet prior: ``need = 1`` (``lambda_max``) plus ``||W||_F^2``.

@@ -10,7 +10,7 @@ Conventions (see DESIGN.md):
   ESD, as WeightWatcher does for Conv2d. ``conv="flatten"`` uses the single matrix
   ``out x (in*k1*k2*k3)`` (the Yoshida & Miyato / ``torch.nn.utils.spectral_norm`` view).
   No rescaling is applied (WeightWatcher multiplies Conv2d slices by ``sqrt(1/2)``, see
-  ``tests/test_weightwatcher_parity.py``).
+  ``tests/diagnostics/test_weightwatcher_parity.py``).
 * Gradients flow through singular values only, never through singular vectors, so they
   stay finite when values repeat.
 """

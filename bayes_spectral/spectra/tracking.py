@@ -31,7 +31,7 @@ perturbation, a learning-rate spike) never returns stale values.
 
 Eigenvalue errors are ~ residual^2 / gap, but gradients ``2 W u u^T`` are only first
 order in the eigenvector error, so the gradient sets ``tol``. Penalty values and gradients
-against exact (same xmin index) along the trajectory of ``tests/test_tracking.py`` (MLP
+against exact (same xmin index) along the trajectory of ``tests/spectra/test_tracking.py`` (MLP
 64-256-128-10 on sklearn digits, SGD lr 0.2, 240 steps, float64, after 20 warm-up steps;
 relative error of the value / of the gradient norm; extra power steps per call on the
 tracked layers; weighted alpha's 64-wide layer is ``wide``, see below):
@@ -228,7 +228,7 @@ class TailTracker:
         # float64 eigh of the small-side Gram W^T W (n x n): faster than a float32 svd(W)
         # (module docstring) and accurate to ~1e-16 lambda_max; a float32 Gram loses
         # eigenvalues below ~1e-6 lambda_max and moved the KS / quantile choice of the tail
-        # (tests/test_tracking.py, rank-5-plus-noise weight)
+        # (tests/spectra/test_tracking.py, rank-5-plus-noise weight)
         with torch.no_grad():
             W64 = W.to(torch.float64)
             full, vecs = torch.linalg.eigh(W64.mT @ W64)

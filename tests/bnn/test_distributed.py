@@ -1,7 +1,7 @@
 """Data-parallel fit (gloo, 2 CPU ranks) equals the single-process fit; resume across world
 sizes; NaN guard on every rank; a raising rank stops the run; the torchrun entry point.
 
-The 2-rank runs happen in subprocesses (``tests/_dist_worker.py`` through
+The 2-rank runs happen in subprocesses (``tests/bnn/_dist_worker.py`` through
 ``bayes_spectral.distributed.launch``, and ``torchrun``) with a subprocess timeout, so a hang
 fails the test instead of blocking the suite.
 """
@@ -22,7 +22,7 @@ import torch
 import bayes_spectral as bs
 from bayes_spectral.distributed import GlobalBatchShards, likelihood_factor
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from _dist_worker import run_fit, setup  # noqa: E402
 
@@ -43,7 +43,7 @@ def _launch(tmp: pathlib.Path, jobs: list[dict], torchrun: bool, timeout: float 
     cfg = tmp / "config.json"
     cfg.write_text(json.dumps({"nprocs": 2, "out": str(tmp), "jobs": jobs,
                                "timeout": collective_timeout}))
-    worker = [str(ROOT / "tests" / "_dist_worker.py"), str(cfg)]
+    worker = [str(ROOT / "tests" / "bnn" / "_dist_worker.py"), str(cfg)]
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2"] + worker

@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py: ``python tests/_dist_worker.py CONFIG.json``.
+"""Worker for tests/bnn/test_distributed.py: ``python tests/bnn/_dist_worker.py CONFIG.json``.
 
 The config holds ``nprocs``, ``timeout`` (of the collectives), ``out`` (a folder) and
 ``jobs``: keyword sets for :func:`run_fit` plus ``name`` (rank 0 saves the fitted params to
