@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_weight", "check_positive"]
+__all__ = ["check_weight", "check_positive", "check_tensor_storage", "check_finite_params"]
+
+#: dtypes without linear-algebra kernels: computed in float32 instead
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _where(name: str | None) -> str:
@@ -14,8 +17,10 @@ def _where(name: str | None) -> str:
 def check_weight(weight: object, name: str | None = None, min_dim: int = 2) -> torch.Tensor:
     """Return ``weight`` as a floating tensor, or raise a clear TypeError/ValueError.
 
-    Rejects non-tensors, integer tensors, fewer than ``min_dim`` dimensions, empty or
-    single-element tensors and non-finite entries; the message names the layer.
+    float16/bfloat16 weights are returned as float32 (linalg has no half kernels).
+    Rejects non-tensors, sparse or meta-device tensors, integer tensors, fewer than
+    ``min_dim`` dimensions, empty or single-element tensors and non-finite entries; the
+    message names the layer.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(
@@ -23,6 +28,9 @@ def check_weight(weight: object, name: str | None = None, min_dim: int = 2) -> t
         )
     if not weight.is_floating_point():
         raise TypeError(f"weight{_where(name)} must be floating point, got dtype {weight.dtype}")
+    check_tensor_storage(weight, f"weight{_where(name)}")
+    if weight.dtype in HALF_DTYPES:
+        weight = weight.float()  # torch.linalg has no float16/bfloat16 kernels
     if weight.dim() < min_dim:
         raise ValueError(
             f"weight{_where(name)} has shape {tuple(weight.shape)}: a spectrum needs at least "
@@ -47,3 +55,28 @@ def check_positive(value: float, what: str) -> float:
     if not (v > 0 and v < float("inf")):
         raise ValueError(f"{what} must be a finite positive number, got {value!r}")
     return v
+
+
+def check_tensor_storage(tensor: torch.Tensor, what: str) -> None:
+    """Raise unless ``tensor`` is a dense (strided) tensor holding data (not on ``meta``)."""
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{what} is a {tensor.layout} tensor of shape {tuple(tensor.shape)}: spectra "
+            "need a dense tensor (call .to_dense() first)"
+        )
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"{what} of shape {tuple(tensor.shape)} is on the meta device (a shape without "
+            "data): load or materialise the weights first (e.g. module.to_empty(device='cpu'))"
+        )
+
+
+def check_finite_params(owner: str, params: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming the first parameter with a NaN or infinite entry."""
+    for key, val in params.items():
+        if isinstance(val, torch.Tensor) and val.device.type != "meta" and not bool(
+            torch.isfinite(val).all()
+        ):
+            shown = val.detach().flatten()[:6].tolist()
+            more = ", ..." if val.numel() > 6 else ""
+            raise ValueError(f"{owner}: parameter {key} must be finite, got {shown}{more}")

@@ -2,7 +2,21 @@
 
 Exit codes: 0 success, 2 usage error (argparse, or an impossible setting), 3 unreadable or
 unsafe input file, 4 the input had no analysable weight, 5 training stopped on a NaN/Inf
-(the message names the parameter and layer; the last good checkpoint is kept).
+(the message names the parameter and layer; the last good checkpoint is kept), 130
+interrupted by Ctrl-C (one line; finished work, checkpoints and saved runs, is kept). Every
+error is one line on stderr, never a traceback; settings (seeds, device, ``--out``, numbers,
+``--layers``) are checked before anything is trained or written. Seeds are distinct integers
+in ``[0, 2**32 - 1]``.
+
+Files: state dicts and ``compare``'s saved runs are read with ``weights_only=True`` (a
+pickle that would build any other object is refused, exit 3, naming the file); everything
+written goes through the atomic writer (:mod:`bayes_spectral._io`), so a kill leaves the old
+file or the new one. ``fit`` refuses an ``--out`` holding an earlier fit (a checkpoint or
+``metrics.json``) unless ``--resume`` (continue it) or ``--overwrite`` (replace it) is given,
+and writes ``config.json`` only once ``fit`` has accepted the settings. ``compare`` holds the
+lock file ``OUT/.compare.lock`` while it runs: a second ``compare`` on the same ``--out``
+exits 2 at once instead of training the same runs; runs saved with other settings (epochs,
+widths, data set, ...) are refused by name (exit 2; ``--no-resume`` retrains them).
 
 ``--plugin MODULE`` (before the subcommand, repeatable) imports a user's module first, so
 the priors, penalties and data sets it registers (``bayes_spectral.distributions.PRIORS``,
@@ -15,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +41,7 @@ EXIT_BAD_FILE = 3
 EXIT_NO_LAYERS = 4
 EXIT_NON_FINITE = 5
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 _EXAMPLES = """examples:
   bayes-spectral compare                       # the main job (a few minutes)
@@ -46,32 +62,47 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``.
 
     Accepts a plain state_dict or a dict holding one under ``state_dict`` / ``model``.
-    Raises ``ValueError`` with the reason for anything else (never unpickles objects).
+    Raises :class:`~bayes_spectral._io.UnreadableFileError` (a ``ValueError``) naming the
+    file, and the tensor where one is at fault (sparse, meta-device), for anything else;
+    never unpickles objects.
     """
+    from ._io import UnreadableFileError, load_tensors
+
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise UnreadableFileError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return _check_tensors(path, load_file(str(path)))
+        except UnreadableFileError:
+            raise
         except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"{path}: not a valid safetensors file ({err})") from err
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{path}: cannot be loaded safely with torch.load(weights_only=True): "
-            f"{str(err).splitlines()[0]}"
-        ) from err
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UnreadableFileError(f"{path}: not a valid safetensors file ({reason})") from err
+    obj = load_tensors(path)
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state_dict (a dict of tensors)")
-    return obj
+        raise UnreadableFileError(f"{path}: expected a state_dict (a dict of tensors)")
+    return _check_tensors(path, obj)
+
+
+def _check_tensors(path: Path, state: dict) -> dict[str, torch.Tensor]:
+    """Every tensor dense (strided) and holding data (not on the meta device)."""
+    from ._io import UnreadableFileError
+
+    for name, t in state.items():
+        if t.layout != torch.strided:
+            raise UnreadableFileError(f"{path}: tensor {name!r} is sparse ({t.layout}); save "
+                                      "dense tensors (tensor.to_dense())")
+        if t.device.type == "meta":
+            raise UnreadableFileError(f"{path}: tensor {name!r} is on the meta device (shape "
+                                      "only, no values); save materialised weights")
+    return state
 
 
 def _example_model(name: str, seed: int) -> nn.Module:
@@ -90,47 +121,87 @@ def _example_model(name: str, seed: int) -> nn.Module:
     return model
 
 
+def _fail(message, code: int) -> int:
+    """Print ``error: <first line of message>`` on stderr; return ``code``."""
+    line = (str(message).strip().splitlines() or [type(message).__name__])[0]
+    print(f"error: {line}", file=sys.stderr)
+    return code
+
+
+def _check_layers(regex: str | None) -> None:
+    """``--layers`` compiles as a regular expression; ``ValueError`` naming it otherwise."""
+    if regex is None:
+        return
+    try:
+        re.compile(regex)
+    except re.error as err:
+        raise ValueError(f"--layers {regex!r}: not a valid regular expression ({err})") from err
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import pandas as pd
+    from ._io import check_writable_dir
+    from .apps.settings import check_seed
 
-    from .diagnostics.analyze import analyze
-
+    try:
+        _check_layers(args.layers)
+        check_seed(args.seed, "--seed")
+        out = None if not args.out else check_writable_dir(args.out)
+    except ValueError as err:
+        return _fail(err, EXIT_USAGE)
     if args.example:
         model = _example_model(args.example, args.seed)
     else:
         try:
-            state = load_state_dict(Path(args.path))
+            model = load_state_dict(Path(args.path))
         except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_BAD_FILE
-        model = state
+            return _fail(err, EXIT_BAD_FILE)
+    from .diagnostics.analyze import analyze
+
     try:
-        ds = analyze(model, layers=args.layers, conv=args.conv, return_esd=bool(args.out))
+        ds = analyze(model, layers=args.layers, conv=args.conv, return_esd=bool(out))
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NO_LAYERS
+        return _fail(err, EXIT_NO_LAYERS)
+    _print_and_write_analysis(ds, out)
+    return 0
+
+
+def _print_and_write_analysis(ds, out: Path | None) -> None:
+    """Print the table; with ``out``, write ``analysis.csv`` and ``esd.png`` atomically."""
+    import pandas as pd
+
+    from ._io import atomic_path, write_atomic
+
     table = ds.drop_vars(["esd"], errors="ignore").to_dataframe()[_TABLE_COLUMNS]
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.4g}".format):
         print(table.to_string())
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "analysis.csv")
-        from .diagnostics.plots import plot_esds
+    if out is None:
+        return
+    write_atomic(out / "analysis.csv", table.to_csv)
+    from .diagnostics.plots import plot_esds
 
-        spectra = {}
-        for name in ds.layer.values:
-            row = ds.esd.sel(layer=name).values
-            spectra[str(name)] = torch.as_tensor(row[~np.isnan(row)])
-        plot_esds(spectra, out / "esd.png")
-        print(f"wrote {out / 'analysis.csv'} and {out / 'esd.png'}")
-    return 0
+    spectra = {}
+    for name in ds.layer.values:
+        row = ds.esd.sel(layer=name).values
+        spectra[str(name)] = torch.as_tensor(row[~np.isnan(row)])
+    with atomic_path(out / "esd.png") as tmp:
+        plot_esds(spectra, tmp)
+    print(f"wrote {out / 'analysis.csv'} and {out / 'esd.png'}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from ._io import check_writable_dir
+    from .apps.settings import check_seed
+
+    try:
+        if args.seed is not None:
+            check_seed(args.seed, "--seed")
+        if args.out:
+            check_writable_dir(args.out)
+    except ValueError as err:
+        return _fail(err, EXIT_USAGE)
     from .models import get_model
 
     module = get_model(args.name)
@@ -168,54 +239,101 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .apps.compare import compare, format_summary, write_outputs
+    """Settings and ``--out`` are checked before the first run trains; one ``compare`` per
+    ``--out`` at a time (lock file ``OUT/.compare.lock``: a second one exits 2)."""
+    from ._io import FolderLockedError, UnreadableFileError, check_writable_dir, folder_lock
+    from .apps.compare import (
+        LOCK_NAME,
+        SettingsMismatchError,
+        compare,
+        format_summary,
+        write_outputs,
+    )
     from .bnn.fit import NonFiniteError
 
     cfg = _config_from_args(args)
     try:
         cfg.validate()
+        out = check_writable_dir(args.out)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(err, EXIT_USAGE)
     print(f"compare ({'quick' if args.quick else 'full'}): {cfg}")
     try:
-        result = compare(cfg, out_dir=args.out, resume=not args.no_resume)
+        with folder_lock(out, LOCK_NAME, what="compare"):
+            result = compare(cfg, out_dir=out, resume=not args.no_resume)
+            print(format_summary(result["table"]))
+            paths = write_outputs(result, out)
+    except (FolderLockedError, SettingsMismatchError) as err:
+        return _fail(err, EXIT_USAGE)
+    except UnreadableFileError as err:
+        return _fail(err, EXIT_BAD_FILE)
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NON_FINITE
-    print(format_summary(result["table"]))
-    paths = write_outputs(result, args.out)
+        return _fail(err, EXIT_NON_FINITE)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    import json
+def _check_fit_args(args: argparse.Namespace) -> None:
+    """Every number, the seed and the device of ``fit``, before anything is written."""
+    from .apps.settings import check_device, check_positive, check_positive_int, check_seed
 
-    from ._io import write_text_atomic
+    check_seed(args.seed, "--seed")
+    check_device(args.device)
+    for flag in ("epochs", "batch_size", "num_samples", "chains"):
+        check_positive_int(getattr(args, flag), "--" + flag.replace("_", "-"))
+    check_positive(args.lr, "--lr")
+    if not args.hidden or any(h < 1 for h in args.hidden):
+        raise ValueError(f"--hidden must be positive layer widths, got {args.hidden}")
+
+
+def _earlier_fit(out: Path, args: argparse.Namespace) -> None:
+    """Refuse to replace an earlier run's results unless ``--resume`` or ``--overwrite``."""
+    if args.resume or args.overwrite:
+        return
+    for found in (out / "checkpoint" / "checkpoint.pt", out / "metrics.json"):
+        if found.exists():
+            raise ValueError(f"{found}: an earlier fit is there; pass --resume to continue "
+                             "it or --overwrite to replace it")
+
+
+def _fit_setup(args: argparse.Namespace):
+    """``(split, bayesian net, out folder)`` after every check passed (nothing written)."""
+    from ._io import check_writable_dir
     from .apps.compare import load_dataset
     from .apps.nets import make_mlp
     from .bnn.build import bayesian
-    from .bnn.fit import NonFiniteError, fit
     from .distributions import PRIORS
+
+    _check_fit_args(args)
+    out = check_writable_dir(args.out)
+    _earlier_fit(out, args)
+    split = load_dataset(args.dataset, seed=args.seed)
+    net = make_mlp(split.x_train.shape[1], tuple(args.hidden),
+                   int(split.y_train.max()) + 1, args.seed)
+    bn = bayesian(net, {nn.Linear: PRIORS.get(args.prior)}, num_data=len(split.x_train))
+    return split, bn, out
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """``config.json`` is written once ``fit`` has accepted the settings (it trained, or
+    stopped after a checkpoint), never before; ``metrics.json`` on success."""
+    import json
+    import time
+
+    from ._io import UnreadableFileError, write_text_atomic
+    from .bnn.fit import NonFiniteError, fit
 
     if args.method == "nuts" and sum(args.hidden) > 64:
         print("note: NUTS on more than a few thousand weights is slow; try --hidden 16",
               file=sys.stderr)
     try:
-        split = load_dataset(args.dataset, seed=args.seed)
-        net = make_mlp(split.x_train.shape[1], tuple(args.hidden),
-                       int(split.y_train.max()) + 1, args.seed)
-        bn = bayesian(net, {nn.Linear: PRIORS.get(args.prior)}, num_data=len(split.x_train))
+        split, bn, out = _fit_setup(args)
     except (ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        return _fail(err, EXIT_USAGE)
     config = {k: v for k, v in vars(args).items()
               if k != "func" and not (k == "plugin" and v is None)}
-    write_text_atomic(out / "config.json", json.dumps(config, indent=2))
     print(f"fit {args.method} with prior {args.prior} on {args.dataset}: {config}")
+    ckpt, started, ok = out / "checkpoint" / "checkpoint.pt", time.time(), False
     try:
         res = fit(bn, split, args.method, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, device=args.device, seed=args.seed,
@@ -223,9 +341,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
                   checkpoint_dir=None if args.method == "nuts" else out / "checkpoint",
                   resume=args.resume, num_samples=args.num_samples,
                   warmup_steps=args.num_samples, num_chains=args.chains)
+        ok = True
+    except UnreadableFileError as err:
+        return _fail(err, EXIT_BAD_FILE)
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NON_FINITE
+        return _fail(err, EXIT_NON_FINITE)
+    except (ValueError, TypeError) as err:
+        return _fail(err, EXIT_USAGE)
+    finally:
+        if ok or (ckpt.exists() and ckpt.stat().st_mtime >= started):
+            write_text_atomic(out / "config.json", json.dumps(config, indent=2))
     metrics = {k: float(v) for k, v in res.evaluate(split.x_test, split.y_test)._asdict().items()}
     metrics["epochs_run"] = res.epochs_run
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -315,6 +440,9 @@ def _add_fit_parser(sub) -> None:
     f.add_argument("--out", default="fit-run", help="folder: checkpoint/, metrics.json")
     f.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint/checkpoint.pt if present")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier fit in OUT (without it, or --resume, an OUT "
+                        "holding a checkpoint or metrics.json is refused, exit 2)")
     f.set_defaults(func=cmd_fit)
 
 
@@ -392,7 +520,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        kept = f"; files already written under {out} are kept" if out else ""
+        print(f"interrupted (Ctrl-C){kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the one reading of ``data`` given as a pair ``(x, y)`` or a :class:`Split`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -206,6 +207,56 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
+#: bytes read from an IDX stream at a time
+_CHUNK = 1 << 20
+
+
+def _idx_header(head: bytes, path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """``(dtype, shape, payload bytes)`` of an IDX header (exact Python-int arithmetic, so
+    no declared shape can overflow into a small size)."""
+    if len(head) < 4:
+        raise ValueError(f"{path}: too short for an IDX header ({len(head)} bytes)")
+    if head[0] != 0 or head[1] != 0:
+        raise ValueError(
+            f"{path}: not an IDX file (magic number starts with {head[:2].hex()}, expected 0000)"
+        )
+    code, ndim = head[2], head[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(
+            f"{path}: unknown IDX dtype code 0x{code:02x} (expected one of "
+            + ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES) + ")"
+        )
+    if len(head) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions announced, "
+                         f"file has {len(head)} bytes)")
+    shape = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dt = _IDX_DTYPES[code]
+    return dt, shape, math.prod(shape) * dt.itemsize
+
+
+def _read_exact(fh, n: int) -> bytes:
+    """Up to ``n`` bytes of ``fh`` (fewer only at the end of the stream), read in chunks so
+    that memory grows with the bytes actually present, never with ``n`` alone."""
+    parts, left = [], n
+    while left > 0:
+        chunk = fh.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _open_idx(path):
+    """The file, or a streaming gzip reader of it when it starts with the gzip magic."""
+    import gzip
+
+    fh = open(path, "rb")  # noqa: SIM115 (returned to the caller's with-block)
+    if fh.read(2) == b"\x1f\x8b":
+        fh.seek(0)
+        return gzip.GzipFile(fileobj=fh, mode="rb")
+    fh.seek(0)
+    return fh
 
 
 def load_idx(path) -> torch.Tensor:
@@ -215,52 +266,91 @@ def load_idx(path) -> torch.Tensor:
     ``0x0C`` int32, ``0x0D`` float32, ``0x0E`` float64), the number of dimensions, then one
     big-endian uint32 per dimension, then the data (big-endian, C order). Returns a tensor
     of that shape and dtype (native byte order). Raises ``ValueError`` naming the file for
-    a wrong magic number, an unknown dtype code, or a truncated / over-long payload.
+    a missing or unreadable file, a wrong magic number, an unknown dtype code, a corrupt
+    gzip stream, or a truncated / over-long payload.
+
+    A gzip file is decompressed as a stream and never beyond the size the header declares
+    (``prod(shape) * itemsize`` plus one byte to detect an over-long payload), so a small
+    file that inflates to gigabytes (a "gzip bomb") is rejected with bounded memory.
     """
     import gzip
     import pathlib
+    import zlib
 
     path = pathlib.Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{path}: corrupt gzip stream ({err})") from err
-    if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
-    if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(
-            f"{path}: not an IDX file (magic number starts with {raw[:2].hex()}, expected 0000)"
-        )
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        raise ValueError(
-            f"{path}: unknown IDX dtype code 0x{code:02x} (expected one of "
-            + ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES) + ")"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions announced, "
-                         f"file has {len(raw)} bytes)")
-    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dt = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    got = len(raw) - header
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    try:
+        with _open_idx(path) as fh:
+            head = _read_exact(fh, 4)
+            head += _read_exact(fh, 4 * head[3]) if len(head) == 4 else b""
+            dt, shape, expected = _idx_header(head, path)
+            raw = _read_exact(fh, expected + 1)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise ValueError(f"{path}: corrupt gzip stream or unreadable file ({err})") from err
+    got = len(raw)
     if got != expected:
         kind = "truncated" if got < expected else "has trailing bytes"
+        found = f"{got}" if got <= expected else "more"
         raise ValueError(f"{path}: IDX payload {kind}: shape {shape} of {dt.name} needs "
-                         f"{expected} bytes after the header, found {got}")
-    data = np.frombuffer(raw, dtype=dt, offset=header).reshape(shape)
+                         f"{expected} bytes after the header, found {found}")
+    data = np.frombuffer(raw, dtype=dt).reshape(shape)
     return torch.from_numpy(data.astype(dt.newbyteorder("="), copy=True))
+
+
+def _npz_member_check(archive, key: str, path) -> None:
+    """The ``.npy`` header of ``key``: ``ValueError`` naming the file if it declares more
+    bytes than the archive member holds (so nothing is allocated for a lying header)."""
+    info = archive.zip.getinfo(f"{key}.npy")
+    with archive.zip.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(fh)
+    if dtype.hasobject:
+        raise ValueError(f"{path}: array {key!r} holds Python objects (pickles are refused)")
+    need = math.prod(shape) * dtype.itemsize
+    if need > info.file_size:
+        raise ValueError(f"{path}: array {key!r} declares shape {tuple(shape)} of {dtype} "
+                         f"({need} bytes) but its member holds {info.file_size} bytes")
+
+
+def _npz_tensor(archive, key: str, path) -> torch.Tensor:
+    """The array ``key`` of an open archive as a tensor (native byte order)."""
+    import zipfile
+    import zlib
+
+    try:
+        _npz_member_check(archive, key, path)
+        arr = archive[key]
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: array {key!r} is corrupt or truncated ({err})") from err
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError,
+            MemoryError, zlib.error, KeyError) as err:  # encrypted, unknown compression, ...
+        raise ValueError(f"{path}: array {key!r} cannot be read "
+                         f"({type(err).__name__}: {err})") from err
+    if arr.dtype.kind not in "biufc":
+        raise ValueError(f"{path}: array {key!r} has dtype {arr.dtype}, expected numbers")
+    arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+    try:
+        return torch.from_numpy(arr)
+    except TypeError as err:  # a dtype torch has no tensor type for
+        raise ValueError(f"{path}: array {key!r} of dtype {arr.dtype} has no torch "
+                         f"equivalent ({err})") from err
 
 
 def load_npz(path, x_key: str = "x", y_key: str | None = "y"):
     """Read arrays ``x`` (and ``y``) from a NumPy ``.npz`` archive; returns ``(x, y)`` tensors.
 
     ``y`` is ``None`` when ``y_key`` is ``None``. Pickled (object) arrays are refused. Raises
-    ``ValueError`` naming the file for a corrupt/truncated archive, a missing key (listing
-    the keys present) or ``x`` and ``y`` of different lengths.
+    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for anything
+    else: a corrupt/truncated/encrypted archive, a header declaring more bytes than the
+    archive holds, a non-numeric dtype, a missing key (listing the keys present) or ``x``
+    and ``y`` of different lengths. Big-endian arrays are converted to native order.
     """
     import pathlib
     import zipfile
@@ -270,7 +360,8 @@ def load_npz(path, x_key: str = "x", y_key: str | None = "y"):
         raise FileNotFoundError(f"{path}: no such file")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError,
+            NotImplementedError) as err:
         raise ValueError(f"{path}: not a readable .npz archive ({err})") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{path}: is a single .npy array, expected an .npz archive")
@@ -278,18 +369,9 @@ def load_npz(path, x_key: str = "x", y_key: str | None = "y"):
         keys = sorted(archive.files)
         out = []
         for key in (x_key, y_key):
-            if key is None:
-                out.append(None)
-                continue
-            if key not in archive.files:
+            if key is not None and key not in archive.files:
                 raise ValueError(f"{path}: no array named {key!r}; the archive holds {keys}")
-            try:
-                arr = archive[key]
-            except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
-                raise ValueError(f"{path}: array {key!r} is corrupt or truncated ({err})") from err
-            if arr.dtype == object:  # pragma: no cover - allow_pickle=False already refuses
-                raise ValueError(f"{path}: array {key!r} holds Python objects")
-            out.append(torch.from_numpy(np.ascontiguousarray(arr)))
+            out.append(None if key is None else _npz_tensor(archive, key, path))
     x, y = out
     if y is not None and x.shape[:1] != y.shape[:1]:
         raise ValueError(f"{path}: {x_key!r} has {x.shape[0] if x.dim() else 0} rows but "

@@ -16,7 +16,15 @@ epochs, so differences come from ``R`` alone.
 Each finished run is saved atomically under ``<out>/runs/``: its table rows and point
 weights (``.pt``) and, for SVI, its ``InferenceData`` (``_svi.nc``, written first);
 ``resume=True`` skips runs already there, so an interrupted comparison loses at most the
-run in progress.
+run in progress. Saved runs are read back with ``weights_only=True`` (:func:`load_run`: a
+file holding anything but tensors and plain data is refused by name, never unpickled), and
+:func:`compare` holds the lock ``<out>/.compare.lock`` (``fcntl.flock``) while it runs: a
+second comparison on the same folder raises :class:`~bayes_spectral._io.FolderLockedError`
+at once instead of training the same runs. Each run stores the fingerprint of the settings
+that shape it (:func:`run_fingerprint`); resuming with other settings is refused before
+anything trains, naming each differing setting (:class:`SettingsMismatchError`; the command
+line exits 2 and suggests ``--no-resume``). Seeds must be distinct integers in
+``[0, 2**32 - 1]`` (:mod:`.settings`).
 
 Baselines, priors and data sets are looked up by name in the registries
 :data:`bayes_spectral.penalties.PENALTIES`, :data:`bayes_spectral.distributions.PRIORS` and
@@ -26,6 +34,7 @@ and the baselines' Adam loop are :mod:`.nets`; the report folder is :mod:`.outpu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -38,6 +47,7 @@ import torch
 from torch import nn
 
 from .. import penalties as P
+from .._io import UnreadableFileError, folder_lock, load_tensors
 from ..bnn.build import bayesian
 from ..bnn.fit import fit, save_checkpoint
 from ..bnn.guides import auto_normal, map_values
@@ -60,6 +70,7 @@ from .outputs import (  # noqa: F401 (public names of compare before apps.output
     summarize,
     write_outputs,
 )
+from .settings import check_device, check_seeds
 
 __all__ = ["BASELINES", "PRIORS", "CompareConfig", "compare", "summarize"]
 
@@ -71,6 +82,8 @@ BASELINES = PENALTIES
 BASELINE_COEFS = {"none": 0.0, "weight_decay": 4.0, "spectral_norm": 5.0,
                   "stable_rank": 5.0, "weighted_alpha": 20.0}
 DEFAULT_COEF = 1.0
+#: the lock file :func:`compare` holds in ``out_dir`` (one comparison per folder at a time)
+LOCK_NAME = ".compare.lock"
 #: importance draws of the ELPD columns at least (PSIS tail of 13 draws; k-hat is inf at <= 20)
 ELPD_DRAWS = 64
 
@@ -119,8 +132,8 @@ class CompareConfig:
                 raise ValueError(f"{key} must be a positive integer, got {val!r}")
         if not self.hidden or any(int(h) != h or h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be positive layer widths, got {self.hidden!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
         for name in self.baselines:
             coef = self.coef(name)
             if name != "none" and not (math.isfinite(coef) and coef > 0):
@@ -139,6 +152,8 @@ class CompareConfig:
             raise ValueError(f"unknown priors {unknown}; available: {list(PRIORS)}")
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one seed")
+        check_seeds(self.seeds)
+        check_device(self.device)
         if not self.baselines and not self.priors:
             raise ValueError("nothing to compare: no baseline and no prior selected")
 
@@ -252,8 +267,79 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | os.PathLike | None 
     """
     cfg = cfg or CompareConfig()
     cfg.validate()
-    with torch_threads(cfg.num_threads):
+    lock = (contextlib.nullcontext() if out_dir is None
+            else folder_lock(out_dir, LOCK_NAME, what="compare"))
+    with lock, torch_threads(cfg.num_threads):
         return _compare(cfg, out_dir, resume, progress)
+
+
+class SettingsMismatchError(ValueError):
+    """A saved run was made with other settings than the ones asked for now (the command
+    line exits 2); the message names each differing setting."""
+
+
+def run_fingerprint(cfg: CompareConfig, what: str, method: str) -> dict:
+    """Every setting that shapes a run's result (not ``device`` / ``num_threads``): the data
+    set, the MLP, the loop and, for a baseline its coefficient, for a prior the SVI part."""
+    fp = {"dataset": cfg.dataset, "hidden": [int(h) for h in cfg.hidden],
+          "epochs": int(cfg.epochs), "batch_size": int(cfg.batch_size), "lr": float(cfg.lr)}
+    if what == "baseline":
+        fp["coef"] = float(cfg.coef(method))
+    else:
+        fp["svi"] = bool(cfg.svi)
+        if cfg.svi:
+            fp["svi_epochs"] = int(cfg.svi_epochs)
+            fp["num_posterior_samples"] = int(cfg.num_posterior_samples)
+    return fp
+
+
+def check_fingerprint(path: Path, saved: dict, expected: dict) -> None:
+    """:class:`SettingsMismatchError` naming every setting where the run at ``path``
+    differs from ``expected`` (a run saved without a fingerprint is refused too)."""
+    stored = saved.get("fingerprint")
+    if stored == expected:
+        return
+    hint = "; pass --no-resume to retrain, or use another --out"
+    if not isinstance(stored, dict):
+        raise SettingsMismatchError(f"{path}: saved without its settings (an older version)"
+                                    + hint)
+    diff = [f"{k} {stored.get(k)!r} (now {expected.get(k)!r})"
+            for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+    raise SettingsMismatchError(f"{path}: saved with other settings: {', '.join(diff)}" + hint)
+
+
+def _saved_runs(jobs: list, runs_dir: Path | None, cfg: CompareConfig) -> dict:
+    """``{job: (saved, idata)}`` of the runs already under ``runs_dir``, every one read and
+    checked against the settings before anything trains."""
+    found = {}
+    for what, method, seed in jobs if runs_dir is not None else ():
+        path = runs_dir / f"{what}_{method}_seed{seed}.pt"
+        if path.exists():
+            saved, idata = load_run(path, path.with_name(f"{path.stem}_svi.nc"))
+            check_fingerprint(path, saved, run_fingerprint(cfg, what, method))
+            found[(what, method, seed)] = (saved, idata)
+    return found
+
+
+def load_run(path: Path, nc_path: Path | None = None) -> tuple[dict, object]:
+    """A saved run (``weights_only=True``: tensors and plain data, never code) and its SVI
+    ``InferenceData`` when ``nc_path`` exists; :class:`~bayes_spectral._io.UnreadableFileError`
+    naming the file for anything else."""
+    saved = load_tensors(path)
+    rows = saved.get("rows") if isinstance(saved, dict) else None
+    if (not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows)
+            or not isinstance(saved.get("weights"), dict)):
+        raise UnreadableFileError(f"{path}: not a run saved by compare (expected a dict with "
+                                  "'rows' and 'weights'); delete it or pass --no-resume")
+    idata = None
+    if nc_path is not None and nc_path.exists():
+        try:
+            idata = load_netcdf(nc_path)
+        except Exception as err:  # netCDF/HDF5 readers raise many types
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UnreadableFileError(f"{nc_path}: not a readable posterior file ({reason}); "
+                                      "delete it or pass --no-resume") from err
+    return saved, idata
 
 
 def _svi_outputs(res, split: Split, cfg: CompareConfig, seed: int):
@@ -306,16 +392,15 @@ def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
     rows, weights, idatas = [], {}, {}
     jobs = [("baseline", b, s) for b in cfg.baselines for s in cfg.seeds]
     jobs += [("prior", p, s) for p in cfg.priors for s in cfg.seeds]
+    resumed = _saved_runs(jobs, runs_dir if resume else None, cfg)
     for i, (what, method, seed) in enumerate(jobs):
         stem = f"{what}_{method}_seed{seed}"
         path = None if runs_dir is None else runs_dir / f"{stem}.pt"
         nc_path = None if runs_dir is None else runs_dir / f"{stem}_svi.nc"
         head = f"[{i + 1}/{len(jobs)}] {what} {method} seed {seed}"
         idata = None
-        if resume and path is not None and path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if nc_path.exists():
-                idata = load_netcdf(nc_path)
+        if (what, method, seed) in resumed:
+            saved, idata = resumed[(what, method, seed)]
             say(f"{head}: resumed from {path}")
         else:
             t0 = time.perf_counter()
@@ -324,6 +409,7 @@ def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
             else:
                 saved, idata = _train_prior_run(split, cfg, method, seed, nc_path)
             if path is not None:
+                saved["fingerprint"] = run_fingerprint(cfg, what, method)
                 save_checkpoint(str(path), saved)
             say(f"{head}: test accuracy {saved['rows'][-1]['test_accuracy']:.3f} "
                 f"({time.perf_counter() - t0:.1f} s)")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .._io import atomic_path, write_text_atomic
+from .._io import atomic_path, write_atomic, write_text_atomic
 from ..diagnostics.baselines import baseline_dataset
 from ..diagnostics.netcdf import save_netcdf
 
@@ -97,7 +97,8 @@ def _esd_figure(result: dict, path: Path, layer: str) -> None:
     seed = result["config"].seeds[0]
     spectra = {f"{layer}, {kind} {method}": esd(w[layer].double())
                for (kind, method, s), w in result["weights"].items() if s == seed}
-    plot_esds(spectra, path)
+    with atomic_path(path) as tmp:
+        plot_esds(spectra, tmp)
 
 
 def _write_tables(result: dict, out: Path) -> tuple[dict[str, Path], xr.Dataset]:
@@ -105,13 +106,12 @@ def _write_tables(result: dict, out: Path) -> tuple[dict[str, Path], xr.Dataset]
     table = result["table"]
     paths = {"results": out / "results.csv", "summary": out / "summary.csv",
              "config": out / "config.json"}
-    table.to_csv(paths["results"], index=False)
-    summarize(table).to_csv(paths["summary"])
+    write_atomic(paths["results"], lambda tmp: table.to_csv(tmp, index=False))
+    write_atomic(paths["summary"], summarize(table).to_csv)
     write_text_atomic(paths["config"], config_json(result["config"]))
     baselines = baselines_of(result)
     paths["baselines"] = out / "baselines.nc"
-    with atomic_path(paths["baselines"]) as tmp:
-        baselines.to_netcdf(tmp, engine="h5netcdf")
+    write_atomic(paths["baselines"], lambda tmp: baselines.to_netcdf(tmp, engine="h5netcdf"))
     for prior, idata in result["idata"].items():
         paths[f"posterior_{prior}"] = save_netcdf(idata, out / f"posterior_{prior}.nc")
     return paths, baselines
@@ -125,13 +125,15 @@ def _write_posterior_plots(result: dict, out: Path, baselines: xr.Dataset,
     paths["forest"] = out / "spectral_forest.png"
     keep = [m for m in baselines.method.values if str(m).startswith("baseline:")]
     penalties_only = baselines.sel({"method": keep}) if keep else None
-    plot_spectral_forest({f"svi:{p}": d.posterior for p, d in result["idata"].items()},
-                         penalties_only, path=paths["forest"])
+    with atomic_path(paths["forest"]) as tmp:
+        plot_spectral_forest({f"svi:{p}": d.posterior for p, d in result["idata"].items()},
+                             penalties_only, path=tmp)
     images["Posterior intervals (SVI) next to the penalty baselines"] = paths["forest"]
     for prior, idata in result["idata"].items():
         key = f"posterior_spectra_{prior}"
         paths[key] = out / f"{key}.png"
-        plot_posterior_spectra(idata.posterior, penalties_only, path=paths[key])
+        with atomic_path(paths[key]) as tmp:
+            plot_posterior_spectra(idata.posterior, penalties_only, path=tmp)
         images[f"Sorted singular values: SVI posterior ({prior}) and baselines"] = paths[key]
 
 
@@ -142,7 +144,8 @@ def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     ``results.csv`` (one row per run), ``summary.csv`` (mean/sd over seeds),
     ``config.json``, ``baselines.nc`` (point fits, :func:`baselines_of`),
     ``posterior_<prior>.nc`` (SVI ``InferenceData``), the PNG plots and the self-contained
-    ``report.html`` showing them.
+    ``report.html`` showing them. Every file goes through the atomic writer
+    (:mod:`bayes_spectral._io`): a kill mid-write leaves the previous file intact.
     """
     from ..diagnostics.plots import plot_alpha_vs_accuracy
     from .report import write_html_report
@@ -157,7 +160,8 @@ def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     _esd_figure(result, paths["esd"], first)
     images[f"ESD of layer {first} (seed {cfg.seeds[0]}), every method"] = paths["esd"]
     paths["alpha_vs_accuracy"] = out / "alpha_vs_accuracy.png"
-    plot_alpha_vs_accuracy(long_table(result["table"]), path=paths["alpha_vs_accuracy"])
+    with atomic_path(paths["alpha_vs_accuracy"]) as tmp:
+        plot_alpha_vs_accuracy(long_table(result["table"]), path=tmp)
     images["alpha vs test accuracy, every run"] = paths["alpha_vs_accuracy"]
     if result["idata"]:
         _write_posterior_plots(result, out, baselines, paths, images)

@@ -6,6 +6,12 @@
 (normally a spectral law of :mod:`bayes_spectral.distributions`). Every other parameter stays
 a deterministic parameter in Pyro's param store (point estimate).
 
+The weights that can have a prior are the rows of the one parameter view
+(:func:`bayes_spectral.select.parameter_view`): Linear, Conv, Embedding, attention Q/K/V
+(split from ``in_proj_weight``) and ``out_proj``, recurrent ``weight_ih_l*``/``weight_hh_l*``,
+parametrized weights (the effective value), any other >= 2-D parameter; tied weights are one
+row, one site, and stay tied (:mod:`~bayes_spectral.bnn.slots`).
+
 Each layer with a prior gets one site installer of :mod:`~bayes_spectral.bnn.sites`, by the
 selector naming it: a plain latent weight (default), a tracked penalty prior
 (``tracked=``), the spectral parameterisation ``W = U diag(s) V^T`` with the prior on ``s``
@@ -18,7 +24,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pyro.distributions as dist
@@ -26,10 +33,12 @@ import torch
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-from ..select import pick_union, resolve_keys, weight_modules
+from ..select import WeightRow, parameter_view
 from .likelihoods import LIKELIHOODS
 from .network import BayesianNetwork
+from .row_keys import pick_row_union, resolve_row_keys
 from .sites import CHECK_ORDER, SiteInstaller, site_installers
+from .slots import make_slots, release_parametrizations
 from .spectral_factors import ORTHOGONAL_MAPS
 
 __all__ = ["bayesian"]
@@ -37,10 +46,11 @@ __all__ = ["bayesian"]
 Selection = Iterable | str | type | bool | None
 
 
-def _resolve_priors(priors: Mapping, layers: dict[str, nn.Module]) -> dict[str, Any]:
-    """Per-layer prior; precedence: exact name > regular expression (``re.fullmatch``) >
-    type (:func:`bayes_spectral.select.resolve_keys`)."""
-    return resolve_keys(priors, layers, "priors", mode="fullmatch")
+def _resolve_priors(priors: Mapping, rows: list[WeightRow]) -> dict[str, Any]:
+    """Per-row prior; precedence: exact row or parameter name > module name > regular
+    expression (the one rule of :func:`bayes_spectral.select.matches`) > type
+    (:mod:`~bayes_spectral.bnn.row_keys`)."""
+    return resolve_row_keys(priors, rows, "priors")
 
 
 def _make_prior(name: str, prior, shape: torch.Size) -> torch.distributions.Distribution:
@@ -75,6 +85,12 @@ def _check_arguments(module, likelihood, noise, orthogonal_map, num_data) -> Non
                          f"{orthogonal_map!r}")
     if num_data is not None and (int(num_data) != num_data or num_data < 1):
         raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+    if num_data is None:
+        warnings.warn(
+            "bayesian(): num_data not given, so a mini-batch likelihood is not scaled by N / B "
+            "and the prior is over-weighted by N / B (about 11x for N=1437, B=128) unless "
+            "fit() takes N from a dataset's or loader's length; give num_data=N (the training "
+            "set size) to silence this", UserWarning, stacklevel=3)
 
 
 def _check_selected(installers: Mapping[str, SiteInstaller],
@@ -92,18 +108,30 @@ def _check_selected(installers: Mapping[str, SiteInstaller],
         installers[kind].check(name, made[name], selected)
 
 
-def _plan_sites(made: Mapping[str, Any], layers: dict[str, nn.Module], spectral: Selection,
+def _check_enumerable(names: list[str], rows: Mapping[str, WeightRow]) -> None:
+    """Rank enumeration works on the whole ``weight`` of a named submodule."""
+    for name in names:
+        row = rows[name]
+        if row.attr != "weight" or row.index is not None or not row.module_name:
+            raise ValueError(f"layer {name!r}: rank enumeration needs the `weight` of a named "
+                             f"submodule, not {row.param_name!r}")
+
+
+def _plan_sites(made: Mapping[str, Any], rows: list[WeightRow], spectral: Selection,
                 enumerate_rank: Selection, tracked: Selection, orthogonal_map: str,
                 power_iterations: int) -> tuple[dict[str, SiteInstaller], dict[str, str]]:
-    """The installers and each prior layer's kind of site (``"weight"`` unless a selector
-    names it), after the installers checked the selected layers (nothing is built yet)."""
-    selected = {"spectral": pick_union(spectral, layers, "spectral"),
-                "enumerated": pick_union(enumerate_rank, layers, "enumerate_rank"),
-                "tracked": pick_union(tracked, layers, "tracked")}
+    """The installers and each prior row's kind of site (``"weight"`` unless a selector
+    names it), after the installers checked the selected rows (nothing is built yet).
+    ``True`` selects exactly the rows with a prior."""
+    selected = {"spectral": pick_row_union(spectral, rows, "spectral", among=made),
+                "enumerated": pick_row_union(enumerate_rank, rows, "enumerate_rank",
+                                             among=made),
+                "tracked": pick_row_union(tracked, rows, "tracked", among=made)}
     if int(power_iterations) != power_iterations or power_iterations < 1:
         raise ValueError(f"power_iterations must be a positive integer, got {power_iterations!r}")
     installers = site_installers(orthogonal_map, power_iterations)
     _check_selected(installers, selected, made)
+    _check_enumerable(selected["enumerated"], {r.name: r for r in rows})
     kinds = {name: next((k for k in CHECK_ORDER if name in selected[k]), "weight")
              for name in made}
     return installers, kinds
@@ -121,50 +149,74 @@ def bayesian(
     orthogonal_map: str = "cayley",
     tracked: Selection = None,
     power_iterations: int = 2,
+    split_qkv: bool = True,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> BayesianNetwork:
     """Turn ``module`` into a Pyro model ``bn(x, y=None)`` (the module itself is untouched).
 
-    :param priors: ``{key: prior}`` with ``key`` a layer type (``nn.Linear``), an exact layer
-        name (``"fc1"``, ``"0"``) or a regular expression (``r"conv.*"``, full match), and
-        ``prior`` a distribution with ``event_shape == weight.shape`` or a factory
-        ``lambda weight_shape: Distribution`` (``None``: keep the layer deterministic).
-        Precedence: exact name > regex > type. Layers without a prior (and all biases) stay
-        deterministic parameters.
+    :param priors: ``{key: prior}`` with ``key`` a module type (``nn.Linear``,
+        ``nn.MultiheadAttention``: its Q/K/V rows, ``nn.LSTM``), an exact row name
+        (``"fc1"``, ``"attn.in_proj_weight[q]"``), full parameter name (``"fc1.weight"``,
+        ``"lstm.weight_hh_l0"``) or module name (``"lstm"``: all its rows), or a regular
+        expression (``re.fullmatch`` against the module name, the full parameter name or the
+        row name: :func:`bayes_spectral.select.matches`), and ``prior`` a distribution with
+        ``event_shape`` the row's shape or a factory ``lambda shape: Distribution``
+        (``None``: keep the row deterministic). Precedence: exact row/parameter name >
+        module name > regex > type (:mod:`~bayes_spectral.bnn.row_keys`). Rows without a
+        prior (and all biases, norms) stay deterministic parameters.
     :param likelihood: a name of ``LIKELIHOODS``: ``"categorical"`` (``y`` integer labels,
         logits output), ``"gaussian"`` (``y`` real, ``Normal(output, noise)``) or one
         registered by the user (:mod:`~bayes_spectral.bnn.likelihoods`).
     :param noise: Gaussian noise scale, a float or ``"learned"`` (a positive ``PyroParam``).
     :param num_data: ``N``, the size of the training set; the batch likelihood is scaled by
         ``N / B`` (:mod:`~bayes_spectral.bnn.network`). ``None``: no scaling (full-batch).
-    :param spectral: layers (same selectors, or ``True`` for all prior layers) to
+    :param spectral: rows (same keys, or ``True``: exactly the rows with a prior) to
         parameterise as ``U diag(s) V^T``, prior on ``s`` (their prior must be a spectral
-        law of :mod:`bayes_spectral.distributions`).
+        law of :mod:`bayes_spectral.distributions`); a ``torch.nn.utils.parametrize``
+        parametrization, so attention's ``out_proj`` and Q/K/V rows work too.
     :param orthogonal_map: the map of :func:`torch.nn.utils.parametrizations.orthogonal`
         keeping ``U`` and ``V`` orthonormal: ``"cayley"`` (default; ~15x faster than
         ``"matrix_exp"`` for a 784 x 512 factor on CPU), ``"matrix_exp"`` or ``"householder"``.
-    :param tracked: layers (selectors, or ``True``) whose ``FrechetTopEigenvalue``,
-        ``GaussianSpectrum`` or ``PowerLawSpectrum`` penalty prior is evaluated without a
-        full SVD per call by :class:`TrackedSpectralPrior` (``power_iterations``
-        warm-started steps per call for Frechet; a tail tracker for the power law).
+    :param tracked: rows (keys, or ``True``: exactly the rows with a prior) whose
+        ``FrechetTopEigenvalue``, ``GaussianSpectrum`` or ``PowerLawSpectrum`` penalty prior
+        is evaluated without a full SVD per call by :class:`TrackedSpectralPrior`
+        (``power_iterations`` warm-started steps per call for Frechet; a tail tracker for
+        the power law).
     :param enumerate_rank: layers with a ``SpikeAndSlabSpectrum`` prior whose indicators
         are made explicit and enumerated (``TraceEnum_ELBO``); not with ``spectral``.
+    :param output_fn: maps the module's output (a tuple, a dict, a Hugging Face style
+        output object) to the tensor the likelihood takes, e.g. ``lambda out: out["logits"]``;
+        default identity (a non-tensor output then raises a ``TypeError`` naming
+        ``output_fn``). The inputs may be a tensor of any dtype (token ids), a tuple
+        (``module(*x)``) or a dict (``module(**x)``) of tensors.
+    :param split_qkv: a fused ``in_proj_weight`` of attention is three rows ``[q]``, ``[k]``,
+        ``[v]`` (default; each with a prior is its own latent site and the fused matrix is
+        their concatenation, a :mod:`torch.nn.utils.parametrize` parametrization, so the
+        model's prior on it is the sum of the slices' priors), or one row (``False``).
     :raises ValueError: unknown names, patterns matching nothing, shape mismatches, before
         any training.
     """
     _check_arguments(module, likelihood, noise, orthogonal_map, num_data)
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
     net = copy.deepcopy(module)
-    layers = weight_modules(net, types=None, source="parameter", min_dim=0, root="").modules()
-    if not layers:
-        raise ValueError("bayesian(): the module has no layer with a `weight` parameter")
-    resolved = _resolve_priors(priors or {}, layers)
-    made = {n: _make_prior(n, p, layers[n].weight.shape) for n, p in resolved.items()}
-    installers, kinds = _plan_sites(made, layers, spectral, enumerate_rank, tracked,
+    rows = parameter_view(net, split_qkv=bool(split_qkv), what="bayesian()").rows
+    if not rows:
+        raise ValueError("bayesian(): the module has no weight with >= 2 dims")
+    by_name = {r.name: r for r in rows}
+    resolved = _resolve_priors(priors or {}, rows)
+    made = {n: _make_prior(n, p, torch.Size(by_name[n].shape)) for n, p in resolved.items()}
+    installers, kinds = _plan_sites(made, rows, spectral, enumerate_rank, tracked,
                                     orthogonal_map, power_iterations)
+    release_parametrizations([by_name[n] for n in made])
     to_pyro_module_(net)
     bn = BayesianNetwork(net, likelihood, noise, None if num_data is None else int(num_data))
-    bn.weight_layer_names = list(layers)
-    for name in layers:
-        if name in made:
-            installer = installers[kinds[name]]
-            bn.prior_sites[name] = installer.install(bn, name, bn.layer(name), made[name])
+    bn.weight_layer_names = [r.name for r in rows]
+    bn.weight_rows = rows  # the parameter view's rows (row name -> owning module, attribute)
+    bn.spectral_factors = {}  # spectral row -> its SpectralFactors (U, V)
+    bn.tracked_layers = []  # rows with a tracked prior (state on every data-parallel rank)
+    bn.output_fn = output_fn
+    slots = make_slots(net, [by_name[n] for n in made], rows)
+    for name, prior in made.items():
+        bn.prior_sites[name] = installers[kinds[name]].install(bn, slots[name], prior)
     return bn

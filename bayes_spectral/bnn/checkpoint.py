@@ -4,7 +4,9 @@ One file, ``<checkpoint_dir>/checkpoint.pt``, replaced atomically
 (:func:`bayes_spectral._io.atomic_path`). It is a ``torch.save`` dict with the keys
 ``param_store`` (``ParamStore.get_state()``), ``optim`` (the Pyro optimiser's ``get_state()``),
 ``rng`` (python / numpy / torch, and CUDA when present), ``history``, ``state`` (epoch, step
-and the early-stopping state), ``buffers`` (the model's buffers) and ``method``. Restoring
+and the early-stopping state), ``buffers`` (the model's buffers), ``method`` and ``data``
+(the states of the data's own ``torch.Generator`` objects, e.g. a ``DataLoader``'s
+``generator=``; :mod:`~bayes_spectral.bnn.batches`). Restoring
 all of them makes a resumed CPU run equal the uninterrupted one bit for bit. The file is a
 pickle (``torch.load(..., weights_only=False)``): load only checkpoints you wrote.
 """
@@ -21,7 +23,7 @@ import torch
 from .._io import atomic_path
 
 __all__ = ["CHECKPOINT_NAME", "Checkpointer", "rng_state", "save_checkpoint", "set_rng_state",
-           "sync_module_params"]
+           "load_store_state", "sync_module_params"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -65,6 +67,24 @@ def sync_module_params(model: torch.nn.Module) -> None:
                 store._param_to_name[p] = name
 
 
+def load_store_state(state: dict) -> None:
+    """``ParamStore.set_state`` that keeps the tensors already in the store: their values
+    are overwritten in place and the store points back at them, so modules holding those
+    tensors (module-local parameters, the guide's) see the loaded values."""
+    store = pyro.get_param_store()
+    live = dict(store._params)
+    store.set_state(state)
+    with torch.no_grad():
+        for name, t in live.items():
+            loaded = store._params.get(name)
+            if loaded is None or loaded is t or loaded.shape != t.shape:
+                continue
+            t.copy_(loaded)
+            store._param_to_name.pop(loaded, None)
+            store._params[name] = t
+            store._param_to_name[t] = name
+
+
 class Checkpointer:
     """Writes and restores the checkpoint of one MAP/SVI run.
 
@@ -73,11 +93,12 @@ class Checkpointer:
     """
 
     def __init__(self, checkpoint_dir: str | os.PathLike | None, *, model: torch.nn.Module,
-                 optim, method: str, rank: int = 0, distributed: bool = False):
+                 optim, method: str, rank: int = 0, distributed: bool = False, data=None):
         self.path = (None if checkpoint_dir is None
                      else os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME))
         self.model, self.optim, self.method = model, optim, method
         self.rank, self.distributed = rank, distributed
+        self.data = data  # a DataSource: its generator states travel with the checkpoint
 
     def last_good(self) -> str | None:
         """The path of the checkpoint on disk, or ``None`` when there is none yet."""
@@ -87,13 +108,15 @@ class Checkpointer:
         """Load the file into the param store, the module, the optimiser, the buffers and
         the global RNGs; returns its ``(history, state)``."""
         saved = torch.load(self.path, map_location=device, weights_only=False)
-        pyro.get_param_store().set_state(saved["param_store"])
+        load_store_state(saved["param_store"])
         sync_module_params(self.model)
         self.optim.set_state(saved["optim"])
         for name, buf in self.model.named_buffers():
             if name in saved["buffers"]:
                 buf.copy_(saved["buffers"][name])
         set_rng_state(saved["rng"])
+        if self.data is not None:
+            self.data.load_state_dict(saved.get("data", []))
         return saved["history"], saved["state"]
 
     def save(self, history: dict, state: dict) -> None:
@@ -111,6 +134,7 @@ class Checkpointer:
             "state": state,
             "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()},
             "method": self.method,
+            "data": [] if self.data is None else self.data.state_dict(),
         })
         if self.distributed:
             torch.distributed.barrier()

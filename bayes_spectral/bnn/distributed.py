@@ -193,7 +193,7 @@ def split_prior_sites(model, world_size: int) -> list[set[str]]:
     greedily by SVD cost; tracked and enumerated layers are left out (every rank)."""
     costs = {}
     for layer, site in model.prior_sites.items():
-        if layer in model.enumerated_layers or hasattr(model.layer(layer), "power_iteration"):
+        if layer in model.enumerated_layers or layer in getattr(model, "tracked_layers", ()):
             continue
         shape = tuple(model.initial_values()[site].shape)
         m, n = (shape[0], 1) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))

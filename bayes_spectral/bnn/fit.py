@@ -21,6 +21,15 @@ SVI over the ranks with ``DistributedDataParallel``, equal to the single-process
 the same global ``batch_size`` (:mod:`bayes_spectral.distributed` has the scaling rule);
 rank 0 writes the checkpoints, every rank resumes from them, with any number of ranks.
 
+State and modes (:mod:`bayes_spectral.bnn.result`): the returned :class:`FitResult` owns a
+snapshot of its parameters, so later fits never change it. Training runs in train mode;
+validation, the guide's set-up pass and NUTS in eval mode; the user's modes are restored.
+Refitting the same network is a restart: every ``fit`` starts from the parameters and
+buffers the network had before its first fit (and a new guide at the module's weights),
+never half from a previous fit; to continue, pass ``guide=`` with ``init_values`` from
+``map_values(res.guide)``. After a fit, ``bn.net(x)`` still draws the prior layers from the
+prior (it warns): the fitted network is ``res.to_module()``.
+
 NaN/Inf guard (:mod:`bayes_spectral.bnn.guard`): at every step the loss, the parameters and
 their gradients are checked *before* the optimiser update; on the first non-finite value
 :class:`NonFiniteError` names the parameter or sample site (and its layer), the update is not
@@ -31,7 +40,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
@@ -40,50 +48,20 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoGuide, init_to_value
 
 from . import distributed as bsd
+from .batches import DataSource, as_source, inputs_to
 from .checkpoint import CHECKPOINT_NAME
 from .checkpoint import save_checkpoint as save_checkpoint  # re-exported (apps.compare)
 from .guard import NonFiniteError
+from .modes import eval_mode, train_mode
 from .network import BayesianNetwork
-from .predict import PredictiveMetrics, evaluate, predictive_probs
-from .training import param_snapshot, start_run, train
+from .param_state import restart_modules
+from .result import FitResult, warn_on_bare_calls
+from .training import start_run, train
 
 __all__ = ["CHECKPOINT_NAME", "FitResult", "NonFiniteError", "fit"]
 
 METHODS = ("map", "svi", "nuts")
 MONITORS = ("val_nll", "val_accuracy")
-
-
-@dataclass
-class FitResult:
-    """What :func:`fit` returns. ``samples``: NUTS draws ``{site: (chains, draws, ...)}``."""
-
-    model: BayesianNetwork
-    method: str
-    guide: AutoGuide | None = None
-    history: dict[str, list] = field(default_factory=dict)
-    samples: dict[str, torch.Tensor] | None = None
-    epochs_run: int = 0
-    stopped_early: bool = False
-    best_epoch: int | None = None
-    checkpoint: str | None = None
-
-    def params(self) -> dict[str, torch.Tensor]:
-        """Snapshot of the param store (unconstrained values), detached clones."""
-        return param_snapshot()
-
-    def predict(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
-        """Posterior-predictive class probabilities ``(S, n, C)`` (or outputs, gaussian)."""
-        dev = next(iter(self.model.parameters()), torch.zeros(()))
-        x = x.to(device=dev.device, dtype=dev.dtype)
-        if self.samples is not None:
-            return predictive_probs(self.model, x, samples=self.samples)
-        if num_samples is None:
-            num_samples = 1 if self.method == "map" else 32
-        return predictive_probs(self.model, x, guide=self.guide, num_samples=num_samples)
-
-    def evaluate(self, x, y, num_samples: int | None = None) -> PredictiveMetrics:
-        """Accuracy, NLL, ECE, entropy, mutual information (categorical models)."""
-        return evaluate(self.predict(x, num_samples).cpu(), y.cpu())
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -125,32 +103,37 @@ def _use_distributed(distributed: bool | None, method: str) -> bool:
 # ----------------------------------------------------------------------------- data
 
 
-def _as_xy(data, what: str):
-    if hasattr(data, "x_train") and hasattr(data, "y_train"):
-        return data.x_train, data.y_train
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
-    raise TypeError(f"{what} must be a pair (x, y) or a bayes_spectral.data.Split, got "
-                    f"{type(data).__name__}")
+def _set_num_data(model: BayesianNetwork, source: DataSource) -> None:
+    """``num_data=None`` on the model: a dataset's or loader's length becomes its
+    ``num_data``; an iterable of unknown length is refused (a pair or Split: as given)."""
+    if model.num_data is not None or not source.needs_num_data:
+        return
+    if source.num_data is None:
+        raise ValueError("data: the number of training examples is unknown (the batches come "
+                         "from an iterable without a dataset length); give it as "
+                         "bayesian(..., num_data=N) so the likelihood is scaled by N / batch")
+    model.num_data = int(source.num_data)
 
 
 def _prepare_data(model: BayesianNetwork, data, val_data, device: torch.device,
-                  dtype: torch.dtype):
-    """Check ``data`` and ``val_data``, move the model and the inputs to ``device``/``dtype``
-    (targets too for a gaussian likelihood; validation targets stay where they are).
-    Returns ``(x, y, xv, yv)`` (``xv = yv = None`` without validation data)."""
-    x, y = _as_xy(data, "data")
-    model.check_data(x, y, "data")
+                  dtype: torch.dtype, *, batch_size: int, shuffle: bool):
+    """The :class:`~bayes_spectral.bnn.batches.DataSource` of ``data`` (checked: all rows of
+    tensors, the first batch of a dataset or loader) and the validation ``(xv, yv)`` (all
+    rows); the model and the source moved to ``device``/``dtype`` (floating-point tensors
+    cast, token ids kept; validation targets stay where they are). Returns
+    ``(source, xv, yv)`` (``xv = yv = None`` without validation data)."""
+    source = as_source(data, "data", batch_size=batch_size, shuffle=shuffle)
+    model.check_data(*source.rows_to_check(), "data")
+    _set_num_data(model, source)
     xv = yv = None
     if val_data is not None:
-        xv, yv = _as_xy(val_data, "val_data")
+        xv, yv = as_source(val_data, "val_data").materialize()
         model.check_data(xv, yv, "val_data")
     model.to(device=device, dtype=dtype)
-    x = x.to(device=device, dtype=dtype)
-    y = y.to(device=device, dtype=dtype if model.likelihood == "gaussian" else y.dtype)
+    source.to(device, dtype)
     if xv is not None:
-        xv = xv.to(device=device, dtype=dtype)
-    return x, y, xv, yv
+        xv = inputs_to(xv, device, dtype)
+    return source, xv, yv
 
 
 # ----------------------------------------------------------------------------- NUTS
@@ -188,7 +171,8 @@ def _fit_nuts(model, x, y, *, seed, num_samples, warmup_steps, num_chains, max_t
 
 def fit(
     model: BayesianNetwork, data, method: str = "map", guide: AutoGuide | str | None = None, *,
-    epochs: int = 10, batch_size: int = 128, lr: float = 1e-2, num_particles: int = 1,
+    epochs: int = 10, batch_size: int = 128, shuffle: bool = True, lr: float = 1e-2,
+    num_particles: int = 1,
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
     val_data=None, val_samples: int | None = None, monitor: str = "val_nll",
     patience: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
@@ -197,13 +181,23 @@ def fit(
     warmup_steps: int = 200, num_chains: int = 2, max_tree_depth: int = 8,
     init_jitter: float = 0.1, distributed: bool | None = None,
 ) -> FitResult:
-    """Fit ``model`` to ``data = (x, y)`` (or a ``Split``: its training part).
+    """Fit ``model`` to ``data``: a pair ``(x, y)``, a ``Split`` (its training part), a
+    ``torch.utils.data.Dataset``, a ``DataLoader`` or any re-iterable of ``(x, y)`` batches
+    (:mod:`~bayes_spectral.bnn.batches`); ``x`` a tensor of any dtype (token ids stay
+    integer), a tuple (``net(*x)``) or a dict (``net(**x)``) of tensors; numpy arrays are
+    converted. A dataset's or loader's length becomes the model's ``num_data`` when
+    :func:`~bayes_spectral.bayesian` had none (an iterable of unknown length then needs it).
+
+    :param batch_size, shuffle: batches of a pair, Split or dataset: ``batch_size`` rows in
+        the order ``torch.randperm(n)`` drawn each epoch (``shuffle=False``: in order). A
+        loader keeps its own batches and order.
 
     :param method: ``"map"`` (default guide ``auto_delta``), ``"svi"`` (default
         ``auto_normal``) or ``"nuts"`` (full batch; layers without a prior stay fixed).
     :param guide: an ``AutoGuide`` or a kind of :func:`bayes_spectral.bnn.guides.make_guide`.
-    :param val_data: ``(x, y)`` evaluated after every epoch (posterior predictive with
-        ``val_samples`` draws: 1 for MAP, 8 for SVI by default); ``history`` gains
+    :param val_data: ``(x, y)`` (or any form of ``data``, read whole) evaluated after every
+        epoch (posterior predictive with ``val_samples`` draws: 1 for MAP, 8 for SVI by
+        default); ``history`` gains
         ``val_accuracy`` (categorical) and ``val_nll``.
     :param monitor, patience: early stopping on ``"val_nll"`` (lower is better) or
         ``"val_accuracy"``; after ``patience`` epochs without improvement training stops and
@@ -228,22 +222,28 @@ def fit(
                      monitor=monitor, patience=patience, val_data=val_data)
     distributed = _use_distributed(distributed, method)
     rank = torch.distributed.get_rank() if distributed else 0
+    restart_modules(model)  # a refit restarts from the state bayesian() left (docstring)
+    warn_on_bare_calls(model)
     device = torch.device(device)
-    x, y, xv, yv = _prepare_data(model, data, val_data, device, dtype)
+    source, xv, yv = _prepare_data(model, data, val_data, device, dtype,
+                                   batch_size=batch_size, shuffle=shuffle)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    if method == "nuts":
-        return _fit_nuts(model, x, y, seed=seed, num_samples=num_samples,
-                         warmup_steps=warmup_steps, num_chains=num_chains,
-                         max_tree_depth=max_tree_depth, init_jitter=init_jitter,
-                         progress=progress)
-    run = start_run(model, x, y, method, guide, num_particles=num_particles, lr=lr,
-                    batch_size=batch_size, device=device, checkpoint_dir=checkpoint_dir,
-                    resume=resume, rank=rank, distributed=distributed, monitor=monitor,
-                    patience=patience, with_validation=xv is not None)
-    train(run, method, epochs=epochs, checkpoint_every=checkpoint_every, callbacks=callbacks,
-          val=None if xv is None else (xv, yv), val_samples=val_samples, monitor=monitor,
-          show=progress and rank == 0)
+    if method == "nuts":  # a deterministic potential: eval mode (no dropout, BN stats)
+        with eval_mode(model):
+            return _fit_nuts(model, *source.materialize(), seed=seed, num_samples=num_samples,
+                             warmup_steps=warmup_steps, num_chains=num_chains,
+                             max_tree_depth=max_tree_depth, init_jitter=init_jitter,
+                             progress=progress)
+    with eval_mode(model):  # the guide's set-up pass leaves BatchNorm statistics alone
+        run = start_run(model, source, method, guide, num_particles=num_particles, lr=lr,
+                        device=device, checkpoint_dir=checkpoint_dir,
+                        resume=resume, rank=rank, distributed=distributed, monitor=monitor,
+                        patience=patience, with_validation=xv is not None)
+    with train_mode(model):
+        train(run, method, epochs=epochs, checkpoint_every=checkpoint_every,
+              callbacks=callbacks, val=None if xv is None else (xv, yv),
+              val_samples=val_samples, monitor=monitor, show=progress and rank == 0)
     run.stopper.restore_best()
     return FitResult(model=model, method=method, guide=run.guide, history=run.history,
                      epochs_run=run.epoch, stopped_early=run.stopper.stopped,

@@ -115,8 +115,15 @@ def _loss_and_grads(svi: SVI, args, loss_and_grads: Callable[[], float] | None,
         raise where.error(
             f"non-finite values in the model at {where.text} (parameters overflowed: lower "
             f"the learning rate){where.keep}: {first}") from exc
-    return loss, {name: site["value"].unconstrained()
+    # a PyroParam's constrained value links to its unconstrained tensor; with
+    # pyro.settings.set(module_local_params=True) a plain nn.Parameter is its own value
+    return loss, {name: _unconstrained(site["value"])
                   for name, site in capture.trace.nodes.items()}
+
+
+def _unconstrained(value: torch.Tensor) -> torch.Tensor:
+    link = getattr(value, "unconstrained", None)
+    return value if link is None else link()
 
 
 def _first_nonfinite(params: dict[str, torch.Tensor], what: str) -> tuple[str, str] | None:

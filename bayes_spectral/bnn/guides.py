@@ -36,8 +36,8 @@ from pyro.infer.autoguide import (
 )
 
 from ..registry import Registry
-from ..select import pick_union
 from .network import BayesianNetwork
+from .row_keys import pick_row_union
 
 __all__ = [
     "GUIDES",
@@ -64,13 +64,15 @@ def _check_model(model) -> None:
 
 
 def _init(model: BayesianNetwork, init_values: Mapping | None):
-    values = model.initial_values()
+    # clones: AutoDelta / AutoNormal wrap their initial value in a Parameter that shares
+    # its storage, so training would otherwise rewrite the network's initial weights
+    values = {k: v.detach().clone() for k, v in model.initial_values().items()}
     if init_values is not None:
         unknown = set(init_values) - set(values)
         if unknown:
             raise ValueError(f"init_values: unknown sites {sorted(unknown)}; latent sites are "
                              f"{sorted(values)}")
-        values.update({k: torch.as_tensor(v).detach() for k, v in init_values.items()})
+        values.update({k: torch.as_tensor(v).detach().clone() for k, v in init_values.items()})
     return init_to_value(values=values)
 
 
@@ -78,8 +80,7 @@ def _split_sites(model: BayesianNetwork, layers) -> tuple[list[str], list[str]]:
     if layers is None:
         chosen = list(model.latent_sites)
     else:
-        names = pick_union(layers, {n: model.layer(n) for n in model.weight_layer_names},
-                                "layers")
+        names = pick_row_union(layers, model.weight_rows, "layers")
         missing = [n for n in names if n not in model.prior_sites]
         if missing:
             raise ValueError(f"layers {missing} have no prior; layers with priors are "
@@ -160,8 +161,13 @@ def make_guide(model: BayesianNetwork, kind: str = "delta", **kwargs) -> AutoGui
     return GUIDES.get(kind)(model, **kwargs)
 
 
-def map_values(guide: AutoGuide, sites: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Point values (median) of a fitted guide, detached: e.g. to start SVI from MAP."""
-    with torch.no_grad():
-        med = guide.median()
+def map_values(guide, sites: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Point values (median) of a fitted guide, detached: e.g. to start SVI from MAP.
+    Give the ``FitResult`` itself (rather than ``res.guide``) to read its own parameters
+    whatever was fitted since (:meth:`FitResult.point_values`)."""
+    if hasattr(guide, "point_values"):
+        med = guide.point_values()
+    else:
+        with torch.no_grad():
+            med = guide.median()
     return {k: v.detach().clone() for k, v in med.items() if sites is None or k in sites}

@@ -1,139 +1,131 @@
-"""Layer 4: posterior predictive and the metrics of a predictive distribution.
+"""Layer 4: posterior predictive of a fitted network and its metrics, per likelihood.
 
-Metric functions take ``probs`` of shape ``(S, n, C)`` (``S`` posterior draws, ``n`` points,
-``C`` classes) or ``(n, C)`` (one draw / already averaged) and integer labels ``(n,)``;
-natural logarithms throughout.
-
-* predictive ``p(y | x) = mean_s probs[s]``; accuracy of its argmax;
-* NLL ``= -mean_n log p(y_n | x_n)``;
-* ECE (15 equal-width bins on the confidence ``max_c p``):
-  ``sum_b (n_b / n) |acc_b - conf_b|``; bins ``(k/15, (k+1)/15]``, the first also takes 0;
-* predictive entropy ``H[mean_s p_s]`` (total), expected entropy ``mean_s H[p_s]``
-  (aleatoric) and mutual information ``H[mean_s p_s] - mean_s H[p_s]`` (epistemic).
+:func:`predictive_probs` runs the model under the posterior (a guide's draws or NUTS
+samples) and returns the likelihood's predictive
+(:meth:`~bayes_spectral.bnn.likelihoods.Likelihood.predictive`): class probabilities
+``(S, n, C)`` for ``categorical`` and ``bernoulli`` (``C = 2``), a
+:class:`~bayes_spectral.bnn.metrics.GaussianPredictive` ``(loc, scale)`` of shape
+``(S, n, ...)`` for ``gaussian`` (``scale``: the fixed noise or the draws of the latent
+``noise``) and ``heteroskedastic``. :func:`evaluate` scores it: classification accuracy,
+NLL, ECE, entropy, mutual information and Brier score; regression Gaussian-mixture NLL,
+RMSE and the coverage of the central 50% / 90% intervals. The formulas are in
+:mod:`~bayes_spectral.bnn.metrics` (whose functions are re-exported here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from pyro.infer import Predictive
 
+from .batches import num_rows, take_rows
+from .likelihoods import LIKELIHOODS, Likelihood
+from .metrics import (
+    ClassificationMetrics,
+    GaussianPredictive,
+    RegressionMetrics,
+    accuracy,
+    brier_score,
+    classification_metrics,
+    expected_calibration_error,
+    gaussian_nll,
+    interval_coverage,
+    mutual_information,
+    negative_log_likelihood,
+    predictive_entropy,
+    regression_metrics,
+    rmse,
+)
+
 __all__ = [
+    "ClassificationMetrics",
+    "GaussianPredictive",
     "PredictiveMetrics",
+    "RegressionMetrics",
     "accuracy",
+    "brier_score",
     "evaluate",
     "expected_calibration_error",
+    "gaussian_nll",
+    "interval_coverage",
     "mutual_information",
     "negative_log_likelihood",
     "predictive_entropy",
     "predictive_probs",
+    "rmse",
 ]
 
-
-def _mean_probs(probs: torch.Tensor) -> torch.Tensor:
-    probs = torch.as_tensor(probs)
-    if probs.dim() == 3:
-        return probs.mean(0)
-    if probs.dim() == 2:
-        return probs
-    raise ValueError(f"probs must have shape (S, n, C) or (n, C), got {tuple(probs.shape)}")
+#: the classification metrics (the name ``evaluate`` returned before regression existed)
+PredictiveMetrics = ClassificationMetrics
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(-1)
+def evaluate(pred, y, likelihood: str | Likelihood | None = None,
+             ) -> ClassificationMetrics | RegressionMetrics:
+    """Metrics of a predictive ``pred`` against targets ``y``.
+
+    ``likelihood`` (a name of ``LIKELIHOODS`` or a :class:`Likelihood`) picks the metrics;
+    ``None``: by the type of ``pred``, a :class:`GaussianPredictive` -> regression metrics
+    (:func:`~bayes_spectral.bnn.metrics.regression_metrics`), class probabilities ``(S, n,
+    C)`` or ``(n, C)`` -> classification metrics (entropy and MI averaged over points).
+    """
+    if likelihood is None:
+        if isinstance(pred, GaussianPredictive):
+            return regression_metrics(pred, y)
+        return classification_metrics(pred, y)
+    law = LIKELIHOODS.get(likelihood) if isinstance(likelihood, str) else likelihood
+    return law.metrics(pred, y)
 
 
-def accuracy(probs, y) -> float:
-    """Accuracy of the argmax of the (averaged) predictive."""
-    p = _mean_probs(probs)
-    return float((p.argmax(-1) == torch.as_tensor(y)).to(torch.float64).mean())
+def predictive_probs(model, x, *, guide=None, samples: Mapping[str, torch.Tensor] | None = None,
+                     num_samples: int = 32, batch_size: int = 4096) -> Any:
+    """The likelihood's predictive under the posterior (module docstring): class
+    probabilities ``(S, n, C)`` or a ``GaussianPredictive`` ``(S, n, ...)``; a user
+    likelihood without :meth:`~Likelihood.predictive`: the outputs ``(S, n, ...)``.
 
-
-def negative_log_likelihood(probs, y) -> float:
-    """``-mean_n log mean_s p_s(y_n | x_n)``."""
-    p = _mean_probs(probs).to(torch.float64)
-    y = torch.as_tensor(y).long()
-    py = p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    return float(-torch.log(py.clamp_min(torch.finfo(torch.float64).tiny)).mean())
-
-
-def expected_calibration_error(probs, y, num_bins: int = 15) -> float:
-    """ECE with ``num_bins`` equal-width confidence bins (see module docstring)."""
-    p = _mean_probs(probs).to(torch.float64)
-    y = torch.as_tensor(y).long()
-    conf, pred = p.max(-1)
-    correct = (pred == y).to(torch.float64)
-    # bin k holds conf in (k/B, (k+1)/B]; conf == 0 goes to bin 0
-    idx = (torch.ceil(conf * num_bins) - 1).clamp(0, num_bins - 1).long()
-    ece = torch.zeros((), dtype=torch.float64)
-    n = conf.numel()
-    for k in range(num_bins):
-        mask = idx == k
-        nk = int(mask.sum())
-        if nk:
-            ece = ece + nk / n * (correct[mask].mean() - conf[mask].mean()).abs()
-    return float(ece)
-
-
-def predictive_entropy(probs) -> torch.Tensor:
-    """``H[mean_s p_s]`` per point, shape ``(n,)``."""
-    return _entropy(_mean_probs(probs).to(torch.float64))
-
-
-def mutual_information(probs) -> torch.Tensor:
-    """Epistemic part ``H[mean_s p_s] - mean_s H[p_s]`` per point (zero for one draw)."""
-    probs = torch.as_tensor(probs).to(torch.float64)
-    if probs.dim() == 2:
-        return torch.zeros(probs.shape[0], dtype=torch.float64)
-    return _entropy(probs.mean(0)) - _entropy(probs).mean(0)
-
-
-class PredictiveMetrics(NamedTuple):
-    accuracy: float
-    nll: float
-    ece: float
-    entropy: float
-    mutual_information: float
-
-
-def evaluate(probs, y) -> PredictiveMetrics:
-    """All metrics; entropy and mutual information averaged over points."""
-    return PredictiveMetrics(
-        accuracy(probs, y),
-        negative_log_likelihood(probs, y),
-        expected_calibration_error(probs, y),
-        float(predictive_entropy(probs).mean()),
-        float(mutual_information(probs).mean()),
-    )
-
-
-def predictive_probs(model, x: torch.Tensor, *, guide=None,
-                     samples: Mapping[str, torch.Tensor] | None = None,
-                     num_samples: int = 32, batch_size: int = 4096) -> torch.Tensor:
-    """Class probabilities ``(S, n, C)`` (categorical) or outputs ``(S, n, ...)`` (gaussian)
-    under the posterior: ``pyro.infer.Predictive`` with a ``guide`` (``num_samples`` draws)
-    or with ``samples`` (e.g. NUTS draws, a dict of ``(S, ...)`` tensors)."""
+    ``guide``: ``num_samples`` guide draws, taken once and shared by every batch of
+    ``batch_size`` rows (so a point's prediction does not depend on its batch); ``samples``:
+    posterior draws ``{site: (..., *event)}`` (e.g. NUTS ``(chains, draws, ...)``).
+    """
     if (guide is None) == (samples is None):
         raise ValueError("give exactly one of guide= or samples=")
-    if samples is not None:
-        samples = {k: v.reshape(-1, *v.shape[-len(_event(model, k)):]) if _event(model, k)
-                   else v for k, v in samples.items() if k in model.latent_sites}
-        pred = Predictive(model, posterior_samples=samples, return_sites=["_RETURN"])
-    else:
-        pred = Predictive(model, guide=guide, num_samples=num_samples,
-                          return_sites=["_RETURN"])
-    outs = []
+    law: Likelihood = model.observation
+    draws = _guide_draws(model, guide, x, num_samples) if guide is not None else \
+        _flat_samples(model, samples)
+    sites = ["_RETURN", *law.parameter_sites(model)]
+    pred = Predictive(model, posterior_samples=draws, return_sites=sites)
+    parts = []
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            outs.append(pred(x[i:i + batch_size])["_RETURN"])
-    out = torch.cat(outs, dim=1)
-    if model.likelihood == "categorical":
-        return torch.softmax(out, dim=-1)
+        for i in range(0, num_rows(x), batch_size):
+            out = pred(take_rows(x, slice(i, i + batch_size)))
+            parts.append(law.predictive(model, out.pop("_RETURN"), out))
+    return _concat(parts)
+
+
+def _guide_draws(model, guide, x, num_samples: int) -> dict[str, torch.Tensor]:
+    """``num_samples`` joint draws of the latent sites from ``guide`` (one row of ``x``)."""
+    latent = Predictive(model, guide=guide, num_samples=num_samples,
+                        return_sites=list(model.latent_sites))
+    with torch.no_grad():  # Predictive pads the draws with the plate dims: flatten them
+        return _flat_samples(model, latent(take_rows(x, slice(0, 1))), num_samples)
+
+
+def _flat_samples(model, samples: Mapping[str, torch.Tensor],
+                  num: int = -1) -> dict[str, torch.Tensor]:
+    """The latent sites of ``samples``, shape ``(num, *event)`` (the leading draw dims
+    flattened into one), detached."""
+    out = {}
+    for k, v in samples.items():
+        if k in model.latent_sites:
+            init = model._initial.get(k)
+            out[k] = v.detach().reshape(num, *(() if init is None else init.shape))
     return out
 
 
-def _event(model, site: str) -> tuple:
-    init = model._initial.get(site)
-    return tuple(init.shape) if init is not None else ()
+def _concat(parts: list) -> Any:
+    """Batches of predictives joined along the point dim (1)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim=1)
+    return type(first)(*(torch.cat(fields, dim=1) for fields in zip(*parts, strict=True)))

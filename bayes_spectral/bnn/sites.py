@@ -6,13 +6,21 @@ chosen by the selector that names the layer (none: :class:`LatentWeightSite`):
 =================  ==========================  =============================================
 kind               selector                    latent site and its prior
 =================  ==========================  =============================================
-``"weight"``       (a prior, nothing else)     ``<layer>.weight``, the prior itself
-``"tracked"``      ``tracked=``                ``<layer>.weight``, :class:`TrackedSpectralPrior`
-``"spectral"``     ``spectral=``               ``<layer>.spectral_s``, :class:`SingularValuePrior`
-``"enumerated"``   ``enumerate_rank=``         ``<layer>.weight``, no density (improper); the
+``"weight"``       (a prior, nothing else)     ``<module>.<attr>``, the prior itself
+``"tracked"``      ``tracked=``                ``<module>.<attr>``, :class:`TrackedSpectralPrior`
+``"spectral"``     ``spectral=``               ``<module>.spectral_s`` (``<attr>_spectral_s``
+                                               for an attribute other than ``weight``),
+                                               :class:`SingularValuePrior`
+``"enumerated"``   ``enumerate_rank=``         ``<module>.weight``, no density (improper); the
                                                indicators ``<site>_z`` come from
                                                :meth:`SpikeAndSlabSpectrum.rank_model`
 =================  ==========================  =============================================
+
+Every installer works on a :class:`~bayes_spectral.bnn.slots.Slot` (a module and one
+attribute: ``weight``, ``in_proj_weight``, ``weight_hh_l0``, a split part
+``in_proj_weight[q]``), prepared by :mod:`~bayes_spectral.bnn.slots`. Pyro handles any
+attribute name; the spectral parameterisation is a :mod:`torch.nn.utils.parametrize`
+parametrization, so it also holds where a module reads another's weight without calling it.
 
 Before anything is built, an installer checks each layer selected for its kind
 (:meth:`~SiteInstaller.check_prior`, :meth:`~SiteInstaller.check`: the law and clashes with
@@ -42,7 +50,8 @@ from .site_priors import (
     _tail_penalty_for,
     law_entry,
 )
-from .spectral_factors import SpectralFactors, spectral_pre_hook
+from .slots import Slot, parametrize_attribute
+from .spectral_factors import SpectralFactors, SpectralWeight
 
 if TYPE_CHECKING:
     from .network import BayesianNetwork
@@ -63,8 +72,14 @@ CHECK_ORDER = ("tracked", "spectral", "enumerated")
 
 
 def site_prefix(name: str) -> str:
-    """Pyro name of layer ``name`` inside the network (``"net"`` or ``"net.<name>"``)."""
+    """Pyro name of module ``name`` inside the network (``"net"`` or ``"net.<name>"``)."""
     return "net" + ("." + name if name else "")
+
+
+def _aux_name(slot: Slot, what: str) -> str:
+    """Attribute for a helper of the slot: ``what`` for a ``weight`` (``spectral``,
+    ``power_iteration``), else ``<attr>_<what>`` (``in_proj_weight[q]_spectral``)."""
+    return what if slot.attr == "weight" else f"{slot.attr}_{what}"
 
 
 def _any_param(layer: nn.Module, bn: BayesianNetwork) -> torch.Tensor:
@@ -93,9 +108,8 @@ class SiteInstaller:
         """Raise for a layer of this kind (with a prior) whose law or selection does not
         fit; ``selected``: kind -> selected layer names."""
 
-    def install(self, bn: BayesianNetwork, name: str, layer: nn.Module,
-                prior: dist.Distribution) -> str:
-        """Put the site on ``layer``; return its name."""
+    def install(self, bn: BayesianNetwork, slot: Slot, prior: dist.Distribution) -> str:
+        """Put the site on ``slot`` (row ``slot.row``); return its name."""
         raise NotImplementedError
 
 
@@ -104,11 +118,13 @@ class LatentWeightSite(SiteInstaller):
 
     kind = "weight"
 
-    def install(self, bn, name, layer, prior):
-        weight = layer.weight.detach().clone()
+    def install(self, bn, slot, prior):
+        name = slot.row
+        weight = getattr(slot.module, slot.attr).detach().clone()
         bn._priors[name] = prior
-        layer.weight = PyroSample(lambda self, _n=name: bn._prior_for(_n, _any_param(self, bn)))
-        site = site_prefix(name) + ".weight"
+        setattr(slot.module, slot.attr,
+                PyroSample(lambda self, _n=name: bn._prior_for(_n, _any_param(self, bn))))
+        site = slot.site()
         bn._initial[site] = weight
         return site
 
@@ -128,19 +144,21 @@ class SpectralSite(SiteInstaller):
             raise TypeError(f"layer {name!r}: the spectral parameterisation needs a spectral law "
                             f"of bayes_spectral.distributions, got {type(prior).__name__}")
 
-    def install(self, bn, name, layer, prior):
-        weight = layer.weight.detach().clone()
-        factors = SpectralFactors(weight, self.orthogonal_map)
-        del layer._parameters["weight"]
-        layer.spectral = factors
+    def install(self, bn, slot, prior):
+        name, layer = slot.row, slot.module
+        factors = SpectralFactors(getattr(layer, slot.attr).detach().clone(),
+                                  self.orthogonal_map)
+        f_attr, s_attr = _aux_name(slot, "spectral"), _aux_name(slot, "spectral_s")
+        setattr(layer, f_attr, factors)
         bn._priors[name] = SingularValuePrior(prior)
-        layer.spectral_s = PyroSample(
-            lambda self, _n=name: bn._prior_for(_n, self.spectral.initial_s_like())
-        )
-        layer.register_forward_pre_hook(spectral_pre_hook)
-        site = site_prefix(name) + ".spectral_s"
+        setattr(layer, s_attr, PyroSample(
+            lambda self, _n=name, _f=f_attr: bn._prior_for(_n, getattr(self, _f).initial_s_like())
+        ))
+        parametrize_attribute(layer, slot.attr, SpectralWeight(layer, f_attr, s_attr))
+        site = f"{slot.prefix}.{s_attr}"
         bn._initial[site] = factors.initial_s
         bn.spectral_layers.append(name)
+        bn.spectral_factors[name] = factors
         return site
 
 
@@ -160,13 +178,14 @@ class EnumeratedRankSite(SiteInstaller):
             raise ValueError(f"layer {name!r}: rank enumeration works on the weight, not with the "
                              "spectral parameterisation")
 
-    def install(self, bn, name, layer, prior):
-        weight = layer.weight.detach().clone()
+    def install(self, bn, slot, prior):
+        name = slot.row
+        weight = slot.module.weight.detach().clone()
         bn._priors[name] = prior
         improper = dist.ImproperUniform(constraints.real, (), weight.shape)
-        layer.weight = PyroSample(improper)
+        slot.module.weight = PyroSample(improper)
         bn.enumerated_layers.append(name)
-        site = site_prefix(name) + ".weight"
+        site = slot.site()
         bn._initial[site] = weight
         return site
 
@@ -176,18 +195,20 @@ class EnumeratedRankSite(SiteInstaller):
 PriorMaker = Callable[[nn.Module], dist.Distribution]
 
 
-def _power_iteration_tracker(bn, name, layer, law, weight, n_iter: int) -> PriorMaker:
-    """A warm-started :class:`PowerIteration` as a buffer of the layer (in checkpoints)."""
-    layer.power_iteration = PowerIteration(weight.shape, n_iter=n_iter)
-    return lambda self, _n=name: TrackedSpectralPrior(
-        bn._prior_for(_n, self.power_iteration.u), self.power_iteration)
+def _power_iteration_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
+    """A warm-started :class:`PowerIteration` as a buffer of the layer (in checkpoints):
+    ``power_iteration``, or ``<attr>_power_iteration`` for another attribute."""
+    attr = _aux_name(slot, "power_iteration")
+    setattr(slot.module, attr, PowerIteration(weight.shape, n_iter=n_iter))
+    return lambda self, _n=slot.row, _a=attr: TrackedSpectralPrior(
+        bn._prior_for(_n, getattr(self, _a).u), getattr(self, _a))
 
 
-def _tail_tracker(bn, name, layer, law, weight, n_iter: int) -> PriorMaker:
+def _tail_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
     """A tracked :class:`PowerLawPrior` held by the network, renewed by
     :meth:`BayesianNetwork.renew_tracking` (not a buffer)."""
-    bn._tail_penalties[name] = _tail_penalty_for(law)
-    return lambda self, _n=name: TrackedSpectralPrior(
+    bn._tail_penalties[slot.row] = _tail_penalty_for(law)
+    return lambda self, _n=slot.row: TrackedSpectralPrior(
         bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n])
 
 
@@ -214,12 +235,14 @@ class TrackedSite(SiteInstaller):
                              "with spectral= or enumerate_rank=")
         TrackedSpectralPrior(prior, None)  # validates the law, measure and shape
 
-    def install(self, bn, name, layer, prior):
-        weight = layer.weight.detach().clone()
-        bn._priors[name] = prior
+    def install(self, bn, slot, prior):
+        weight = getattr(slot.module, slot.attr).detach().clone()
+        bn._priors[slot.row] = prior
         tracker = TRACKERS[law_entry(TRACKED_LAWS, prior).tracker]
-        layer.weight = PyroSample(tracker(bn, name, layer, prior, weight, self.power_iterations))
-        site = site_prefix(name) + ".weight"
+        setattr(slot.module, slot.attr,
+                PyroSample(tracker(bn, slot, prior, weight, self.power_iterations)))
+        bn.tracked_layers.append(slot.row)
+        site = slot.site()
         bn._initial[site] = weight
         return site
 

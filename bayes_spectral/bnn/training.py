@@ -21,10 +21,13 @@ from pyro.infer import ELBO, SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from . import distributed as bsd
+from .batches import DataSource, TensorSource
 from .checkpoint import Checkpointer
 from .guard import guarded_step
 from .guides import make_guide
+from .modes import eval_mode
 from .network import BayesianNetwork
+from .param_state import register_local_params
 from .predict import evaluate, predictive_probs
 
 __all__ = ["EarlyStopping", "TrainingRun", "param_snapshot", "start_run", "train"]
@@ -67,11 +70,12 @@ def _data_parallel(model, guide, elbo, x, y, batch_size: int, device: torch.devi
 
 
 def _new_history(model: BayesianNetwork, with_validation: bool) -> dict[str, list]:
-    """``epoch`` and ``loss``; ``val_nll`` (and ``val_accuracy``, categorical) with val_data."""
+    """``epoch`` and ``loss``; ``val_nll`` (and ``val_accuracy``, classification) with
+    val_data."""
     history: dict[str, list] = {"epoch": [], "loss": []}
     if with_validation:
         history["val_nll"] = []
-        if model.likelihood == "categorical":
+        if model.observation.task == "classification":
             history["val_accuracy"] = []
     return history
 
@@ -135,8 +139,7 @@ class TrainingRun:
     guide: AutoGuide
     svi: SVI
     elbo: ELBO
-    x: torch.Tensor
-    y: torch.Tensor
+    source: DataSource
     batch_size: int
     device: torch.device
     checkpointer: Checkpointer
@@ -146,6 +149,15 @@ class TrainingRun:
     step: int = 0
     dp: bsd.DataParallelELBO | None = None
     shards: bsd.GlobalBatchShards | None = None
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The inputs of a tensor source (the data-parallel path indexes them)."""
+        return self.source.x  # type: ignore[attr-defined]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.source.y  # type: ignore[attr-defined]
 
     def state_dict(self) -> dict:
         """The checkpoint's ``state``: epoch, step and the early-stopping state."""
@@ -162,70 +174,86 @@ class TrainingRun:
         self.checkpointer.save(self.history, self.state_dict())
 
 
-def start_run(model: BayesianNetwork, x, y, method: str, guide, *, num_particles: int,
-              lr: float, batch_size: int, device: torch.device, checkpoint_dir, resume: bool,
-              rank: int, distributed: bool, monitor: str, patience: int | None,
+def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
+              num_particles: int, lr: float, device: torch.device, checkpoint_dir,
+              resume: bool, rank: int, distributed: bool, monitor: str, patience: int | None,
               with_validation: bool) -> TrainingRun:
-    """Guide, ELBO, Adam and SVI (the guide's parameters registered on a first batch), then
-    the checkpoint restored (``resume``) and the data-parallel pieces (``distributed``)."""
+    """Guide, ELBO, Adam and SVI (the guide's parameters registered on the source's first
+    batch, drawing nothing from the RNGs), then the checkpoint restored (``resume``: with the
+    source's generator states) and the data-parallel pieces (``distributed``: tensor inputs
+    only)."""
     guide = _make_guide(model, guide, method)
     elbo = _make_elbo(model, num_particles)
     optim = pyro.optim.Adam({"lr": lr})
     svi = SVI(model, guide, optim, loss=elbo)
-    bs = min(int(batch_size), x.shape[0])
     with torch.no_grad():  # set up the guide and register every parameter
-        guide(x[:bs], y[:bs])
+        guide(*source.setup_batch())
+    register_local_params(model, guide)  # module_local_params: store names for the run
     checkpointer = Checkpointer(checkpoint_dir, model=model, optim=optim, method=method,
-                                rank=rank, distributed=distributed)
-    run = TrainingRun(model=model, guide=guide, svi=svi, elbo=elbo, x=x, y=y, batch_size=bs,
+                                rank=rank, distributed=distributed, data=source)
+    bs = getattr(source, "batch_size", 0)
+    run = TrainingRun(model=model, guide=guide, svi=svi, elbo=elbo, source=source, batch_size=bs,
                       device=device, checkpointer=checkpointer,
                       history=_new_history(model, with_validation),
                       stopper=EarlyStopping(monitor, patience))
     if resume and checkpointer.last_good() is not None:
         run.resume()
     if distributed:
-        run.dp, run.shards = _data_parallel(model, guide, elbo, x, y, bs, device)
+        if not isinstance(source, TensorSource) or not isinstance(source.x, torch.Tensor):
+            raise ValueError("distributed fit needs the data as tensors (a pair (x, y) with a "
+                             "tensor x, a Split or a TensorDataset of two tensors), got "
+                             f"{type(source).__name__}")
+        run.dp, run.shards = _data_parallel(model, guide, elbo, source.x, source.y, bs, device)
     return run
 
 
 # ----------------------------------------------------------------------------- the epochs
 
 def _batches(run: TrainingRun, epoch: int):
-    """``(indices, size)`` of this epoch's shuffled mini-batches (this rank's shard)."""
-    n, bs = run.x.shape[0], run.batch_size
-    perm = torch.randperm(n).to(run.device)
+    """``(x, y, size, step_fn)`` of this epoch's mini-batches: the source's epoch
+    (:mod:`~bayes_spectral.bnn.batches`), or this rank's shard of the shuffled global
+    batches (data parallel: ``step_fn`` computes the loss and DDP-averaged gradients)."""
     if run.shards is None:
-        return ((perm[i:i + bs], min(bs, n - i)) for i in range(0, n, bs))
-    run.shards.set_epoch(epoch, perm)
-    return iter(run.shards)
+        return ((x, y, size, None) for x, y, size in run.source.epoch())
+    run.shards.set_epoch(epoch, run.source.order())
+
+    def shard(idx, size):
+        return (run.x[idx], run.y[idx], size,
+                lambda: run.dp.loss_and_grads(run.x, run.y, idx, size))
+
+    return (shard(idx, size) for idx, size in run.shards)
 
 
 def _train_epoch(run: TrainingRun, epoch: int) -> float:
-    """One pass over the data; returns the mean loss per example divided by ``N``."""
-    n = run.x.shape[0]
+    """One pass over the data; returns the mean loss per example divided by ``N`` (the rows
+    of the epoch; for a data-parallel run this rank's share of every global batch counts the
+    global batch's size)."""
+    n = 0
     total = 0.0
-    for idx, size in _batches(run, epoch):
+    for x, y, size, step_fn in _batches(run, epoch):
         run.step += 1
-        step_fn = None if run.dp is None else (
-            lambda idx=idx, size=size: run.dp.loss_and_grads(run.x, run.y, idx, size))
-        loss = guarded_step(run.svi, run.model, run.guide, (run.x[idx], run.y[idx]), epoch,
+        loss = guarded_step(run.svi, run.model, run.guide, (x, y), epoch,
                             run.step, run.checkpointer.last_good(), step_fn)
         total += loss * size
+        n += size
+    if n == 0:
+        raise ValueError(f"data: epoch {epoch + 1} gave no batch (an exhausted iterator? pass "
+                         "a DataLoader or a re-iterable of (x, y) batches)")
     return total / n / n
 
 
 def _validate(run: TrainingRun, xv, yv, num_samples: int) -> dict[str, str]:
-    """Posterior-predictive metrics on the validation data, appended to the history;
-    returns the progress-bar fields."""
-    probs = predictive_probs(run.model, xv, guide=run.guide, num_samples=num_samples)
-    if run.model.likelihood == "categorical":
-        m = evaluate(probs.cpu(), yv.cpu())
+    """Posterior-predictive metrics of the likelihood on the validation data (``val_nll``:
+    its predictive NLL, e.g. the Gaussian mixture's; ``val_accuracy`` for classification),
+    appended to the history; returns the progress-bar fields."""
+    with eval_mode(run.model):
+        pred = predictive_probs(run.model, xv, guide=run.guide, num_samples=num_samples)
+    m = evaluate(pred.cpu(), yv.cpu(), run.model.observation)
+    run.history["val_nll"].append(m.nll)
+    if "val_accuracy" in run.history:
         run.history["val_accuracy"].append(m.accuracy)
-        run.history["val_nll"].append(m.nll)
         return {"val_acc": f"{m.accuracy:.3f}"}
-    mse = float((probs.mean(0).reshape(yv.shape) - yv.to(probs)).square().mean())
-    run.history["val_nll"].append(mse)
-    return {"val_mse": f"{mse:.4f}"}
+    return {"val_nll": f"{m.nll:.4f}"}
 
 
 def _end_epoch(run: TrainingRun, epochs: int, checkpoint_every: int,

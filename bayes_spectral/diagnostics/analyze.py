@@ -1,13 +1,14 @@
 """Layer 5: spectral diagnosis of any ``torch.nn.Module`` as an ``xarray.Dataset``.
 
 Array core first (``metrics.py`` on tensors), thin xarray layer here: one row per weight
-layer along dim ``layer`` (coordinate values are the module names), with coordinates
-``layer_type`` and ``shape``; ``.to_dataframe()`` gives a WeightWatcher-like table.
+of the parameter view (:func:`bayes_spectral.select.parameter_view`) along dim ``layer``
+(coordinate values are the row names), with coordinates ``layer_type`` (the row's kind,
+read from names and shapes, so a model and its state_dict give equal datasets) and
+``shape``; ``.to_dataframe()`` gives a WeightWatcher-like table.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Mapping
 
@@ -16,11 +17,14 @@ import torch
 import xarray as xr
 from torch import nn
 
-from ..select import weight_layers
+from ..select import LeftOut, WeightRow, parameter_view, weight_layers
 from ..spectra.metrics import spectral_metrics
 from ..spectra.spectrum import ConvMode, SpectrumMethod, esd
 
 __all__ = ["analyze", "weight_layers"]
+
+#: row kinds analyze has no matrix rule for
+NO_MATRIX_RULE = ("ParamNd",)
 
 
 def analyze(
@@ -28,6 +32,10 @@ def analyze(
     *,
     layers: str | Iterable[str] | None = None,
     include: Iterable[str] = (),
+    types: type | tuple[type, ...] | None = None,
+    hide: type | tuple[type, ...] = (),
+    split_qkv: bool = True,
+    split_gates: bool = False,
     conv: ConvMode = "pool",
     min_evals: int = 8,
     return_esd: bool = False,
@@ -36,55 +44,85 @@ def analyze(
     method: SpectrumMethod = "gram",
     **fit_kwargs,
 ) -> xr.Dataset:
-    """Spectral metrics of every weight layer of ``model`` (see ``metrics.py``).
+    """Spectral metrics of every weight of ``model`` (see ``metrics.py``).
 
-    ``model`` is an ``nn.Module`` or a state_dict (see :func:`weight_layers`).
+    ``model`` is an ``nn.Module`` or a state_dict; the weights are the rows of
+    :func:`~bayes_spectral.select.parameter_view` (Linear, Conv, Embedding, attention
+    Q/K/V/out, recurrent matrices, parametrized weights, any other 2-D parameter).
+    ``layers``: a regular expression (the one rule: ``re.fullmatch`` on the module name,
+    the full parameter name or the row name) or exact names; ``types`` / ``hide``: module
+    types to keep / leave out; ``split_qkv``, ``split_gates``: as in the view.
+    ``include``: kept for old scripts (every >= 2-D parameter is a row now); its names are
+    checked. ``analyze(model)`` equals ``analyze(model.state_dict())``.
 
-    Layers with fewer than ``min_evals`` eigenvalues are left out (WeightWatcher's default
-    is 8 too) and listed in ``ds.attrs["skipped"]``. Spectra are computed in ``dtype``
-    (float64 by default) by ``method`` (``"gram"``: eigenvalues of the smaller Gram matrix,
-    the fast default; ``"svd"``: singular values, accurate for tiny values).
-    ``return_esd=True`` adds ``esd`` (dims ``layer, eval_index``,
-    ascending, NaN-padded). Extra keyword arguments go to ``fit_powerlaw``.
+    Rows with fewer than ``min_evals`` eigenvalues are left out (WeightWatcher's default
+    is 8 too) and listed in ``ds.attrs["skipped"]``; every weight left out is listed with
+    its reason in ``ds.attrs["left_out"]`` and matrices among them in a warning. Spectra
+    are computed in ``dtype`` (float64 by default) by ``method`` (``"gram"``: eigenvalues
+    of the smaller Gram matrix, the fast default; ``"svd"``: singular values, accurate for
+    tiny values). ``return_esd=True`` adds ``esd`` (dims ``layer, eval_index``, ascending,
+    NaN-padded). Extra keyword arguments go to ``fit_powerlaw``.
     """
-    found = weight_layers(model, include=include, layers=layers)
-    kept, skipped = _split_by_size(found, conv, min_evals)
+    _check_include(model, include)
+    pattern, names = (layers, None) if isinstance(layers, str) else (None, layers)
+    view = parameter_view(model, types=types, names=names, pattern=pattern, hide=hide,
+                          split_qkv=split_qkv, split_gates=split_gates, what="analyze()")
+    kept, skipped, left_out = _split_by_size(view.rows, conv, min_evals)
+    left_out = view.left_out + left_out
     # metrics first: a bad layer raises before the warning about small ones
     rows, spectra = _layer_metrics(kept, dtype, conv, schatten, method, return_esd, fit_kwargs)
-    if skipped:
-        warnings.warn(
-            f"analyze(): left out layers with fewer than {min_evals} eigenvalues: {skipped}",
-            stacklevel=2,
-        )
+    _warn_left_out(left_out, min_evals)
     if not rows:
         raise ValueError("analyze(): the model has no weight layer with enough eigenvalues")
     ds = _dataset(rows, kept, skipped, conv)
+    ds.attrs["left_out"] = "; ".join(f"{n}: {why}" for n, why in left_out)
     if return_esd:
         ds["esd"] = (("layer", "eval_index"), _nan_padded(spectra))
     return ds
 
 
-def _num_evals(shape: torch.Size, conv: ConvMode) -> int:
-    """Eigenvalues of one layer: ``min(out, prod(in, *k))`` for a matrix or a flattened
-    conv, ``min(out, in) * prod(k)`` for pooled conv slices."""
-    if conv == "flatten" or len(shape) == 2:
-        return min(shape[0], math.prod(shape[1:]))
-    return min(shape[:2]) * math.prod(shape[2:])
+def _check_include(model, include: Iterable[str]) -> None:
+    """Old ``include=``: each name must be a 2-D parameter of the model."""
+    if not isinstance(model, nn.Module):
+        return
+    params = dict(model.named_parameters())
+    for pname in include:
+        if pname not in params:
+            raise ValueError(f"include: model has no parameter named {pname!r}")
+        if params[pname].dim() != 2:
+            raise ValueError(f"include: parameter {pname!r} has shape "
+                             f"{tuple(params[pname].shape)}, only 2-D parameters can be named")
 
 
-def _split_by_size(found: list[tuple[str, str, torch.Tensor]], conv: ConvMode,
-                   min_evals: int) -> tuple[list[tuple[str, str, torch.Tensor]], list[str]]:
-    """Layers with at least ``min_evals`` eigenvalues, and the names of the others."""
-    kept, skipped = [], []
+def _warn_left_out(left_out: list[LeftOut], min_evals: int) -> None:
+    """One warning naming every matrix left out (not 1-D weights, not deselected rows)."""
+    shown = [f"{n} ({why})" for n, why in left_out
+             if "-D weight, not a matrix" not in why and not why.startswith("not selected")
+             and "is hidden" not in why]
+    if shown:
+        warnings.warn(f"analyze(): left out (fewer than {min_evals} eigenvalues or no "
+                      f"matrix rule): {', '.join(shown)}", stacklevel=3)
+
+
+def _split_by_size(found: list[WeightRow], conv: ConvMode, min_evals: int
+                   ) -> tuple[list[WeightRow], list[str], list[LeftOut]]:
+    """Rows with at least ``min_evals`` eigenvalues; the names of the others; both those
+    and rows without a matrix rule as :class:`LeftOut`."""
+    kept, skipped, left_out = [], [], []
     for row in found:
-        if _num_evals(row[2].shape, conv) < min_evals:
-            skipped.append(row[0])
+        if row.kind in NO_MATRIX_RULE:
+            left_out.append(LeftOut(row.name, f"a {len(row.shape)}-D parameter that is not "
+                                              "a weight (no matrix rule)"))
+        elif row.num_evals(conv) < min_evals:
+            skipped.append(row.name)
+            left_out.append(LeftOut(row.name, f"{row.num_evals(conv)} eigenvalues "
+                                              f"(< min_evals={min_evals})"))
         else:
             kept.append(row)
-    return kept, skipped
+    return kept, skipped, left_out
 
 
-def _layer_metrics(kept: list[tuple[str, str, torch.Tensor]], dtype: torch.dtype,
+def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,
                    conv: ConvMode, schatten: tuple[float, ...], method: SpectrumMethod,
                    return_esd: bool, fit_kwargs: dict
                    ) -> tuple[list[dict[str, float]], list[np.ndarray]]:
@@ -92,8 +130,9 @@ def _layer_metrics(kept: list[tuple[str, str, torch.Tensor]], dtype: torch.dtype
     the weight cast to ``dtype``, without autograd."""
     rows: list[dict[str, float]] = []
     spectra: list[np.ndarray] = []
-    for name, _, weight in kept:
-        w = weight.detach().to(dtype)
+    for row in kept:
+        name = row.name
+        w = row.read().detach().to(dtype)
         with torch.no_grad():
             m = spectral_metrics(w, conv=conv, schatten=schatten, name=name, method=method,
                                  **fit_kwargs)
@@ -103,14 +142,14 @@ def _layer_metrics(kept: list[tuple[str, str, torch.Tensor]], dtype: torch.dtype
     return rows, spectra
 
 
-def _dataset(rows: list[dict[str, float]], kept: list[tuple[str, str, torch.Tensor]],
+def _dataset(rows: list[dict[str, float]], kept: list[WeightRow],
              skipped: list[str], conv: ConvMode) -> xr.Dataset:
     """One variable per metric along ``layer``; coords ``layer_type`` and ``shape``."""
     data_vars = {key: ("layer", np.array([r[key] for r in rows])) for key in rows[0]}
     coords = {
-        "layer": [name for name, _, _ in kept],
-        "layer_type": ("layer", [ltype for _, ltype, _ in kept]),
-        "shape": ("layer", ["x".join(str(s) for s in w.shape) for _, _, w in kept]),
+        "layer": [r.name for r in kept],
+        "layer_type": ("layer", [r.kind for r in kept]),
+        "shape": ("layer", ["x".join(str(s) for s in r.shape) for r in kept]),
     }
     ds = xr.Dataset(
         data_vars, coords=coords,

@@ -157,7 +157,13 @@ def latent_draws(result: FitResult, num_samples: int, seed: int,
                  args: tuple = ()) -> dict[str, torch.Tensor]:
     """Latent site draws ``{site: (chain, draw, *event)}`` (see :func:`weight_draws`)."""
     model = check_result(result)
-    sites = model.latent_sites
+    with result.active():
+        return _latent_draws(result, model.latent_sites, num_samples, seed, args)
+
+
+def _latent_draws(result: FitResult, sites, num_samples: int, seed: int,
+                  args: tuple) -> dict[str, torch.Tensor]:
+    """:func:`latent_draws` with the result's parameters installed (eval mode)."""
     if result.samples is not None:
         missing = [s for s in sites if s not in result.samples]
         if missing:
@@ -166,6 +172,9 @@ def latent_draws(result: FitResult, num_samples: int, seed: int,
     if result.guide is None:
         raise ValueError("the FitResult has neither NUTS samples nor a guide")
     if result.method == "map":
+        warnings.warn(f"a MAP result holds one draw (its point): num_samples={num_samples} is "
+                      "ignored and the posterior has chain=1, draw=1; LOO / az.compare need "
+                      "posterior draws (fit with 'svi' or 'nuts')", UserWarning, stacklevel=4)
         with torch.no_grad():
             med = result.guide.median(*args)
         return {s: med[s].detach()[None, None] for s in sites}
@@ -215,4 +224,6 @@ def weight_draws(result: FitResult, num_samples: int = 100, seed: int = 0,
     layers are mapped to weights by ``model.weight_of`` (``U diag(s) V^T``).
     """
     model = check_result(result)
-    return weights_from_latent(model, latent_draws(result, num_samples, seed))
+    latent = latent_draws(result, num_samples, seed)
+    with result.active():
+        return weights_from_latent(model, latent)

@@ -29,7 +29,9 @@ def to_inference_data(result: FitResult, data, num_samples: int = 100, seed: int
     ``<site>_dim_k``), ``log_likelihood`` (var ``y``, dims ``chain, draw, obs_id``:
     ``log p(y_i | x_i, theta)``, unscaled) and ``observed_data`` (var ``y``).
 
-    Draws as in :func:`weight_draws` (NUTS ``C x S``, SVI ``1 x num_samples``, MAP ``1 x 1``).
+    Draws as in :func:`weight_draws` (NUTS ``C x S``, SVI ``1 x num_samples``, MAP ``1 x 1``
+    with a warning that it holds one draw). Runs with the result's own parameters in eval
+    mode (:meth:`FitResult.active`).
     The log-likelihood is computed here rather than by ``az.from_pyro``: a ``FitResult``
     keeps only the stacked samples (the chains run as separate ``MCMC`` objects that are not
     kept), and ``from_pyro`` needs the ``MCMC`` object and a model it can vectorise over draws,
@@ -37,7 +39,14 @@ def to_inference_data(result: FitResult, data, num_samples: int = 100, seed: int
     on each draw, trace it, and read ``log_prob`` of the ``obs`` site.
     """
     model = check_result(result)
-    x, y = as_data(model, data)
+    with result.active():  # its own parameters, eval mode (BatchNorm statistics untouched)
+        x, y = as_data(model, data)
+        return _inference_data(result, model, x, y, num_samples, seed, include_latent)
+
+
+def _inference_data(result: FitResult, model, x, y, num_samples: int, seed: int,
+                    include_latent: bool) -> InferenceData:
+    """:func:`to_inference_data` with the result's parameters installed."""
     latent = latent_draws(result, num_samples, seed, (x, y))
     posterior = spectral_draws(weights_from_latent(model, latent))
     if include_latent:

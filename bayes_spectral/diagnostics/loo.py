@@ -66,8 +66,9 @@ def importance_elpd(result: FitResult, data, num_samples: int = 200,
     ``k_i > min(1 - 1/log10 S, 0.7)``.
     """
     model = _check_svi_fit(result, num_samples)
-    x, y = as_data(model, data)
-    ll, log_w = _importance_draws(result, model, x, y, int(num_samples), seed)
+    with result.active():  # its own parameters, eval mode
+        x, y = as_data(model, data)
+        ll, log_w = _importance_draws(result, model, x, y, int(num_samples), seed)
     return _psis_loo(ll, log_w)
 
 

@@ -30,12 +30,14 @@ density of ``W`` really is unbounded there (an integrable singularity).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
+from .._checks import HALF_DTYPES, check_finite_params, check_tensor_storage
 from ..spectra.laws import log_haar_volume, log_sv_jacobian
 
 MEASURES = ("penalty", "generative")
@@ -62,10 +64,11 @@ open_unit_interval = _OpenInterval(0.0, 1.0)
 def check_event_shape(event_shape, owner: str) -> torch.Size:
     """A weight shape ``(out, in)`` or ``(out, in, *k)`` with 1 to 3 kernel dims."""
     try:
-        shape = torch.Size(int(d) for d in event_shape)
+        shape = torch.Size(operator.index(d) for d in event_shape)
     except TypeError as exc:
         raise TypeError(
-            f"{owner}: event_shape must be a tuple of ints, got {event_shape!r}"
+            f"{owner}: event_shape must be a tuple of ints (no floats, no truncation), "
+            f"got {event_shape!r}"
         ) from exc
     if not 2 <= len(shape) <= 5 or any(d < 1 for d in shape):
         raise ValueError(
@@ -113,6 +116,8 @@ class SpectralDistribution(TorchDistribution):
         self._n = math.prod(event_shape[1:])
         self._rank = min(self._m, self._n)
         super().__init__(values[0].shape, event_shape, validate_args=validate_args)
+        if self._validate_args:
+            check_finite_params(name, dict(zip(params, values, strict=True)))
 
     # -- Pyro plumbing -------------------------------------------------------------------
     @property
@@ -151,6 +156,9 @@ class SpectralDistribution(TorchDistribution):
             raise TypeError(f"{name}: expected a torch.Tensor weight, got {type(value).__name__}")
         if not value.is_floating_point():
             raise TypeError(f"{name}: weight must be floating point, got {value.dtype}")
+        check_tensor_storage(value, f"{name}: weight")
+        if value.dtype in HALF_DTYPES:
+            value = value.float()  # torch.linalg has no float16/bfloat16 kernels
         k = len(self.event_shape)
         if value.dim() < k or value.shape[-k:] != self.event_shape:
             raise ValueError(
@@ -192,13 +200,56 @@ class SpectralDistribution(TorchDistribution):
         return self._penalty_from_sv(self.penalty_singular_values(value))
 
     def generative_log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """Normalised density of ``W``: ``log p(sigma) - log J(sigma) - log vol(m, n)``."""
+        """Normalised density of ``W``: ``log p(sigma) - log J(sigma) - log vol(m, n)``.
+
+        At singular points (a zero or a repeated singular value) the formula is ``-inf -
+        (-inf)``; there the value is its limit (:meth:`_singular_limit`) and the gradient 0.
+        """
         sv = self.flat_singular_values(value)
+        singular = self._singular_rows(sv)
+        if not bool(singular.any()):
+            return self._generative_from_sv(sv)
+        safe = torch.linspace(2.0, 1.0, sv.shape[-1], dtype=sv.dtype, device=sv.device)
+        regular = self._generative_from_sv(torch.where(singular.unsqueeze(-1), safe, sv))
+        with torch.no_grad():
+            limit = self._singular_limit(sv.detach())
+        return torch.where(singular, limit, regular)
+
+    def _generative_from_sv(self, sv: torch.Tensor) -> torch.Tensor:
         return (
             self._sv_log_density(sv)
             - log_sv_jacobian(sv, self._m, self._n)
             - log_haar_volume(self._m, self._n)
         )
+
+    @staticmethod
+    def _singular_rows(sv: torch.Tensor) -> torch.Tensor:
+        """Rows (descending ``sv``) with a zero or two equal singular values."""
+        repeated = (sv[..., :-1] == sv[..., 1:]).any(-1)
+        return repeated | (sv[..., -1] <= 0)
+
+    #: ``k`` with ``p(sigma) ~ prod_i sigma_i^k`` near ``sigma_i = 0`` (law on ``sigma^2``: 1)
+    _sv_power = 0
+
+    def _singular_limit(self, sv: torch.Tensor) -> torch.Tensor:
+        """``lim log p(W)`` at a singular point. Scaling the ``z`` zero singular values by
+        ``t -> 0`` the density behaves as ``t^e``, ``e = z (k - |m-n|) - z (z - 1)``
+        (``k = _sv_power``): ``+inf`` for ``e < 0``, ``-inf`` for ``e > 0``, the value at
+        ``sigma = tiny`` for ``e = 0``. Repeated non-zero values: ``+inf`` where the law's
+        density is positive (``J = 0``). ``-inf`` where :meth:`_law_vanishes`."""
+        tiny = torch.finfo(sv.dtype).tiny
+        z = (sv <= 0).sum(-1)
+        e = z * (self._sv_power - abs(self._m - self._n)) - z * (z - 1)
+        at_tiny = self._generative_from_sv(sv.clamp_min(tiny ** 0.25))
+        inf = torch.full_like(at_tiny, math.inf)
+        out = torch.where(e < 0, inf, torch.where(e > 0, -inf, at_tiny))
+        repeated = (sv[..., :-1] == sv[..., 1:]) & (sv[..., 1:] > 0)
+        out = torch.where(repeated.any(-1) & (e <= 0), inf, out)
+        return torch.where(self._law_vanishes(sv), -inf, out)
+
+    def _law_vanishes(self, sv: torch.Tensor) -> torch.Tensor:
+        """Rows where the law's own density is 0 (faster than any power): default none."""
+        return torch.zeros(sv.shape[:-1], dtype=torch.bool, device=sv.device)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """The measure chosen at construction (``self.measure``)."""
@@ -214,7 +265,42 @@ class SpectralDistribution(TorchDistribution):
             u = haar_stiefel(shape, self._m, self._rank, self._dtype, self._device)
             v = haar_stiefel(shape, self._n, self._rank, self._dtype, self._device)
             w = (u * sv.unsqueeze(-2)) @ v.transpose(-1, -2)
+            self._check_draws(sv, w)
         return w.reshape(shape + self.event_shape)
+
+    def _check_draws(self, sv: torch.Tensor, w: torch.Tensor) -> None:
+        """Raise ValueError when a draw is not representable in the parameters' dtype."""
+        if bool(torch.isfinite(w).all()):
+            return
+        params = ", ".join(
+            f"{k}=[{', '.join(f'{x:.4g}' for x in getattr(self, k).flatten()[:3].tolist())}]"
+            for k in self._param_names)
+        n_bad = int((~torch.isfinite(sv)).any(-1).sum())
+        raise ValueError(
+            f"{type(self).__name__}.sample ({params}): {n_bad} draws overflow {w.dtype} "
+            f"(the largest singular value exceeds {torch.finfo(w.dtype).max:.3g}); the law's "
+            "tail is too heavy for this dtype: use float64 parameters or a lighter tail"
+        )
+
+    def rsample(self, sample_shape=()) -> torch.Tensor:
+        """Not available: singular values are drawn by inverse CDF but the QR of the Haar
+        factors is not a reparameterisation worth differentiating."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no reparameterised sampler (has_rsample=False): use "
+            ".sample() (no gradient), or put the prior on a latent and use a guide")
+
+    @property
+    def mean(self):
+        raise NotImplementedError(
+            f"{type(self).__name__}.mean is not implemented: E[W] = 0 where E[sigma] is "
+            "finite (Haar U, V are sign-symmetric) but need not exist for heavy tails; use "
+            ".sample(shape).mean(0), or bs.esd of samples for the spectrum")
+
+    @property
+    def variance(self):
+        raise NotImplementedError(
+            f"{type(self).__name__}.variance: not available in closed form; estimate it "
+            "from .sample(shape)")
 
     @staticmethod
     def _log_factorial(r: int) -> float:

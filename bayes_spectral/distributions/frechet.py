@@ -9,6 +9,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
+from .._checks import check_finite_params
 from ..spectra.laws import frechet_log_pdf
 
 __all__ = ["Frechet"]
@@ -41,6 +42,9 @@ class Frechet(TorchDistribution):
     def __init__(self, concentration, scale, loc=0.0, validate_args=None):
         self.concentration, self.scale, self.loc = broadcast_all(concentration, scale, loc)
         super().__init__(self.concentration.shape, validate_args=validate_args)
+        if self._validate_args:
+            check_finite_params("Frechet", {"concentration": self.concentration,
+                                            "scale": self.scale, "loc": self.loc})
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):

@@ -78,11 +78,25 @@ class FrechetTopEigenvalue(SpectralDistribution):
         change = (math.log(2.0) + torch.log(sv)).sum(-1)
         return self._frechet(lam[..., 0]) + self._log_factorial(self._rank - 1) + rest + change
 
+    _sv_power = 1  # lambda = sigma^2: p(sigma) carries 2 sigma per value
+
+    def _law_vanishes(self, sv):
+        """The Frechet density is 0 (faster than any power) at ``lambda_max <= loc``."""
+        return sv[..., 0].square() <= self.loc.to(sv.dtype)
+
     def _sample_sv(self, shape):
-        n_sample = len(shape) - len(self.batch_shape)
-        lam1 = self.top_eigenvalue_law.sample(shape[:n_sample]).unsqueeze(-1)
-        tau = self.tau.unsqueeze(-1)
-        u = torch.rand(*shape, self._rank - 1, dtype=self._dtype, device=self._device)
+        """``lambda_1`` by inverse CDF and the rest truncated-exponential, computed in
+        float64 from uniforms drawn in the parameters' dtype, then cast back (a heavy
+        Frechet tail overflows ``lambda`` in float32 long before ``sigma``)."""
+        f64 = torch.float64
+        fi = torch.finfo(self._dtype)
+        u1 = torch.rand(shape, dtype=self._dtype, device=self._device)
+        u1 = u1.clamp(fi.tiny, 1.0 - fi.eps).to(f64)
+        a, s, m, tau = (getattr(self, k).to(f64) for k in ("concentration", "scale", "loc",
+                                                           "tau"))
+        lam1 = (m + s * (-torch.log(u1)).pow(-1.0 / a)).unsqueeze(-1)
+        u = torch.rand(*shape, self._rank - 1, dtype=self._dtype, device=self._device).to(f64)
+        tau = tau.unsqueeze(-1)
         rest = -tau * torch.log1p(u * torch.expm1(-lam1 / tau))
         lam = torch.cat([lam1, self._sort_desc(rest)], dim=-1)
-        return lam.sqrt()
+        return lam.sqrt().to(self._dtype)

@@ -88,9 +88,9 @@ class GaussianSpectrum(SpectralDistribution):
         sv = self.flat_singular_values(value)
         s = self._param("scale", sv).squeeze(-1)
         mn = self._m * self._n
-        return -(sv.square().sum(-1)) / (2 * s.square()) - mn / 2 * torch.log(
-            2 * math.pi * s.square()
-        )
+        # (sigma / s)^2 and log s, never s^2: s = 1e-30 underflows s^2 in float32
+        return -0.5 * (sv / s.unsqueeze(-1)).square().sum(-1) - mn * (
+            0.5 * math.log(2 * math.pi) + torch.log(s))
 
     def _sv_log_density(self, sv):
         return self.singular_value_log_prob(sv)

@@ -29,6 +29,8 @@ class PowerLawSpectrum(SpectralDistribution):
         flow through the eigenvalue at that index, as in ``fit_powerlaw``. Penalty measure
         only (a data-dependent ``xmin`` defines no normalised density); ``sample()`` then
         draws with ``xmin = tau`` (useful as an initialisation, not as the prior).
+        Caution: the normaliser ``Z -> 0`` as ``xmin -> 0``, so with a quantile xmin the
+        penalty rewards collapsing the eigenvalues below the quantile (rank collapse).
     :param measure: ``"penalty"`` (**default**) ``sum_i log f(lambda_i)`` over the (pooled)
         ESD, or ``"generative"``: the normalised density of ``W``,
         ``log r! + sum_i [log f(sigma_i^2) + log(2 sigma_i)] - log J(sigma) - log vol(m, n)``.
@@ -92,13 +94,18 @@ class PowerLawSpectrum(SpectralDistribution):
         per = per + math.log(2.0) + torch.log(sv)
         return self._log_factorial(self._rank) + per.sum(-1)
 
-    def sample_eigenvalues(self, sample_shape=(), num: int | None = None):
-        """``num`` (default ``r``) i.i.d. eigenvalues from the spliced law (inverse CDF)."""
+    def sample_eigenvalues(self, sample_shape=(), num: int | None = None,
+                           dtype: torch.dtype | None = None):
+        """``num`` (default ``r``) i.i.d. eigenvalues from the spliced law (inverse CDF),
+        computed in ``dtype`` (default the parameters')."""
         num = self._rank if num is None else num
+        dtype = self._dtype if dtype is None else dtype
         shape = torch.Size(sample_shape) + self.batch_shape
-        alpha, tau, xmin = (getattr(self, k).unsqueeze(-1) for k in ("alpha", "tau", "xmin"))
+        alpha, tau, xmin = (getattr(self, k).unsqueeze(-1).to(dtype)
+                            for k in ("alpha", "tau", "xmin"))
+        # u in the parameters' dtype (the same random stream whatever ``dtype``)
         u = torch.rand(*shape, num, dtype=self._dtype, device=self._device)
-        u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
+        u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps).to(dtype)
         bulk_mass = -torch.expm1(-xmin / tau)  # P(lambda < xmin) * Z / tau
         p_bulk = torch.exp(torch.log(tau * bulk_mass) - spliced_powerlaw_log_norm(alpha, xmin, tau))
         ub = (u / p_bulk).clamp(max=1.0)
@@ -107,6 +114,11 @@ class PowerLawSpectrum(SpectralDistribution):
         tail = xmin * torch.exp(-torch.log1p(-ut) / (alpha - 1))
         return torch.where(u < p_bulk, bulk, tail)
 
+    _sv_power = 1  # lambda = sigma^2: p(sigma) carries 2 sigma per value
+
     def _sample_sv(self, shape):
-        lam = self.sample_eigenvalues(shape[: len(shape) - len(self.batch_shape)])
-        return self._sort_desc(lam).sqrt()
+        """Ordered ``sigma = sqrt(lambda)``: eigenvalues drawn in float64 (``lambda`` of a
+        heavy tail overflows float32 long before ``sigma`` does), then cast back."""
+        lam = self.sample_eigenvalues(shape[: len(shape) - len(self.batch_shape)],
+                                      dtype=torch.float64)
+        return self._sort_desc(lam).sqrt().to(self._dtype)

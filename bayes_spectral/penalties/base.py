@@ -2,22 +2,81 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from .._checks import check_weight
-from ..select import LINEAR_CONV, weight_modules
+from ..select import LeftOut, View, WeightRow, parameter_view
 
-__all__ = ["Penalty", "weight_layers_of", "check_finite"]
+__all__ = ["Penalty", "check_finite", "min_evals_of", "penalty_rows", "weight_layers_of"]
+
+#: row kinds a default selection leaves out (no matrix rule: e.g. a 3-D position table)
+NO_MATRIX_RULE = ("ParamNd",)
+
 
 def weight_layers_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``(name, weight)`` of every Linear / Conv1d-3d layer (``<root>`` for the module itself).
+    """``(name, weight)`` of every row of the parameter view of ``module`` (a split row's
+    weight is its slice, with graph); see :func:`bayes_spectral.select.parameter_view`."""
+    return [(row.name, row.read()) for row in parameter_view(module).rows]
 
-    The weights are taken as they are (no shape check); see
-    :func:`bayes_spectral.select.weight_modules`.
+
+def min_evals_of(penalty: Penalty) -> int:
+    """Eigenvalues a penalty needs on one layer: its ``min_evals`` (tail fits), through
+    schedule wrappers (``inner``); 1 otherwise."""
+    while not hasattr(penalty, "min_evals") and hasattr(penalty, "inner"):
+        penalty = penalty.inner
+    return int(getattr(penalty, "min_evals", 1))
+
+
+def _too_small(rows: list[WeightRow], penalty: Penalty) -> list[tuple[WeightRow, str]]:
+    """Rows the penalty cannot act on, with the reason."""
+    need, conv = min_evals_of(penalty), getattr(penalty, "conv", "pool")
+    out = []
+    for r in rows:
+        if r.kind in NO_MATRIX_RULE:
+            out.append((r, f"a {len(r.shape)}-D parameter that is not a weight "
+                           "(no matrix rule)"))
+        elif r.num_evals(conv) < need:
+            out.append((r, f"{r.num_evals(conv)} eigenvalues, the {penalty.label} penalty "
+                           f"needs >= {need}"))
+    return out
+
+
+def penalty_rows(model: nn.Module, penalty: Penalty, *,
+                 types: type | tuple[type, ...] | None = None,
+                 names: str | Iterable[str] | None = None, pattern: str | None = None,
+                 hide: type | tuple[type, ...] = (), what: str = "Regularizer") -> View:
+    """The rows ``penalty`` acts on: the parameter view's selection (the one rule of
+    :func:`~bayes_spectral.select.parameter_view`).
+
+    With no criterion given, rows with too few eigenvalues for the penalty (weighted alpha
+    on ``Linear(h, 1)``: 1) or without a matrix rule are left out with a warning naming
+    them; an explicit selection of such a row raises.
+
+    :raises ValueError: an explicitly selected row with too few eigenvalues; a default
+        selection that leaves nothing.
     """
-    view = weight_modules(module, types=LINEAR_CONV, min_dim=None)
-    return [(row.name, row.weight) for row in view.rows]
+    view = parameter_view(model, types=types, names=names, pattern=pattern, hide=hide,
+                          what=what)
+    small = _too_small(view.rows, penalty)
+    explicit = types is not None or names is not None or pattern is not None
+    if explicit:
+        small = [(r, why) for r, why in small if r.kind not in NO_MATRIX_RULE]
+    if small and explicit:
+        raise ValueError(f"{what}: selected layers the penalty cannot act on: "
+                         + "; ".join(f"{r.name!r} ({why})" for r, why in small))
+    if small:
+        warnings.warn(f"{what}: left out " + "; ".join(f"{r.name!r} ({why})" for r, why in small),
+                      stacklevel=3)
+    out = {r.name for r, _ in small}
+    rows = [r for r in view.rows if r.name not in out]
+    if not rows:
+        raise ValueError(f"{what}: {type(model).__name__} has no weight the "
+                         f"{penalty.label} penalty can act on (left out: {view.left_out})")
+    return View(rows, view.left_out + [LeftOut(r.name, why) for r, why in small])
 
 
 def check_finite(value: torch.Tensor, name: str | None, what: str) -> torch.Tensor:
@@ -33,7 +92,8 @@ class Penalty:
     """Base class: ``penalty(weight, name=None)`` or ``penalty(module)`` -> scalar tensor.
 
     Subclasses implement :meth:`weight_penalty` for one weight tensor. Calling on an
-    ``nn.Module`` sums over its Linear/Conv weights (biases and norms are never
+    ``nn.Module`` sums over the rows of its parameter view (:func:`penalty_rows`: every
+    matrix weight, attention and recurrent ones included; biases and norms are never
     penalised); use :class:`~bayes_spectral.penalties.Regularizer` to select layers and log
     per-layer values. ``name`` identifies the layer in errors and keys the per-layer state
     of stateful penalties (power iteration vectors, tracked subspaces).
@@ -49,11 +109,8 @@ class Penalty:
 
     def __call__(self, target: torch.Tensor | nn.Module, name: str | None = None) -> torch.Tensor:
         if isinstance(target, nn.Module):
-            layers = weight_layers_of(target)
-            if not layers:
-                raise ValueError(f"{type(target).__name__} has no Linear/Conv weight to penalise")
-            vals = [self(w, name=n) for n, w in layers]
-            return torch.stack(vals).sum()
+            rows = penalty_rows(target, self, what=f"{type(self).__name__}(module)").rows
+            return torch.stack([self(r.read(), name=r.name) for r in rows]).sum()
         if not isinstance(target, torch.Tensor) or not target.is_floating_point() \
                 or target.dim() < 2:
             check_weight(target, name)  # raises the clear TypeError / ValueError

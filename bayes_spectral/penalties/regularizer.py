@@ -7,33 +7,42 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..select import pick_modules
-from .base import Penalty
+from ..select import LeftOut, WeightRow
+from .base import Penalty, penalty_rows
 
 __all__ = ["Regularizer"]
 
 
 class Regularizer:
-    """A penalty applied to the selected weight layers of ``model``, with a per-layer log.
+    """A penalty applied to the selected weights of ``model``, with a per-layer log.
 
-    Selection (all given criteria must hold; none given = every Linear/Conv layer):
+    The weights are the rows of the parameter view
+    (:func:`bayes_spectral.select.parameter_view`: Linear, Conv, Embedding, attention
+    ``in_proj_weight[q]`` / ``[k]`` / ``[v]`` and ``out_proj``, recurrent matrices,
+    parametrized weights by their effective value). Selection (all given criteria must
+    hold; none given = every row the penalty can act on):
 
-    * ``types``: module classes (e.g. ``nn.Linear``);
-    * ``names``: exact module names (``model.named_modules()``);
-    * ``pattern``: a regular expression, ``re.search`` on module names.
+    * ``types``: module classes (e.g. ``nn.Linear``); ``hide``: module classes left out;
+    * ``names``: exact row, module or full parameter names;
+    * ``pattern``: the one regex rule, ``re.fullmatch`` on the module name, the full
+      parameter name or the row name (``"attn.*"``: every weight under ``attn``).
 
-    Unknown names, a pattern or type that selects nothing, and selected modules without a
-    ``>= 2``-D ``weight`` raise a ValueError. ``reg(model)`` (or ``reg()``) returns the
-    summed penalty; ``reg.loss(task_loss)`` returns ``task_loss + reg(model)``.
-    ``history[layer]`` lists the penalty value of every call (``log=False`` to skip; the
-    values are read back with one device sync per call). ``set_epoch`` is forwarded to the
-    penalty (schedules).
+    The default selection leaves out, with a warning, rows with too few eigenvalues for
+    the penalty (weighted alpha on a one-output head ``Linear(h, 1)``: 1 eigenvalue);
+    selecting such a row explicitly raises a ValueError naming it, as do unknown names, a
+    pattern or type that selects nothing, and selected modules without a ``>= 2``-D weight.
+    ``reg(model)`` (or ``reg()``) returns the summed penalty; ``reg.loss(task_loss)``
+    returns ``task_loss + reg(model)``. ``layers``: ``{name: WeightRow}``; ``left_out``:
+    what was not selected and why. ``history[layer]`` lists the penalty value of every
+    call (``log=False`` to skip; the values are read back with one device sync per call).
+    ``set_epoch`` is forwarded to the penalty (schedules).
     """
 
     def __init__(self, model: nn.Module, penalty: Penalty, *,
                  types: type | tuple[type, ...] | None = None,
                  names: str | Iterable[str] | None = None,
-                 pattern: str | None = None, log: bool = True) -> None:
+                 pattern: str | None = None, hide: type | tuple[type, ...] = (),
+                 log: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Regularizer needs an nn.Module, got {type(model).__name__}")
         if not isinstance(penalty, Penalty):
@@ -41,9 +50,10 @@ class Regularizer:
         self.model = model
         self.penalty = penalty
         self.log = bool(log)
-        selection = pick_modules(model, types=types, names=names, pattern=pattern,
-                                 mode="search")
-        self.layers: dict[str, nn.Module] = selection.modules()
+        view = penalty_rows(model, penalty, types=types, names=names, pattern=pattern,
+                            hide=hide)
+        self.layers: dict[str, WeightRow] = view.by_name()
+        self.left_out: list[LeftOut] = view.left_out
         self.history: dict[str, list[float]] = {n: [] for n in self.layers}
 
     def set_epoch(self, epoch: int) -> None:
@@ -52,8 +62,8 @@ class Regularizer:
     def per_layer(self) -> dict[str, torch.Tensor]:
         """Penalty of every selected layer (scalar tensors, with graph)."""
         out = {}
-        for n, m in self.layers.items():
-            out[n] = self.penalty(m.weight, name=n)  # checked for finiteness, naming n
+        for n, row in self.layers.items():
+            out[n] = self.penalty(row.read(), name=n)  # checked for finiteness, naming n
         return out
 
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
@@ -79,12 +89,27 @@ class Regularizer:
         and accumulation (``benchmarks/bench_penalties.py``, rows ``[grad]``).
         """
         vals = {}
-        for n, m in self.layers.items():
-            w = m.weight
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-            vals[n] = self.penalty.accumulate_grad(w, w.grad, name=n, scale=scale)
+        for n, row in self.layers.items():
+            if row.is_leaf():
+                w = row.leaves()[0]
+                if w.grad is None:
+                    w.grad = torch.zeros_like(w)
+                vals[n] = self.penalty.accumulate_grad(w, w.grad, name=n, scale=scale)
+            else:
+                vals[n] = self._accumulate_view(row, scale)
         return self._record(vals)
+
+    def _accumulate_view(self, row: WeightRow, scale: float) -> torch.Tensor:
+        """A slice or parametrized row: the penalty's gradient ``G`` w.r.t. the row's value,
+        then ``G`` pulled back to the parameters by autograd (``sum(W * G)`` backward: the
+        slice of ``in_proj_weight``, a parametrization's originals)."""
+        with torch.enable_grad():
+            value = row.read()
+        g = torch.zeros_like(value, memory_format=torch.contiguous_format)
+        out = self.penalty.accumulate_grad(value.detach(), g, name=row.name, scale=scale)
+        if value.requires_grad:
+            value.backward(g)
+        return out
 
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         """``task_loss + reg(model)``."""

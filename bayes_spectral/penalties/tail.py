@@ -233,6 +233,12 @@ class PowerLawPrior(_TailPenalty):
     ``xmin`` (a value, default ``tau``) or ``xmin_quantile`` (``xmin = lambda_(floor(q N))``
     of the current ascending ESD: the index is chosen without gradient, the gradient flows
     through that eigenvalue, exactly as in ``PowerLawSpectrum``).
+
+    Caution with ``xmin_quantile``: ``Z -> 0`` as ``xmin -> 0``, so the penalty decreases
+    without bound when the eigenvalues at and below the quantile collapse (rank collapse is
+    rewarded: with ``q = 0.5``, shrinking the 12 smallest singular values of a 20 x 20
+    Gaussian matrix 1000-fold lowers it from 182 to 27). Prefer a fixed ``xmin``; a
+    quantile xmin that is numerically zero raises.
     """
 
     label = "power-law prior"
@@ -261,13 +267,28 @@ class PowerLawPrior(_TailPenalty):
         (``xmin = lambda_(floor(q N))`` ascending, the ``N - floor(q N)``-th largest)."""
         return N - int(self.xmin_quantile * N)
 
-    def _xmin_exact(self, evals):
+    def _xmin_exact(self, evals, name=None):
         if self.xmin is not None:
             return self.xmin
-        return evals[int(self.xmin_quantile * evals.shape[-1])]
+        N = evals.shape[-1]
+        xmin = evals[int(self.xmin_quantile * N)]
+        self._guard_quantile_xmin(xmin, evals[-1], N, name)
+        return xmin
+
+    def _guard_quantile_xmin(self, xmin, lam_max, N, name):
+        """Raise when the quantile xmin is numerically zero, ``<= lambda_max (N eps)^2``:
+        the penalty is unbounded below as ``xmin -> 0`` (rank collapse)."""
+        cut = float(lam_max.detach()) * (N * torch.finfo(lam_max.dtype).eps) ** 2
+        x = float(xmin.detach())
+        if not x > cut:
+            raise ValueError(
+                f"power-law prior{_where(name)}: xmin_quantile={self.xmin_quantile} picks "
+                f"eigenvalue {x:.3g}, numerically zero (<= {cut:.3g}): the rank collapsed "
+                "and the penalty is not finite (unbounded below as xmin -> 0); use a fixed "
+                "xmin or a smaller xmin_quantile")
 
     def _exact(self, evals, name):
-        xmin = self._xmin_exact(evals)
+        xmin = self._xmin_exact(evals, name)
         return -spliced_powerlaw_log_pdf(evals, self.alpha, xmin, self.tau).sum()
 
     def _sizes(self, pooled, name):
@@ -283,6 +304,7 @@ class PowerLawPrior(_TailPenalty):
     def _tracked(self, top, total, N, name):
         if self.xmin is None:
             xmin = top[self._num_top(N) - 1]
+            self._guard_quantile_xmin(xmin, top.amax(), N, name)
         else:
             xmin = self.xmin
         return -spliced_powerlaw_spectrum_sum(top, total, N, self.alpha, xmin, self.tau)

@@ -21,9 +21,12 @@ The returned ``alpha`` is differentiable: the xmin index is chosen without gradi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+
+from .._checks import HALF_DTYPES, check_tensor_storage
 
 __all__ = ["PowerLawFit", "fit_powerlaw", "hill_estimator", "alpha_at_index"]
 
@@ -72,6 +75,9 @@ def _prepare(evals: torch.Tensor, min_tail: int, name: str | None) -> tuple[torc
         raise TypeError(f"evals{where} must be a torch.Tensor, got {type(evals).__name__}")
     if not evals.is_floating_point():
         raise TypeError(f"evals{where} must be floating point, got {evals.dtype}")
+    check_tensor_storage(evals, f"evals{where}")
+    if evals.dtype in HALF_DTYPES:
+        evals = evals.float()  # sort/log/cumsum in float32: half loses the tail
     if evals.dim() == 0 or evals.shape[-1] < 2:
         raise ValueError(f"evals{where} of shape {tuple(evals.shape)}: need >= 2 eigenvalues")
     if not bool(torch.isfinite(evals).all()):
@@ -199,23 +205,34 @@ def _ks_pruned(
     D = lower.clone()
     best_idx = torch.empty(B, dtype=torch.long, device=lam.device)
     for b in range(B):
-        order = torch.argsort(lower[b], stable=True)
-        best, best_i = float("inf"), -1
-        for s0 in range(0, n_cand, block):
-            cand = order[s0:s0 + block]
-            if float(lower[b, cand[0]]) > best or not torch.isfinite(lower[b, cand[0]]):
-                break
-            exact = _ks_at(logs[b], alphas[b], cand)
-            D[b, cand] = exact
-            m = float(exact.min())
-            if m < best:
-                best = m
-            hits = cand[exact == best]
-            if hits.numel() and (best_i < 0 or float(D[b, best_i]) > best or
-                                 int(hits.min()) < best_i):
-                best_i = int(hits.min())
-        best_idx[b] = best_i
+        best_idx[b] = _pruned_argmin(logs[b], alphas[b], lower[b], D[b], block)
     return alphas, D, best_idx
+
+
+def _pruned_argmin(logs: torch.Tensor, alphas: torch.Tensor, lower: torch.Tensor,
+                   D: torch.Tensor, block: int) -> int:
+    """Smallest ``i`` with the least exact ``D_i`` among candidates whose lower bound is
+    finite (``inf`` marks candidates below the zero cut: never evaluated, never chosen).
+
+    Candidates are evaluated in blocks, by increasing lower bound, keeping only those with
+    ``lower_i <= best`` (the others cannot reach ``best``); ``D`` is filled in place.
+    Returns ``-1`` when no candidate is usable.
+    """
+    order = torch.argsort(lower, stable=True)
+    evaluated = torch.zeros_like(lower, dtype=torch.bool)
+    best = float("inf")
+    for s0 in range(0, order.numel(), block):
+        cand = order[s0:s0 + block]
+        low = lower[cand]
+        cand = cand[torch.isfinite(low) & (low <= best)]
+        if cand.numel() == 0:
+            break
+        exact = _ks_at(logs, alphas, cand)
+        D[cand] = exact
+        evaluated[cand] = True
+        best = min(best, float(exact.min()))
+    hits = torch.nonzero(evaluated & (D == best)).flatten()
+    return int(hits[0]) if hits.numel() else -1
 
 
 def _truncated_rate(mean_log: torch.Tensor, t: torch.Tensor, iters: int = 80) -> torch.Tensor:
@@ -328,8 +345,26 @@ def fit_powerlaw(
         alphas, D, idx = _XMIN_RULES[rule](scan, value)
         ks = D.gather(-1, idx[:, None]).squeeze(-1)
     alpha = _tail_alpha(lam2, idx, alphas, truncated)
+    _warn_if_flat(lam2, idx, alpha, where)
     method = "truncated" if truncated else ("ks" if rule == "ks" else "fixed")
     return _fit_result(lam2, idx, alpha, ks, D, batch_shape, method)
+
+
+def _warn_if_flat(lam2: torch.Tensor, idx: torch.Tensor, alpha: torch.Tensor,
+                  where: str) -> None:
+    """RuntimeWarning when a fit means nothing: ``alpha`` is not a finite number > 1, or
+    the tail is flat to rounding, ``ln(lambda_max / xmin) <= sqrt(eps)`` (equal
+    eigenvalues, e.g. an orthogonal matrix: alpha is then inf or ~ 1/eps)."""
+    a = alpha.detach().reshape(-1)
+    lam = lam2.detach()
+    span = torch.log(lam[:, -1] / lam.gather(-1, idx[:, None]).squeeze(-1))
+    flat = span <= torch.finfo(lam.dtype).eps ** 0.5
+    bad = ~(torch.isfinite(a) & (a > 1)) | flat
+    if bool(bad.any()):
+        warnings.warn(
+            f"fit_powerlaw{where}: {int(bad.sum())} of {a.numel()} ESDs have a flat tail "
+            f"(equal eigenvalues above xmin, ln(lambda_max/xmin) = {float(span[bad][0]):.3g}): "
+            f"alpha = {a[bad][0].item():.6g} is meaningless", RuntimeWarning, stacklevel=3)
 
 
 def _where(name: str | None) -> str:

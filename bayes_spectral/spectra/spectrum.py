@@ -69,10 +69,14 @@ def as_matrices(
     return weight.reshape(out_ch, in_ch, k).permute(2, 0, 1)
 
 
-def _gram_eigvalsh(mats: torch.Tensor) -> torch.Tensor:
+def _gram_eigvalsh(mats: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Descending eigenvalues of the smaller Gram matrix (``W^T W`` or ``W W^T``), >= 0."""
     m, n = mats.shape[-2:]
     gram = mats.mT @ mats if n <= m else mats @ mats.mT
+    if not bool(torch.isfinite(gram).all()):
+        where = f" (layer {name!r})" if name else ""
+        raise ValueError(f"Gram matrix of weight{where} overflows {gram.dtype} (entries of "
+                         "W^T W beyond its range); pass weight.double() or use method='svd'")
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
@@ -93,7 +97,7 @@ def singular_values(
     """
     mats = as_matrices(weight, conv=conv, batch=batch, name=name)
     if method == "gram":
-        return _gram_eigvalsh(mats).sqrt()
+        return _gram_eigvalsh(mats, name).sqrt()
     if method != "svd":
         raise ValueError(f"method must be 'svd' or 'gram', got {method!r}")
     return torch.linalg.svdvals(mats)
@@ -114,17 +118,40 @@ def esd(
     :func:`singular_values` (``"gram"`` returns the Gram eigenvalues directly).
     """
     if method == "gram":
-        evals = _gram_eigvalsh(as_matrices(weight, conv=conv, batch=batch, name=name)).flip(-1)
+        mats = as_matrices(weight, conv=conv, batch=batch, name=name)
+        evals = _gram_eigvalsh(mats, name).flip(-1)
         sv = evals
+        _check_squares(evals.sqrt(), evals, name)
     else:
         sv = singular_values(weight, conv=conv, batch=batch, name=name, method=method)
         evals = sv.square().flip(-1)
+        _check_squares(sv, evals, name)
     if batch:
         return evals
     evals = evals.reshape(-1)
     if evals.numel() > sv.shape[-1]:
         evals = torch.sort(evals).values
     return evals
+
+
+def _check_squares(sv: torch.Tensor, evals: torch.Tensor, name: str | None) -> None:
+    """Raise ValueError when ``lambda = sigma^2`` leaves the dtype's normal range: overflow
+    (``sigma_max^2 > finfo.max``) or underflow (``0 < sigma_max^2 < finfo.tiny``)."""
+    fi = torch.finfo(evals.dtype)
+    top = float(sv.detach().amax()) if sv.numel() else 0.0
+    lam_max = float(evals.detach().amax()) if evals.numel() else 0.0
+    where = f" (layer {name!r})" if name else ""
+    hint = "; pass weight.double() or rescale it (alpha is scale-free)"
+    if not bool(torch.isfinite(evals).all()):
+        raise ValueError(
+            f"ESD of weight{where} overflows {evals.dtype}: sigma_max = {top:.4g}, "
+            f"sigma_max^2 > {fi.max:.4g}{hint}"
+        )
+    if 0.0 < lam_max < fi.tiny or (top > 0 and lam_max == 0):
+        raise ValueError(
+            f"ESD of weight{where} underflows {evals.dtype}: sigma_max = {top:.4g}, "
+            f"sigma_max^2 < {fi.tiny:.4g} (the smallest normal number){hint}"
+        )
 
 
 def stable_rank(evals: torch.Tensor) -> torch.Tensor:

@@ -430,3 +430,31 @@ def test_arviz_adapter_reads_groups_and_joins_chains():
     both = ad.posterior_of(ad.concat_chains([idata, idata]))
     assert both["chain"].values.tolist() == [0, 1, 2, 3]
     np.testing.assert_array_equal(both["alpha"].values[2:], ds["alpha"].values)
+
+
+def test_map_result_in_posterior_draw_apis_warns_it_holds_one_draw(tiny):
+    """Issue 17: a MAP fit given num_samples=200 says that it holds one draw."""
+    res_map = bs.fit(_tiny_model(1.0), tiny, "map", epochs=3, batch_size=100, progress=False)
+    with pytest.warns(UserWarning, match="MAP result holds one draw"):
+        idata = bs.to_inference_data(res_map, tiny, num_samples=200)
+    assert (idata.posterior.sizes["chain"], idata.posterior.sizes["draw"]) == (1, 1)
+    with pytest.warns(UserWarning, match="one draw"):
+        draws = bs.weight_draws(res_map, num_samples=200)
+    assert draws["0"].shape[:2] == (1, 1)
+    assert res_map.num_draws == 1
+
+
+def test_nuts_to_module_is_the_draw_mean_and_sample_modules_are_draws(nuts_small, tiny):
+    res = nuts_small[0]
+    draws = res.samples["net.0.weight"].reshape(-1, 2, 4)
+    mean = res.to_module()
+    assert type(mean) is nn.Sequential and type(mean[0]) is nn.Linear
+    assert torch.equal(mean[0].weight, draws.mean(0))
+    mods = res.sample_modules(3)
+    picks = torch.linspace(0, draws.shape[0] - 1, 3).round().long()
+    for m, i in zip(mods, picks.tolist(), strict=True):
+        assert torch.equal(m[0].weight, draws[i])
+    x = tiny[0]
+    with torch.no_grad():  # the average of the draws' predictions is predict's
+        probs = torch.stack([torch.softmax(x @ w.T, -1) for w in draws])
+    torch.testing.assert_close(res.predict(x).mean(0), probs.mean(0), rtol=1e-5, atol=1e-6)

@@ -145,3 +145,34 @@ def test_absolute_eigenvalue_cut_of_weightwatcher_vs_our_relative_cut():
     # ours is the fit on the whole spectrum, identical to the unscaled layer's
     scaled_back = bs.fit_powerlaw(torch.tensor(ev * 1e6))
     assert ours["alpha"] == pytest.approx(float(scaled_back.alpha), rel=1e-9)
+
+
+class TokenModel(nn.Module):
+    """Embedding + attention + LSTM: WeightWatcher analyses the Embedding and the
+    attention's out_proj (named by its last component), not in_proj or the LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(200, 64)
+        self.attn = nn.MultiheadAttention(64, 4)
+        self.lstm = nn.LSTM(64, 32)
+        self.fc = nn.Linear(32, 50)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_embedding_and_attention_output_equal_weightwatcher(seed):
+    torch.manual_seed(seed)
+    model = TokenModel()
+    ours = bs.analyze(model).to_dataframe()
+    theirs = ww_details(model)
+    assert set(theirs.index) == {"emb", "out_proj", "fc"}
+    assert theirs.loc["emb", "layer_type"].lower().endswith("embedding")
+    assert ours.loc["emb", "num_evals"] == theirs.loc["emb", "num_evals"] == 64
+    for ours_name, name in [("emb", "emb"), ("attn.out_proj", "out_proj"), ("fc", "fc")]:
+        row, ref = ours.loc[ours_name], theirs.loc[name]
+        assert row["xmin"] == pytest.approx(ref["xmin"], rel=1e-6), name
+        assert row["num_tail"] == ref["num_pl_spikes"]
+        for metric in METRICS:
+            assert row[metric] == pytest.approx(ref[metric], rel=1e-6), (name, metric)
+    # ours also has the layers WeightWatcher leaves out
+    assert {"attn.in_proj_weight[q]", "lstm.weight_hh_l0"} <= set(ours.index)

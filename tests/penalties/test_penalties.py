@@ -401,3 +401,100 @@ def test_accumulate_grad_names_the_layer_on_non_finite_weight():
     for pen in (P.WeightDecay(1.0), P.SpectralNorm(1.0), P.StableRank()):
         with pytest.raises(ValueError, match="fc7"):
             pen.accumulate_grad(w, torch.zeros_like(w), name="fc7")
+
+
+# --- issue 17: the penalties on every weight of the parameter view --------------------------
+
+
+class _Seq(nn.Module):
+    """A transformer encoder layer, an LSTM, a weight_norm Linear and a one-output head."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(12, 2, 16, dropout=0.0)
+        self.lstm = nn.LSTM(12, 10)
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Linear(10, 9))
+        self.head = nn.Linear(9, 1)  # 1 eigenvalue
+
+    def forward(self, x):
+        h, _ = self.lstm(self.enc(x))
+        return self.head(torch.tanh(self.wn(h))).squeeze(-1)
+
+
+@pytest.fixture
+def seq():
+    torch.manual_seed(0)
+    return _Seq()
+
+
+def test_default_selection_skips_a_one_output_head_and_explicit_raises(seq):
+    with pytest.warns(UserWarning, match=r"left out 'head' \(1 eigenvalues, the weighted alpha"):
+        reg = P.Regularizer(seq, P.WeightedAlpha())
+    assert "head" not in reg.layers
+    assert "enc.self_attn.in_proj_weight[q]" in reg.layers and "lstm.weight_hh_l0" in reg.layers
+    assert dict(reg.left_out)["head"].startswith("1 eigenvalues")
+    assert torch.isfinite(reg())
+    with pytest.raises(ValueError, match=r"cannot act on: 'head' \(1 eigenvalues"):
+        P.Regularizer(seq, P.WeightedAlpha(), names=["head"])
+    # through a schedule wrapper too; a penalty needing one eigenvalue keeps the head
+    with pytest.warns(UserWarning, match="'head'"):
+        P.Regularizer(seq, P.Decayed(P.WeightedAlpha()))
+    assert "head" in P.Regularizer(seq, P.SpectralNorm()).layers
+    with pytest.warns(UserWarning, match="'head'"):
+        assert torch.isfinite(P.WeightedAlpha()(seq))  # Penalty(module): same default
+
+
+@pytest.mark.parametrize("make", [lambda: P.WeightedAlpha(), lambda: P.SpectralNorm(seed=1)],
+                         ids=["weighted_alpha", "spectral_norm"])
+def test_attention_and_recurrent_gradients_reach_the_slices(seq, make):
+    E = 12
+    attn = seq.enc.self_attn
+    reg = P.Regularizer(seq, make(), pattern=r"enc\.self_attn.*|lstm")
+    assert list(reg.layers) == [
+        "enc.self_attn.in_proj_weight[q]", "enc.self_attn.in_proj_weight[k]",
+        "enc.self_attn.in_proj_weight[v]", "enc.self_attn.out_proj", "lstm.weight_ih_l0",
+        "lstm.weight_hh_l0"]
+    total = reg.per_layer()["enc.self_attn.in_proj_weight[q]"]
+    (g_view,) = torch.autograd.grad(total, attn.in_proj_weight)
+    leaf = attn.in_proj_weight.detach()[:E].clone().requires_grad_(True)
+    (g_slice,) = torch.autograd.grad(make()(leaf, name="q"), leaf)
+    torch.testing.assert_close(g_view[:E], g_slice, rtol=1e-10, atol=1e-12)
+    assert not g_view[E:].any()
+
+
+@pytest.mark.parametrize("make", [lambda: P.WeightedAlpha(), lambda: P.SpectralNorm(0.4, seed=1),
+                                  lambda: P.WeightDecay(0.3)],
+                         ids=["weighted_alpha", "spectral_norm", "weight_decay"])
+def test_accumulate_grad_on_split_and_parametrized_rows_equals_backward(seq, make):
+    x = torch.randn(5, 3, 12)
+    grads = []
+    for mode in ("loss", "in_place"):
+        model = _Seq()
+        model.load_state_dict(seq.state_dict())
+        reg = P.Regularizer(model, make(), pattern=r"enc\.self_attn.*|lstm.*|wn")
+        for _ in range(2):  # stateful penalties advance the same way
+            model.zero_grad(set_to_none=True)
+            task = model(x).square().mean()
+            if mode == "loss":
+                reg.loss(task).backward()
+            else:
+                task.backward()
+                reg.accumulate_grad()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert "wn.parametrizations.weight.original1" in grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_default_selection_leaves_out_parameters_without_a_matrix_rule():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Embedding(10, 6))
+    m.register_parameter("pos", nn.Parameter(torch.randn(1, 3, 6)))
+    with pytest.warns(UserWarning, match=r"'pos' \(a 3-D parameter that is not a weight"):
+        reg = P.Regularizer(m, P.WeightDecay(0.5))
+    assert list(reg.layers) == ["0", "1"]  # the Embedding is a weight row too
+    torch.testing.assert_close(reg(), 0.25 * (m[0].weight.square().sum()
+                                              + m[1].weight.square().sum()))
+    assert list(P.Regularizer(m, P.WeightDecay(), names=["pos"]).layers) == ["pos"]
+    assert list(P.Regularizer(m, P.WeightDecay(), hide=nn.Embedding, names=["0", "1"]).layers
+                ) == ["0"]
