@@ -13,6 +13,10 @@ from .bnn.guides import (
 )
 from .bnn.network import BayesianNetwork
 from .bnn.predict import (
+    ClassificationMetrics,
+    GaussianPredictive,
+    RegressionMetrics,
+    brier_score,
     evaluate,
     expected_calibration_error,
     mutual_information,
@@ -45,7 +49,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BayesianNetwork",
+    "ClassificationMetrics",
     "FitResult",
+    "GaussianPredictive",
+    "RegressionMetrics",
+    "brier_score",
     "ImportanceELPD",
     "SPECTRAL_VARS",
     "baseline_dataset",

@@ -723,8 +723,9 @@ def _entries(state: Mapping[str, torch.Tensor], compute: bool) -> list[_Entry]:
 
 
 def _same_key(t: torch.Tensor) -> tuple:
-    """Identity of a stored tensor: tied weights share it."""
-    if t.device.type == "meta":
+    """Identity of a stored tensor: tied weights share it (meta and sparse tensors have no
+    data pointer: their identity is the object's)."""
+    if t.device.type == "meta" or t.layout != torch.strided:
         return ("id", id(t))
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 

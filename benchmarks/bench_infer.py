@@ -26,14 +26,32 @@ Rows (ratio = time / reference time):
   ``bayes_spectral.penalties`` is importable, its ``Regularizer(PowerLawPrior)`` loop is a
   second reference.
 
-    python benchmarks/bench_infer.py [--steps 10] [--repeats 5]
+Five small models of the kinds users bring (``--models``, on by default; the models of
+``tests/test_own_models.py``): a CNN with BatchNorm and a residual block, an Embedding +
+TransformerEncoder on token ids, an LSTM and a GRU classifier, a regression MLP with a
+learned (latent) Gaussian noise, an MLP with Dropout; batch 128 of random data, N = 1000.
+Every row of the parameter view gets an i.i.d. ``Normal(0, 1)`` prior (attention Q/K/V,
+recurrent matrices and embeddings included). Per model, its own configurations interleaved:
+
+* ``map (auto_delta)`` over the plain PyTorch step of the same model (Adam, cross-entropy;
+  MSE for the regression MLP), and their difference: Pyro's fixed per-step cost (tracing,
+  the guide, one ``pyro.optim`` update per parameter), which dominates at these sizes;
+* ``svi (auto_normal)`` over Pyro's own i.i.d.-Normal SVI step: a hand-written Pyro model
+  that samples every >= 2-D parameter from ``Normal(0, 1)``, keeps the others as
+  ``pyro.module`` parameters and calls the net with ``torch.func.functional_call``
+  (``PyroSample`` cannot reach an LSTM's flat weights), ``AutoNormal``, ``Trace_ELBO``.
+
+    python benchmarks/bench_infer.py [--steps 10] [--repeats 5] [--quick] [--no-models]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -79,8 +97,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true",
+                    help="3 steps x 3 rounds (about a minute on 2 cores)")
+    ap.add_argument("--no-models", dest="models", action="store_false",
+                    help="skip the five small models")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 3, 3
     torch.set_num_threads(args.threads)
+    mlp_table(args)
+    if args.models:
+        models_table(args)
+
+
+def mlp_table(args) -> None:
+    """The MLP 784-512-512-10 rows (module docstring)."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(128, 784, generator=g)
     y = torch.randint(0, 10, (128,), generator=g)
@@ -189,6 +220,102 @@ def main() -> None:
     print(f"{'step':38s} {'over':18s} {'ratio':>7s} {'target':>7s}")
     for name, ref, ratio, target in rows:
         print(f"{name:38s} {ref:18s} {ratio:7.2f} {target:>7s}")
+
+
+# ----------------------------------------------------------------------------- five models
+
+N_SMALL = 1000
+
+
+def _own_models():
+    """``{name: (make, x, y, likelihood)}``: the models of ``tests/test_own_models.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import test_own_models as om  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    img, seq = torch.rand(128, 1, 8, 8, generator=g), torch.rand(128, 8, 8, generator=g)
+    labels = torch.randint(0, 10, (128,), generator=g)
+    tok = torch.randint(0, 10, (128, 6), generator=g)
+    xr = torch.rand(128, 1, generator=g) * 4 - 2
+    return {
+        "cnn + BatchNorm, residual": (om.ResCNN, img, labels, "categorical"),
+        "embedding + transformer": (om.TokenTransformer, tok, (tok == 3).any(1).long(),
+                                    "categorical"),
+        "lstm": (lambda: om.Recurrent(nn.LSTM), seq, labels, "categorical"),
+        "gru": (lambda: om.Recurrent(nn.GRU), seq, labels, "categorical"),
+        "regression mlp, learned noise": (om.regression_mlp, xr, torch.sin(2 * xr[:, 0]),
+                                          "gaussian"),
+        "mlp + dropout": (om.dropout_mlp, torch.rand(128, 64, generator=g), labels,
+                          "categorical"),
+    }
+
+
+def _normal(shape):
+    return dist.Normal(torch.zeros(shape), 1.0).to_event(len(shape))
+
+
+def _plain_step(net: nn.Module, x, y, likelihood: str):
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss = (nn.functional.cross_entropy if likelihood == "categorical"
+            else lambda out, t: nn.functional.mse_loss(out.squeeze(-1), t))
+
+    def step():
+        opt.zero_grad()
+        loss(net(x), y).backward()
+        opt.step()
+    return step
+
+
+def _bs_step(net: nn.Module, x, y, likelihood: str, kind: str):
+    bn = bs.bayesian(net, {r".*": _normal}, likelihood=likelihood, num_data=N_SMALL,
+                     noise="learned" if likelihood == "gaussian" else 1.0)
+    svi = pyro.infer.SVI(bn, bs.make_guide(bn, kind), pyro.optim.Adam({"lr": 1e-3}),
+                         pyro.infer.Trace_ELBO())
+    return lambda: svi.step(x, y)
+
+
+def _pyro_reference_step(net: nn.Module, x, y, likelihood: str, tag: str):
+    """Pyro's i.i.d.-Normal SVI: every >= 2-D parameter ~ Normal(0, 1), AutoNormal."""
+    weights = {n: p.shape for n, p in net.named_parameters() if p.dim() >= 2}
+
+    def model(x, y):
+        pyro.module(tag, net)
+        w = {n: pyro.sample(f"{tag}.{n}", _normal(s)) for n, s in weights.items()}
+        out = torch.func.functional_call(net, w, (x,))
+        with pyro.plate("data", N_SMALL, subsample=torch.arange(x.shape[0])):
+            if likelihood == "categorical":
+                pyro.sample("obs", dist.Categorical(logits=out), obs=y)
+            else:
+                noise = pyro.sample("noise", dist.LogNormal(0.0, 1.0))
+                pyro.sample("obs", dist.Normal(out.squeeze(-1), noise), obs=y)
+
+    guide = pyro.infer.autoguide.AutoNormal(model)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    return lambda: svi.step(x, y)
+
+
+def models_table(args) -> None:
+    """Per model: MAP over the plain step, SVI over Pyro's i.i.d.-Normal SVI (same run)."""
+    pyro.enable_validation(False)
+    print(f"\nfive models (batch 128, N = {N_SMALL}, Normal(0, 1) prior on every row); "
+          f"threads {args.threads}")
+    print(f"{'model':32s} {'plain ms':>9s} {'map/plain':>10s} {'map - plain ms':>15s} "
+          f"{'pyro svi ms':>12s} {'svi/pyro svi':>13s}")
+    for name, (make, x, y, likelihood) in _own_models().items():
+        pyro.clear_param_store()  # each model alone: its names never meet another's
+        torch.manual_seed(0)
+        configs = {"plain": _plain_step(make(), x, y, likelihood),
+                   "map": _bs_step(make(), x, y, likelihood, "delta"),
+                   "svi": _bs_step(make(), x, y, likelihood, "normal"),
+                   "pyro_svi": _pyro_reference_step(make(), x, y, likelihood, "ref")}
+        times = interleaved(configs, args.steps, args.repeats)
+        t_plain = statistics.median(times["plain"]) * 1e3
+        t_ref = statistics.median(times["pyro_svi"]) * 1e3
+        t_map = statistics.median(times["map"]) * 1e3
+        r_map, r_svi = ratio_of(times, "map", "plain"), ratio_of(times, "svi", "pyro_svi")
+        assert math.isfinite(r_map) and math.isfinite(r_svi)
+        print(f"{name:32s} {t_plain:9.2f} {r_map:10.2f} {t_map - t_plain:15.2f} "
+              f"{t_ref:12.2f} {r_svi:13.2f}")
 
 
 if __name__ == "__main__":

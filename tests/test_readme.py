@@ -91,10 +91,23 @@ def check_posterior_spectra(ns: dict, out: str, cwd: pathlib.Path) -> None:
     assert list(ns["base"].method.values) == ["weight_decay", "spectral_norm"]
 
 
+def check_own_model(ns: dict, out: str, cwd: pathlib.Path) -> None:
+    import torch
+
+    tokens, labels, res, net = ns["tokens"], ns["labels"], ns["res"], ns["net"]
+    assert res.evaluate(tokens[512:], labels[512:]).accuracy > 0.8  # majority class ~0.55
+    sites = sorted(ns["bn"].prior_sites)
+    assert sites == ["emb"] + [f"enc.layers.0.self_attn.in_proj_weight[{c}]" for c in "kqv"]
+    probs = res.predict(tokens[512:]).squeeze(0)
+    net_probs = torch.softmax(net.eval()(tokens[512:]), -1)
+    assert torch.allclose(probs, net_probs, atol=1e-6)
+
+
 CHECKS: dict[str, Callable[[dict, str, pathlib.Path], None]] = {
     "## Quick start": check_quick_start,
     TEN_LINE_MARKER: check_ten_line_svi,
     "## Bayesian networks from any PyTorch model": check_bayesian_network,
+    "### Your own model": check_own_model,
     "## Posterior spectra with ArviZ": check_posterior_spectra,
 }
 

@@ -77,9 +77,15 @@ def _check_arguments(module, likelihood, noise, orthogonal_map, num_data) -> Non
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {tuple(LIKELIHOODS.names())}, got "
                          f"{likelihood!r}")
-    if noise != "learned":
-        if isinstance(noise, str) or not float(noise) > 0 or not math.isfinite(float(noise)):
-            raise ValueError(f"noise must be a positive float or 'learned', got {noise!r}")
+    if not (noise == "learned" if isinstance(noise, str)
+            else isinstance(noise, torch.distributions.Distribution)):
+        try:
+            ok = not isinstance(noise, str) and 0 < float(noise) < math.inf
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("noise must be a positive float, 'learned' or a Distribution "
+                             f"(the prior of the latent noise scale), got {noise!r}")
     if orthogonal_map not in ORTHOGONAL_MAPS:
         raise ValueError("orthogonal_map must be 'cayley', 'matrix_exp' or 'householder', got "
                          f"{orthogonal_map!r}")
@@ -142,7 +148,7 @@ def bayesian(
     priors: Mapping[Any, Any] | None = None,
     *,
     likelihood: str = "categorical",
-    noise: float | str = 1.0,
+    noise: float | str | torch.distributions.Distribution = 1.0,
     num_data: int | None = None,
     spectral: Selection = None,
     enumerate_rank: Selection = None,
@@ -167,7 +173,9 @@ def bayesian(
     :param likelihood: a name of ``LIKELIHOODS``: ``"categorical"`` (``y`` integer labels,
         logits output), ``"gaussian"`` (``y`` real, ``Normal(output, noise)``) or one
         registered by the user (:mod:`~bayes_spectral.bnn.likelihoods`).
-    :param noise: Gaussian noise scale, a float or ``"learned"`` (a positive ``PyroParam``).
+    :param noise: Gaussian noise scale: a float (fixed), ``"learned"`` (the latent site
+        ``"noise"`` with prior ``LogNormal(0, 1)``) or a positive ``Distribution`` (the
+        latent noise's prior; :meth:`BayesianNetwork.set_noise`).
     :param num_data: ``N``, the size of the training set; the batch likelihood is scaled by
         ``N / B`` (:mod:`~bayes_spectral.bnn.network`). ``None``: no scaling (full-batch).
     :param spectral: rows (same keys, or ``True``: exactly the rows with a prior) to

@@ -7,8 +7,14 @@ One file, ``<checkpoint_dir>/checkpoint.pt``, replaced atomically
 and the early-stopping state), ``buffers`` (the model's buffers), ``method`` and ``data``
 (the states of the data's own ``torch.Generator`` objects, e.g. a ``DataLoader``'s
 ``generator=``; :mod:`~bayes_spectral.bnn.batches`). Restoring
-all of them makes a resumed CPU run equal the uninterrupted one bit for bit. The file is a
-pickle (``torch.load(..., weights_only=False)``): load only checkpoints you wrote.
+all of them makes a resumed CPU run equal the uninterrupted one bit for bit.
+
+The file holds tensors and plain data only (the param store as unconstrained tensors with its
+constraints by name, numpy's RNG state as a tensor) and is read with
+:func:`bayes_spectral._io.load_tensors` (``weights_only=True``): unpickling never runs code,
+and a missing, corrupt or unsafe file is an :class:`~bayes_spectral._io.UnreadableFileError`
+naming it. ``fingerprint`` (:mod:`bayes_spectral.bnn.fingerprint`) records the settings that
+shape the result; resuming with other settings is refused by name before anything is loaded.
 """
 
 from __future__ import annotations
@@ -19,18 +25,29 @@ import random
 import numpy as np
 import pyro
 import torch
+from pyro.distributions import constraints
 
-from .._io import atomic_path
+from .._io import UnreadableFileError, atomic_path, load_tensors
+from .fingerprint import check_fingerprint
 
 __all__ = ["CHECKPOINT_NAME", "Checkpointer", "rng_state", "save_checkpoint", "set_rng_state",
-           "load_store_state", "sync_module_params"]
+           "load_store_state", "store_state", "sync_module_params"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+#: the keys every checkpoint holds
+KEYS = ("param_store", "optim", "rng", "history", "state", "buffers", "method")
+
+
 def rng_state() -> dict:
-    """The python, numpy and torch (and CUDA, when available) global RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002 (legacy global RNG state)
+    """The python, numpy and torch (and CUDA, when available) global RNG states, as plain
+    data and tensors (numpy's ``(name, key array, pos, has_gauss, gauss)`` with the key as a
+    tensor)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (legacy global RNG)
+    state = {"python": random.getstate(),
+             "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss),
+                       float(gauss)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -39,8 +56,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore the global RNG states saved by :func:`rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, *rest = state["numpy"]
+    key = key.cpu().numpy().astype(np.uint32) if torch.is_tensor(key) else np.asarray(key)
+    np.random.set_state((name, key, *rest))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -67,22 +87,53 @@ def sync_module_params(model: torch.nn.Module) -> None:
                 store._param_to_name[p] = name
 
 
-def load_store_state(state: dict) -> None:
-    """``ParamStore.set_state`` that keeps the tensors already in the store: their values
-    are overwritten in place and the store points back at them, so modules holding those
-    tensors (module-local parameters, the guide's) see the loaded values."""
+def store_state() -> dict:
+    """The param store as plain data: ``params`` (unconstrained tensors, detached) and
+    ``constraints`` (their ``repr``, to check on load)."""
     store = pyro.get_param_store()
-    live = dict(store._params)
-    store.set_state(state)
+    return {"params": {k: v.detach().clone() for k, v in store._params.items()},
+            "constraints": {k: repr(c) for k, c in store._constraints.items()}}
+
+
+def load_store_state(state: dict) -> None:
+    """Load :func:`store_state` into the param store, keeping the tensors already there:
+    their values are overwritten in place, so modules holding those tensors (module-local
+    parameters, the guide's) see the loaded values. A parameter the store does not have yet
+    is added (unconstrained only); a shape or constraint that differs is a ``ValueError``."""
+    store = pyro.get_param_store()
+    saved_constraints = state.get("constraints", {})
     with torch.no_grad():
-        for name, t in live.items():
-            loaded = store._params.get(name)
-            if loaded is None or loaded is t or loaded.shape != t.shape:
+        for name, value in state["params"].items():
+            live = store._params.get(name)
+            want = saved_constraints.get(name, repr(constraints.real))
+            if live is None:
+                if want != repr(constraints.real):
+                    raise ValueError(f"checkpoint parameter {name!r} (constraint {want}) is "
+                                     "not in this run's model or guide")
+                t = value.detach().clone().requires_grad_(value.is_floating_point())
+                store._params[name] = t
+                store._param_to_name[t] = name
+                store._constraints[name] = constraints.real
                 continue
-            t.copy_(loaded)
-            store._param_to_name.pop(loaded, None)
-            store._params[name] = t
-            store._param_to_name[t] = name
+            if live.shape != value.shape:
+                raise ValueError(f"checkpoint parameter {name!r} has shape "
+                                 f"{tuple(value.shape)}, this run's has {tuple(live.shape)}")
+            have = repr(store._constraints.get(name, constraints.real))
+            if have != want:
+                raise ValueError(f"checkpoint parameter {name!r} has constraint {want}, this "
+                                 f"run's has {have}")
+            live.copy_(value)
+
+
+def _check_keys(path: str, saved) -> None:
+    """The file holds a dict with every key of :data:`KEYS`, else UnreadableFileError."""
+    if not isinstance(saved, dict):
+        raise UnreadableFileError(f"{path}: not a bayes-spectral checkpoint (holds a "
+                                  f"{type(saved).__name__}, not a dict)")
+    missing = [k for k in KEYS if k not in saved]
+    if missing:
+        raise UnreadableFileError(f"{path}: not a complete bayes-spectral checkpoint (missing "
+                                  f"{', '.join(missing)})")
 
 
 class Checkpointer:
@@ -93,12 +144,14 @@ class Checkpointer:
     """
 
     def __init__(self, checkpoint_dir: str | os.PathLike | None, *, model: torch.nn.Module,
-                 optim, method: str, rank: int = 0, distributed: bool = False, data=None):
+                 optim, method: str, rank: int = 0, distributed: bool = False, data=None,
+                 fingerprint: dict | None = None):
         self.path = (None if checkpoint_dir is None
                      else os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME))
         self.model, self.optim, self.method = model, optim, method
         self.rank, self.distributed = rank, distributed
         self.data = data  # a DataSource: its generator states travel with the checkpoint
+        self.fingerprint = fingerprint  # the settings that shape the result (checked on resume)
 
     def last_good(self) -> str | None:
         """The path of the checkpoint on disk, or ``None`` when there is none yet."""
@@ -106,8 +159,13 @@ class Checkpointer:
 
     def restore(self, device: torch.device) -> tuple[dict, dict]:
         """Load the file into the param store, the module, the optimiser, the buffers and
-        the global RNGs; returns its ``(history, state)``."""
-        saved = torch.load(self.path, map_location=device, weights_only=False)
+        the global RNGs; returns its ``(history, state)``. The file is read safely and its
+        fingerprint checked (``ValueError`` naming the differing settings) before anything
+        is changed."""
+        saved = load_tensors(self.path, map_location=device)
+        _check_keys(self.path, saved)
+        if self.fingerprint is not None:
+            check_fingerprint(saved.get("fingerprint"), self.fingerprint, self.path)
         load_store_state(saved["param_store"])
         sync_module_params(self.model)
         self.optim.set_state(saved["optim"])
@@ -127,7 +185,7 @@ class Checkpointer:
             torch.distributed.barrier()
             return
         save_checkpoint(self.path, {
-            "param_store": pyro.get_param_store().get_state(),
+            "param_store": store_state(),
             "optim": self.optim.get_state(),
             "rng": rng_state(),
             "history": history,
@@ -135,6 +193,7 @@ class Checkpointer:
             "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()},
             "method": self.method,
             "data": [] if self.data is None else self.data.state_dict(),
+            "fingerprint": self.fingerprint,
         })
         if self.distributed:
             torch.distributed.barrier()

@@ -13,8 +13,11 @@ atomically (temporary file in the same folder, ``fsync``, ``os.replace``). It ho
 store state, the optimiser state (``get_state``), the python / numpy / torch RNG states,
 epoch, step, history, the early-stopping state and the model's buffers. ``resume=True``
 continues from it; on CPU an interrupted-and-resumed run equals the uninterrupted one bit for
-bit. The file is a pickle (``torch.load(..., weights_only=False)``): load only checkpoints
-you wrote.
+bit. The file holds tensors and plain data only and is read with ``weights_only=True``
+(unpickling never runs code; a corrupt file is an ``UnreadableFileError`` naming it). It
+carries a fingerprint of the settings that shape the result
+(:mod:`~bayes_spectral.bnn.fingerprint`): resuming with another method, guide, prior, lr,
+batch size, likelihood, width, ... is a ``ValueError`` naming the differing settings.
 
 Data parallel (``distributed=True``, or a ``torch.distributed`` group initialised): MAP and
 SVI over the ranks with ``DistributedDataParallel``, equal to the single-process run with
@@ -38,6 +41,8 @@ applied and training stops, leaving the last good checkpoint in place.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -68,7 +73,7 @@ MONITORS = ("val_nll", "val_accuracy")
 
 
 def _check_arguments(model, method: str, *, epochs, batch_size, lr, checkpoint_every,
-                     num_chains, monitor: str, patience, val_data) -> None:
+                     num_chains, num_particles, monitor: str, patience, val_data) -> None:
     """Refuse a model that is not a BayesianNetwork and bad settings, before any work."""
     if not isinstance(model, BayesianNetwork):
         raise TypeError(f"fit() needs a model built by bayes_spectral.bayesian(), got "
@@ -76,15 +81,38 @@ def _check_arguments(model, method: str, *, epochs, batch_size, lr, checkpoint_e
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     for key, val in (("epochs", epochs), ("batch_size", batch_size),
-                     ("checkpoint_every", checkpoint_every), ("num_chains", num_chains)):
-        if int(val) != val or val < 1:
+                     ("checkpoint_every", checkpoint_every), ("num_chains", num_chains),
+                     ("num_particles", num_particles)):
+        if isinstance(val, bool) or not isinstance(val, numbers.Real) or int(val) != val \
+                or val < 1:
             raise ValueError(f"{key} must be a positive integer, got {val!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if monitor not in MONITORS:
         raise ValueError(f"monitor must be 'val_nll' or 'val_accuracy', got {monitor!r}")
+    if monitor == "val_accuracy" and model.observation.task != "classification":
+        raise ValueError(f"monitor='val_accuracy' needs a classification likelihood, got "
+                         f"likelihood {model.likelihood!r} (use monitor='val_nll')")
     if patience is not None and val_data is None:
         raise ValueError("patience (early stopping) needs val_data")
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, refusing an unknown name or a device this torch cannot use
+    (``ValueError`` naming it) before any work."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ('cpu', 'cuda', "
+                         f"'cuda:0', 'mps', ...): {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available in this torch build or "
+                         "machine (use device='cpu')")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available (use device='cpu')")
+    return dev
 
 
 def _use_distributed(distributed: bool | None, method: str) -> bool:
@@ -214,17 +242,24 @@ def fit(
         calls ``fit`` with the same arguments and gets the same result; only rank 0 writes
         checkpoints, all ranks resume from ``checkpoint_dir`` (a shared folder), with any
         number of ranks; ``callbacks`` run on every rank and a stop on any rank stops all.
-    :raises ValueError/TypeError: bad data (shapes, labels out of range) before training.
-    :raises NonFiniteError: a NaN/Inf loss or parameter (names the parameter and layer).
+    :raises ValueError/TypeError: bad data (shapes, labels out of range) or settings (``lr``
+        not positive and finite, ``num_particles < 1``, an unusable ``device``,
+        ``monitor="val_accuracy"`` without a classification likelihood) before training; a
+        checkpoint written with other settings (named, old vs new) before anything is loaded.
+    :raises UnreadableFileError: a corrupt, truncated or unsafe checkpoint (names the file).
+    :raises NonFiniteError: a NaN/Inf loss or parameter (names the parameter and layer), a
+        distribution refusing an overflowed parameter (names it), or a non-finite forward
+        pass with finite parameters (says so).
     """
     _check_arguments(model, method, epochs=epochs, batch_size=batch_size, lr=lr,
                      checkpoint_every=checkpoint_every, num_chains=num_chains,
-                     monitor=monitor, patience=patience, val_data=val_data)
+                     num_particles=num_particles, monitor=monitor, patience=patience,
+                     val_data=val_data)
+    device = _check_device(device)
     distributed = _use_distributed(distributed, method)
     rank = torch.distributed.get_rank() if distributed else 0
     restart_modules(model)  # a refit restarts from the state bayesian() left (docstring)
     warn_on_bare_calls(model)
-    device = torch.device(device)
     source, xv, yv = _prepare_data(model, data, val_data, device, dtype,
                                    batch_size=batch_size, shuffle=shuffle)
     pyro.clear_param_store()
@@ -239,7 +274,9 @@ def fit(
         run = start_run(model, source, method, guide, num_particles=num_particles, lr=lr,
                         device=device, checkpoint_dir=checkpoint_dir,
                         resume=resume, rank=rank, distributed=distributed, monitor=monitor,
-                        patience=patience, with_validation=xv is not None)
+                        patience=patience, with_validation=xv is not None,
+                        settings={"batch_size": batch_size, "shuffle": shuffle, "seed": seed,
+                                  "dtype": dtype})
     with train_mode(model):
         train(run, method, epochs=epochs, checkpoint_every=checkpoint_every,
               callbacks=callbacks, val=None if xv is None else (xv, yv),

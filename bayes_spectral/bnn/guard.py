@@ -4,7 +4,10 @@
 optimiser update, zeroed gradients) but checks the parameters, the loss and the gradients
 *before* the update. On the first non-finite value it raises :class:`NonFiniteError` naming
 the parameter or sample site and its layer, with the update not applied, so the parameters
-keep their last finite values.
+keep their last finite values. A distribution that refuses its parameters during the step
+(Pyro's validation ``ValueError``, e.g. a softplus scale underflowed to 0) becomes a
+``NonFiniteError`` naming the parameter that left its support; with every parameter finite,
+it names the forward pass instead (the largest parameter and the likely cause).
 """
 
 from __future__ import annotations
@@ -96,10 +99,62 @@ def _check_store(model, where: _Where) -> None:
                 f"{where.text}{where.keep}", site=name, layer=layer)
 
 
+def _param_out_of_support() -> tuple[str, str] | None:
+    """``(name, reason)`` of the first param-store entry whose constrained value is not
+    finite or lies outside its constraint (e.g. a softplus scale that underflowed to 0)."""
+    store = pyro.get_param_store()
+    with torch.no_grad():
+        for name in list(store.keys()):
+            value = store[name]
+            if not bool(torch.isfinite(value).all()):
+                return name, "is not finite"
+            check = store._constraints.get(name)
+            if check is not None and not bool(check.check(value).all()):
+                return name, f"left its support ({check})"
+    return None
+
+
+def _distribution_error(model, exc: ValueError, where: _Where) -> NonFiniteError:
+    """The NonFiniteError for a distribution that refused its parameters during the step:
+    naming the parameter that overflowed (or left its support), or, with every parameter
+    finite, the forward pass (the network's output or the loss is not finite)."""
+    for p in pyro.get_param_store()._params.values():
+        p.grad = None
+    first = str(exc).splitlines()[0]
+    bad = _param_out_of_support()
+    if bad is not None:
+        name, reason = bad
+        layer = layer_of(model, name)
+        return where.error(
+            f"non-finite values in the model at {where.text}: parameter {name!r} (layer "
+            f"{layer!r}) {reason} (parameters overflowed: lower the learning rate)"
+            f"{where.keep}: {first}", site=name, layer=layer)
+    return where.error(f"non-finite output of the forward pass at {where.text} with every "
+                       f"parameter finite{_forward_hint()}{where.keep}: {first}", site="obs")
+
+
+def _forward_hint() -> str:
+    """The largest parameter and the likely cause of a non-finite forward pass: parameters
+    grown huge (above 1e10: the learning rate) or the model's forward (inputs)."""
+    store = pyro.get_param_store()
+    big, where = 0.0, None
+    with torch.no_grad():
+        for name, p in store._params.items():
+            m = float(p.detach().abs().max()) if p.numel() else 0.0
+            if m > big:
+                big, where = m, name
+    cause = ("the parameters grew huge: lower the learning rate" if big > 1e10 else
+             "the network's output is NaN/Inf for some inputs of this batch: check the "
+             "model's forward (e.g. a division by zero) and the inputs")
+    return f" (largest |parameter| {big:.3g} in {where!r}); {cause}"
+
+
 def _loss_and_grads(svi: SVI, args, loss_and_grads: Callable[[], float] | None,
                     where: _Where) -> tuple[float, dict[str, torch.Tensor]]:
     """The loss (gradients accumulated) and the unconstrained parameters it touched.
-    A distribution refusing NaN/Inf parameters (validation) becomes a NonFiniteError."""
+    A distribution refusing its parameters (validation: NaN/Inf, a scale of 0) becomes a
+    NonFiniteError naming the parameter, or the forward pass when the parameters are
+    finite."""
     try:
         with poutine.trace(param_only=True) as capture:
             if loss_and_grads is None:
@@ -107,14 +162,11 @@ def _loss_and_grads(svi: SVI, args, loss_and_grads: Callable[[], float] | None,
             else:
                 loss = float(loss_and_grads())
     except ValueError as exc:
-        if "nan" not in str(exc).lower() and "inf" not in str(exc).lower():
+        text = str(exc)
+        if "Expected parameter" not in text and "nan" not in text.lower() \
+                and "inf" not in text.lower():
             raise
-        for p in pyro.get_param_store()._params.values():
-            p.grad = None
-        first = str(exc).splitlines()[0]
-        raise where.error(
-            f"non-finite values in the model at {where.text} (parameters overflowed: lower "
-            f"the learning rate){where.keep}: {first}") from exc
+        raise _distribution_error(svi.model, exc, where) from exc
     # a PyroParam's constrained value links to its unconstrained tensor; with
     # pyro.settings.set(module_local_params=True) a plain nn.Parameter is its own value
     return loss, {name: _unconstrained(site["value"])
@@ -143,6 +195,12 @@ def _check_step(model, guide, args, loss: float, params: dict[str, torch.Tensor]
     problem = _first_nonfinite(params, "value")
     if problem is None and not np.isfinite(loss):
         sites = nonfinite_sites(model, guide, args)
+        if sites == ["obs"] or not sites and _first_nonfinite(params, "gradient") is None:
+            pyro.infer.util.zero_grads(set(params.values()))
+            raise where.error(
+                f"non-finite loss ({loss}) from the forward pass (the likelihood of site "
+                f"'obs') at {where.text} with every parameter finite{_forward_hint()}"
+                f"{where.keep}", site="obs")
         if sites:
             layer = layer_of(model, sites[0])
             pyro.infer.util.zero_grads(set(params.values()))

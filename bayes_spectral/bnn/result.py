@@ -31,7 +31,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.runtime import _PYRO_STACK
 from torch import nn
 
-from .batches import inputs_to
+from .batches import as_inputs, inputs_to
 from .export import plain_module
 from .modes import eval_mode
 from .network import BayesianNetwork
@@ -83,9 +83,10 @@ class FitResult:
         return self.state.named_values()
 
     def _input(self, x):
-        """``x`` (a tensor, tuple or dict) on the model's device; floats in its dtype."""
+        """``x`` (a tensor, tuple or dict; numpy arrays converted) on the model's device;
+        floats in its dtype, integers (token ids) kept."""
         dev = next(iter(self.model.parameters()), torch.zeros(()))
-        return inputs_to(x, dev.device, dev.dtype)
+        return inputs_to(as_inputs(x, "x"), dev.device, dev.dtype)
 
     def predict(self, x: torch.Tensor, num_samples: int | None = None,
                 mc_dropout: bool = False) -> torch.Tensor:
@@ -101,8 +102,10 @@ class FitResult:
 
     def evaluate(self, x, y, num_samples: int | None = None,
                  mc_dropout: bool = False) -> PredictiveMetrics:
-        """Accuracy, NLL, ECE, entropy, mutual information (categorical models)."""
-        return evaluate(self.predict(x, num_samples, mc_dropout).cpu(), y.cpu())
+        """Metrics of the posterior predictive (:func:`~.predict.evaluate`): classification
+        accuracy, NLL, ECE, Brier, entropy, mutual information; Gaussian regression NLL,
+        RMSE and 50% / 90% interval coverage."""
+        return evaluate(self.predict(x, num_samples, mc_dropout).cpu(), torch.as_tensor(y).cpu())
 
     # -- plain modules ---------------------------------------------------------------------
     def point_values(self) -> dict[str, torch.Tensor]:

@@ -23,7 +23,8 @@ from pyro.infer.autoguide import AutoGuide
 from . import distributed as bsd
 from .batches import DataSource, TensorSource
 from .checkpoint import Checkpointer
-from .guard import guarded_step
+from .fingerprint import run_fingerprint
+from .guard import NonFiniteError, guarded_step
 from .guides import make_guide
 from .modes import eval_mode
 from .network import BayesianNetwork
@@ -174,23 +175,48 @@ class TrainingRun:
         self.checkpointer.save(self.history, self.state_dict())
 
 
+def _setup_guide(guide, source: DataSource) -> None:
+    """Set up the guide on the source's first batch (registering every parameter); a
+    distribution refusing the network's output there (NaN/Inf with the initial parameters
+    finite) is a :class:`NonFiniteError` naming the forward pass."""
+    try:
+        with torch.no_grad():
+            guide(*source.setup_batch())
+    except ValueError as exc:
+        if "Expected parameter" not in str(exc):
+            raise
+        first = str(exc).splitlines()[0]
+        raise NonFiniteError(
+            "non-finite output of the forward pass before training (the guide's set-up pass "
+            "on the first batch) with every parameter finite: the network's output is NaN/Inf "
+            "for some inputs (check the model's forward, e.g. a division by zero, and the "
+            f"inputs): {first}", site="obs", epoch=0, step=0) from exc
+
+
 def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
               num_particles: int, lr: float, device: torch.device, checkpoint_dir,
               resume: bool, rank: int, distributed: bool, monitor: str, patience: int | None,
-              with_validation: bool) -> TrainingRun:
+              with_validation: bool, settings: dict | None = None) -> TrainingRun:
     """Guide, ELBO, Adam and SVI (the guide's parameters registered on the source's first
     batch, drawing nothing from the RNGs), then the checkpoint restored (``resume``: with the
-    source's generator states) and the data-parallel pieces (``distributed``: tensor inputs
+    source's generator states, after its fingerprint is checked against this run's:
+    :mod:`~bayes_spectral.bnn.fingerprint`; ``settings``: ``batch_size``, ``shuffle``,
+    ``seed``, ``dtype`` for it) and the data-parallel pieces (``distributed``: tensor inputs
     only)."""
+    guide_arg = guide
     guide = _make_guide(model, guide, method)
     elbo = _make_elbo(model, num_particles)
     optim = pyro.optim.Adam({"lr": lr})
     svi = SVI(model, guide, optim, loss=elbo)
-    with torch.no_grad():  # set up the guide and register every parameter
-        guide(*source.setup_batch())
+    _setup_guide(guide, source)
     register_local_params(model, guide)  # module_local_params: store names for the run
+    settings = {"batch_size": 0, "shuffle": True, "seed": 0, "dtype": torch.float32,
+                **(settings or {})}
+    fingerprint = run_fingerprint(model, method, guide_arg, lr=lr, num_particles=num_particles,
+                                  **settings)
     checkpointer = Checkpointer(checkpoint_dir, model=model, optim=optim, method=method,
-                                rank=rank, distributed=distributed, data=source)
+                                rank=rank, distributed=distributed, data=source,
+                                fingerprint=fingerprint)
     bs = getattr(source, "batch_size", 0)
     run = TrainingRun(model=model, guide=guide, svi=svi, elbo=elbo, source=source, batch_size=bs,
                       device=device, checkpointer=checkpointer,

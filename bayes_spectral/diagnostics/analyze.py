@@ -17,6 +17,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .._checks import check_tensor_storage
 from ..select import LeftOut, WeightRow, parameter_view, weight_layers
 from ..spectra.metrics import spectral_metrics
 from ..spectra.spectrum import ConvMode, SpectrumMethod, esd
@@ -62,19 +63,31 @@ def analyze(
     of the smaller Gram matrix, the fast default; ``"svd"``: singular values, accurate for
     tiny values). ``return_esd=True`` adds ``esd`` (dims ``layer, eval_index``, ascending,
     NaN-padded). Extra keyword arguments go to ``fit_powerlaw``.
+
+    A layer that cannot be analysed (NaN/Inf or all-zero weights, a sparse or meta-device
+    tensor, a failed fit) is left out with a warning naming it and the reason (also in
+    ``ds.attrs["left_out"]`` and ``ds.attrs["failed"]``); the other layers are analysed.
+    :raises ValueError: when no layer could be analysed (the reasons, per layer).
     """
     _check_include(model, include)
+    model, failed = _drop_unreadable(model)
     pattern, names = (layers, None) if isinstance(layers, str) else (None, layers)
     view = parameter_view(model, types=types, names=names, pattern=pattern, hide=hide,
                           split_qkv=split_qkv, split_gates=split_gates, what="analyze()")
     kept, skipped, left_out = _split_by_size(view.rows, conv, min_evals)
     left_out = view.left_out + left_out
-    # metrics first: a bad layer raises before the warning about small ones
-    rows, spectra = _layer_metrics(kept, dtype, conv, schatten, method, return_esd, fit_kwargs)
+    rows, spectra, kept, more = _layer_metrics(kept, dtype, conv, schatten, method, return_esd,
+                                               fit_kwargs)
+    failed += more
     _warn_left_out(left_out, min_evals)
     if not rows:
+        if failed:
+            raise ValueError("analyze(): no layer could be analysed: "
+                             + "; ".join(f"{n}: {why}" for n, why in failed))
         raise ValueError("analyze(): the model has no weight layer with enough eigenvalues")
+    left_out = left_out + [LeftOut(n, f"could not be analysed: {why}") for n, why in failed]
     ds = _dataset(rows, kept, skipped, conv)
+    ds.attrs["failed"] = "; ".join(f"{n}: {why}" for n, why in failed)
     ds.attrs["left_out"] = "; ".join(f"{n}: {why}" for n, why in left_out)
     if return_esd:
         ds["esd"] = (("layer", "eval_index"), _nan_padded(spectra))
@@ -122,24 +135,69 @@ def _split_by_size(found: list[WeightRow], conv: ConvMode, min_evals: int
     return kept, skipped, left_out
 
 
+def _drop_unreadable(model) -> tuple:
+    """A state dict without its sparse and meta-device matrices (``>= 2``-D tensors that hold
+    no dense data), and ``(name, reason)`` for each; a module is returned as it is (its
+    rows are checked one by one in :func:`_layer_metrics`)."""
+    if not isinstance(model, Mapping):
+        return model, []
+    failed: list[tuple[str, str]] = []
+    for key, t in model.items():
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            try:
+                check_tensor_storage(t, f"tensor {key!r}")
+            except (TypeError, ValueError) as err:
+                failed.append((str(key), str(err)))
+    if failed:
+        warnings.warn("analyze(): left out " + "; ".join(f"{n} ({why})" for n, why in failed),
+                      stacklevel=3)
+        bad = {n for n, _ in failed}
+        model = {k: v for k, v in model.items() if str(k) not in bad}
+    return model, failed
+
+
+def _one_layer(row: WeightRow, dtype: torch.dtype, conv: ConvMode, schatten, method,
+               return_esd: bool, fit_kwargs: dict) -> tuple[dict[str, float], np.ndarray | None]:
+    """The metrics (floats) and (``return_esd``) the ESD of one row, without autograd."""
+    raw = row.read().detach()
+    check_tensor_storage(raw, f"weight of layer {row.name!r}")
+    w = raw.to(dtype)
+    with torch.no_grad():
+        m = spectral_metrics(w, conv=conv, schatten=schatten, name=row.name, method=method,
+                             **fit_kwargs)
+        out = {k: float(v) for k, v in m.items()}
+        spectrum = (esd(w, conv=conv, name=row.name, method=method).cpu().numpy()
+                    if return_esd else None)
+    return out, spectrum
+
+
 def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,
                    conv: ConvMode, schatten: tuple[float, ...], method: SpectrumMethod,
                    return_esd: bool, fit_kwargs: dict
-                   ) -> tuple[list[dict[str, float]], list[np.ndarray]]:
+                   ) -> tuple[list[dict[str, float]], list[np.ndarray], list[WeightRow],
+                              list[tuple[str, str]]]:
     """Per layer, in order: its metrics as floats and (``return_esd``) its ESD, both of
-    the weight cast to ``dtype``, without autograd."""
+    the weight cast to ``dtype``; a layer that fails is left out with a warning naming it.
+    Returns ``(metrics, spectra, rows analysed, [(name, reason) of the failed ones])``."""
     rows: list[dict[str, float]] = []
     spectra: list[np.ndarray] = []
+    done: list[WeightRow] = []
+    failed: list[tuple[str, str]] = []
     for row in kept:
-        name = row.name
-        w = row.read().detach().to(dtype)
-        with torch.no_grad():
-            m = spectral_metrics(w, conv=conv, schatten=schatten, name=name, method=method,
-                                 **fit_kwargs)
-            rows.append({k: float(v) for k, v in m.items()})
-            if return_esd:
-                spectra.append(esd(w, conv=conv, name=name, method=method).cpu().numpy())
-    return rows, spectra
+        try:
+            metrics, spectrum = _one_layer(row, dtype, conv, schatten, method, return_esd,
+                                           fit_kwargs)
+        except (ValueError, TypeError, RuntimeError, ArithmeticError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            failed.append((row.name, reason))
+            warnings.warn(f"analyze(): layer {row.name!r} could not be analysed and is left "
+                          f"out: {reason}", stacklevel=4)
+            continue
+        rows.append(metrics)
+        done.append(row)
+        if spectrum is not None:
+            spectra.append(spectrum)
+    return rows, spectra, done, failed
 
 
 def _dataset(rows: list[dict[str, float]], kept: list[WeightRow],

@@ -9,6 +9,7 @@ posterior.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,7 +18,7 @@ import xarray as xr
 from torch import nn
 
 from ..bnn.network import BayesianNetwork
-from .analyze import weight_layers
+from ..select import parameter_view
 from .draws import spectral_draws
 
 __all__ = ["baseline_dataset"]
@@ -29,8 +30,10 @@ def baseline_dataset(models: Mapping[Key, nn.Module | Mapping[str, torch.Tensor]
                      ) -> xr.Dataset:
     """Spectral variables of deterministic networks keyed by ``(method, seed)``.
 
-    Values: an ``nn.Module`` (its Linear/Conv layers, names as in ``named_modules``), a
-    state_dict (its ``*.weight`` tensors) or ``{layer: weight}``. Returns the variables of
+    Values: an ``nn.Module`` or a state_dict (the rows of the one parameter view,
+    :func:`bayes_spectral.select.parameter_view`: Linear, Conv, Embedding, attention
+    ``in_proj_weight[q]``/``[k]``/``[v]`` and ``out_proj``, recurrent matrices; named as the
+    posterior's layers of :func:`bayesian`), or ``{layer: weight}``. Returns the variables of
     :func:`spectral_draws` with dims ``(method, seed, layer[, sv_index])``: ``method`` in
     order of first appearance, ``seed`` sorted; combinations not given are NaN. Every model
     must have the same layers with the same shapes.
@@ -65,10 +68,13 @@ def _baseline_weights(key, model) -> dict[str, torch.Tensor]:
     if isinstance(model, BayesianNetwork):
         raise TypeError(f"baseline {key}: a BayesianNetwork is a posterior, not a baseline; "
                         "use weight_draws/to_inference_data for it")
-    if isinstance(model, nn.Module) or (
-            isinstance(model, Mapping) and any(str(k).endswith("weight") for k in model)):
-        found = weight_layers(model)
-        return {name: w.detach() for name, _, w in found}
+    if isinstance(model, nn.Module) or (isinstance(model, Mapping) and any(
+            str(k).endswith("weight") or ".weight_" in str(k) for k in model)):
+        with warnings.catch_warnings():  # what a model leaves out is analyze()'s to report
+            warnings.simplefilter("ignore")
+            rows = parameter_view(model, what=f"baseline {key}").rows
+        with torch.no_grad():
+            return {row.name: row.read().detach() for row in rows}
     if isinstance(model, Mapping):
         out = {}
         for name, w in model.items():

@@ -27,7 +27,9 @@ def to_inference_data(result: FitResult, data, num_samples: int = 100, seed: int
     """``InferenceData`` of a fit: ``posterior`` (spectral variables of
     :func:`spectral_draws`; with ``include_latent`` also the raw latent sites, dims
     ``<site>_dim_k``), ``log_likelihood`` (var ``y``, dims ``chain, draw, obs_id``:
-    ``log p(y_i | x_i, theta)``, unscaled) and ``observed_data`` (var ``y``).
+    ``log p(y_i | x_i, theta)``, unscaled) and ``observed_data`` (var ``y``). ``data``: any
+    form :func:`~bayes_spectral.fit` takes (a pair, a ``Split``, a ``Dataset``, a
+    ``DataLoader``), read whole in its order; token ids and other integer inputs kept.
 
     Draws as in :func:`weight_draws` (NUTS ``C x S``, SVI ``1 x num_samples``, MAP ``1 x 1``
     with a warning that it holds one draw). Runs with the result's own parameters in eval

@@ -2,7 +2,8 @@
 importance-weighted LOO.
 
 * :func:`check_result`: the fit's :class:`BayesianNetwork`, which must have prior layers;
-* :func:`as_data`: ``(x, y)`` of a pair or a ``Split``, checked and moved to the model;
+* :func:`as_data`: all rows ``(x, y)`` of any data form ``fit`` takes, checked and moved
+  to the model (integer inputs kept);
 * :func:`guide_trace`: one guide draw and its ``log q``;
 * :func:`trace_draw`: ``log p(y_i | theta)`` per point and ``log p(theta)`` of one draw;
 * :func:`pointwise_log_likelihood`: ``log p(y_i | x_i, theta_{c,d})`` over all draws.
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from pyro import poutine
 
+from ..bnn.batches import Inputs, as_source, inputs_to, targets_to
 from ..bnn.fit import FitResult
 from ..bnn.network import BayesianNetwork
 
@@ -36,20 +38,15 @@ def _model_like(model: BayesianNetwork) -> torch.Tensor:
     return next(iter(model.parameters()), torch.zeros(()))
 
 
-def as_data(model: BayesianNetwork, data) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` from a pair or a ``Split`` (its training part), checked by the model and
-    moved to its device and dtype (``y`` keeps its dtype unless the likelihood is Gaussian)."""
-    if hasattr(data, "x_train") and hasattr(data, "y_train"):
-        x, y = data.x_train, data.y_train
-    elif isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-    else:
-        raise TypeError(f"data must be a pair (x, y) or a Split, got {type(data).__name__}")
+def as_data(model: BayesianNetwork, data) -> tuple[Inputs, torch.Tensor]:
+    """All rows ``(x, y)`` of ``data`` in any form ``fit`` takes (a pair, a ``Split``'s
+    training part, a ``Dataset``, a ``DataLoader`` or re-iterable of batches: read whole,
+    :func:`~bayes_spectral.bnn.batches.as_source`), checked by the model and moved to its
+    device; floating-point tensors in its dtype, integer ones (token ids, labels) kept."""
+    x, y = as_source(data, "data").materialize()
     model.check_data(x, y, "data")
     ref = _model_like(model)
-    x = x.to(device=ref.device, dtype=ref.dtype)
-    y = y.to(device=ref.device, dtype=ref.dtype if model.likelihood == "gaussian" else y.dtype)
-    return x, y
+    return inputs_to(x, ref.device, ref.dtype), targets_to(y, ref.device, ref.dtype)
 
 
 def guide_trace(result: FitResult, args: tuple):
@@ -73,7 +70,7 @@ def trace_draw(model: BayesianNetwork, values: Mapping[str, torch.Tensor], x, y)
 
 
 def pointwise_log_likelihood(model: BayesianNetwork, latent: Mapping[str, torch.Tensor],
-                             x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                             x: Inputs, y: torch.Tensor) -> torch.Tensor:
     """``log p(y_i | x_i, theta_{c,d})`` of shape ``(chain, draw, n)`` for latent draws
     ``{site: (chain, draw, *event)}`` (one conditioned forward pass per draw)."""
     first = next(iter(latent.values()))

@@ -84,14 +84,20 @@ class Regularizer:
         ``.grad`` in place (allocated if ``None``) and return ``scale * R`` (detached).
 
         The same update as ``(task_loss + scale * reg()).backward()`` (tested to float64
-        round-off) without a graph through the penalty: weight decay and spectral norm then
-        cost one fused pass over each weight instead of autograd's extra gradient buffers
-        and accumulation (``benchmarks/bench_penalties.py``, rows ``[grad]``).
+        round-off; a frozen weight, ``requires_grad=False``, gets no ``.grad`` on either
+        path, but its penalty counts in the returned value) without a graph through the
+        penalty: weight decay and spectral norm then cost one fused pass over each weight
+        instead of autograd's extra gradient buffers and accumulation
+        (``benchmarks/bench_penalties.py``, rows ``[grad]``).
         """
         vals = {}
         for n, row in self.layers.items():
             if row.is_leaf():
                 w = row.leaves()[0]
+                if not w.requires_grad:  # frozen: its value counts, its .grad stays as is
+                    vals[n] = self.penalty.accumulate_grad(w, torch.zeros_like(w), name=n,
+                                                           scale=scale)
+                    continue
                 if w.grad is None:
                     w.grad = torch.zeros_like(w)
                 vals[n] = self.penalty.accumulate_grad(w, w.grad, name=n, scale=scale)

@@ -76,10 +76,13 @@ def test_state_dict_input_gives_same_numbers(net):
 
 
 def test_nan_weights_error_names_the_layer(net):
+    """Issue 18: a bad layer is reported (warning naming it) and left out, not fatal."""
     with torch.no_grad():
         net.fc1.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="fc1.*NaN"):
-        bs.analyze(net)
+    with pytest.warns(UserWarning, match="fc1.*NaN"):
+        ds = bs.analyze(net, min_evals=2)
+    assert "fc1" not in list(ds.layer.values)
+    assert "fc1: could not be analysed" in ds.attrs["left_out"]
 
 
 def test_not_a_module():
