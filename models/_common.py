@@ -7,6 +7,8 @@ import pathlib
 
 import torch
 
+from bayes_spectral._io import atomic_path, write_atomic
+
 
 @contextlib.contextmanager
 def torch_threads(num_threads: int | None):
@@ -33,8 +35,9 @@ def write_results(df, out_dir, name: str, plot) -> None:
         return
     path = pathlib.Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path / f"{name}.csv", index=False)
-    plot(df, path / f"{name}.png")
+    write_atomic(path / f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False))
+    with atomic_path(path / f"{name}.png") as tmp:
+        plot(df, pathlib.Path(tmp))
 
 
 def new_figure(ncols: int, width: float = 4.5, height: float = 3.5):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import write_atomic
 from ..spectra.powerlaw import PowerLawFit, fit_powerlaw
 from .arviz_adapter import has_groups, posterior_of
 
@@ -96,7 +97,7 @@ def plot_esds(spectra: dict[str, torch.Tensor], path: str | Path | None = None, 
         ax.remove()
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
         plt.close(fig)
     return fig
 
@@ -119,7 +120,7 @@ def _finish(plt, fig, path, rect=None):
     """Tight layout (inside ``rect`` when given), saved as PNG when ``path`` is given."""
     fig.tight_layout(rect=rect)
     if path is not None:
-        fig.savefig(path, dpi=_DPI)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=_DPI))
         plt.close(fig)
     return fig
 
