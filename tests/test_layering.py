@@ -3,9 +3,10 @@
 Layers: 1 spectra, 2 distributions, 3 penalties, 4 bnn, 5 diagnostics, 6 apps (``apps/``,
 ``cli``, ``models`` (installed as ``bayes_spectral.models``), the ``distributed`` shim and the
 package root ``bayes_spectral/__init__``). A module may import its own layer or a LOWER one.
-The top-level ``_checks``, ``_io``, ``registry``, ``select`` and ``data`` are shared: every
-module may import them; they import no layer >= 2 (``/work/notes/common.md``), and ``data``
-imports nothing of the library but ``registry``, ``_checks`` and ``_io``.
+The top-level ``_checks``, ``_io``, ``registry``, ``select`` (and its private ``_view_rows``)
+and ``data`` are shared: every module may import them; they import no layer >= 2
+(``/work/notes/common.md``), and ``data`` imports nothing of the library but ``registry``,
+``_checks`` and ``_io``.
 
 Every import counts: module level, function level, under ``TYPE_CHECKING``, relative ones
 (resolved against the importing module's package) and ``importlib.import_module("...")``
@@ -35,7 +36,7 @@ LAYERS = {
     "models": 6,
     "distributed": 6,
 }
-SHARED = {"_checks", "_io", "registry", "select", "data"}
+SHARED = {"_checks", "_io", "registry", "select", "_view_rows", "data"}
 DATA_MAY_IMPORT = {f"{PACKAGE}.{name}" for name in ("registry", "_checks", "_io")}
 LAYER_NAMES = {0: "shared", 1: "spectra", 2: "distributions", 3: "penalties", 4: "bnn",
                5: "diagnostics", 6: "apps"}

@@ -1,19 +1,20 @@
-"""select.py: which rows each caller's policy yields today, regex modes, precedence.
+"""select.py: the one parameter view, its one selection rule, and every caller on it.
 
-One model with the module kinds that tell the policies apart: Linear, Conv2d, BatchNorm
+One model with the module kinds that tell callers apart: Linear, Conv2d, BatchNorm
 (1-D weight), Embedding (2-D weight, not Linear), MultiheadAttention (fused
 ``in_proj_weight`` plus an ``out_proj`` that subclasses Linear) and LSTM (no ``weight``).
 """
 
-import re
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import bayes_spectral as bs
 from bayes_spectral import select as S
-from bayes_spectral.diagnostics.analyze import weight_layers
+from bayes_spectral.bnn.row_keys import pick_row_union, resolve_row_keys, rows_for_key
+from bayes_spectral.distributions import GaussianSpectrum
 from bayes_spectral.penalties import Regularizer, WeightDecay
 from bayes_spectral.penalties.base import weight_layers_of
 
@@ -31,10 +32,11 @@ class Zoo(nn.Module):
         self.act = nn.ReLU()
 
 
-LINEAR_CONV_ROWS = ["conv", "attn.out_proj", "fc", "head"]
 VIEW_ROWS = ["emb", "conv", "attn.in_proj_weight[q]", "attn.in_proj_weight[k]",
              "attn.in_proj_weight[v]", "attn.out_proj", "lstm.weight_ih_l0",
              "lstm.weight_hh_l0", "fc", "head"]
+VIEW_KINDS = ["Matrix", "Conv2d", "AttnQ", "AttnK", "AttnV", "AttnOut", "RecurrentIH",
+              "RecurrentHH", "Matrix", "Matrix"]
 
 
 @pytest.fixture
@@ -43,41 +45,51 @@ def zoo():
     return Zoo()
 
 
-# --- each policy, as its caller uses it today --------------------------------------------
+def _view_rows(model):
+    return S.parameter_view(model).rows
 
 
-def test_analyze_policy_counts_linear_conv_with_matrix_weights(zoo):
-    rows = weight_layers(zoo)
-    assert [(n, k) for n, k, _ in rows] == [
-        ("conv", "Conv2d"), ("attn.out_proj", "NonDynamicallyQuantizableLinear"),
-        ("fc", "Linear"), ("head", "Linear")]
-    assert rows[2][2] is zoo.fc.weight
-    # opted-in 2-D parameters come last, as "Parameter"
-    rows = weight_layers(zoo, include=["attn.in_proj_weight"])
-    assert rows[-1][:2] == ("attn.in_proj_weight", "Parameter")
+# --- every caller takes the rows of the parameter view ------------------------------------
 
 
-def test_analyze_policy_reports_what_it_left_out(zoo):
-    view = S.linear_conv_view(zoo, include=["attn.in_proj_weight"], layers=["fc", "head"])
-    assert view.names() == ["fc", "head"]
-    reasons = dict(view.left_out)
-    assert reasons["emb"] == "type Embedding is not counted"
-    assert reasons["bn"] == "type BatchNorm2d is not counted"
-    assert reasons["lstm.weight_ih_l0"].startswith("a 2-D parameter of LSTM")
-    assert reasons["conv"] == "not selected by `layers`"
-    assert reasons["attn.in_proj_weight"] == "not selected by `layers`"
-    assert "act" not in reasons  # no weight, nothing to report
+def test_weight_layers_are_the_rows_of_the_view(zoo):
+    assert bs.weight_layers is S.weight_layers
+    rows = S.weight_layers(zoo)
+    assert [(n, k) for n, k, _ in rows] == list(zip(VIEW_ROWS, VIEW_KINDS, strict=True))
+    fc = rows[VIEW_ROWS.index("fc")][2]
+    assert torch.equal(fc, zoo.fc.weight) and not fc.requires_grad
+    assert fc.data_ptr() == zoo.fc.weight.data_ptr()  # detached, not copied
+    k = rows[VIEW_ROWS.index("attn.in_proj_weight[k]")][2]
+    assert torch.equal(k, zoo.attn.in_proj_weight[6:12])
+    # a model and its state_dict give equal rows, bit for bit
+    sd = S.weight_layers(zoo.state_dict())
+    assert [r[:2] for r in sd] == [r[:2] for r in rows]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(rows, sd, strict=True))
 
 
-def test_state_dict_policy_differs_from_the_module_policy(zoo):
-    view = S.state_dict_weights(zoo.state_dict())
-    assert [(r.name, r.kind) for r in view.rows] == [
-        ("emb", "Matrix"), ("conv", "Conv2d"), ("attn.in_proj_weight", "Matrix"),
-        ("attn.out_proj", "Matrix"), ("fc", "Matrix"), ("head", "Matrix")]
-    reasons = dict(view.left_out)
-    assert reasons["bn.weight"] == "has 1 dims (needs 2 to 5)"
-    assert reasons["lstm.weight_ih_l0"] == "not a `*weight` entry"
-    assert "fc.bias" not in reasons
+def test_weight_layers_select_by_the_one_rule(zoo):
+    def names(layers, model=zoo):
+        return [n for n, _, _ in S.weight_layers(model, layers)]
+
+    # a regular expression: re.fullmatch on module, parameter or row name (was re.search)
+    with pytest.raises(ValueError, match=r"weight_layers\(\): pattern 'out' matches no layer"):
+        names("out")
+    assert names(".*out.*") == ["attn.out_proj"]
+    assert names("attn") == VIEW_ROWS[2:5]  # the module's own in_proj rows
+    assert names(r"attn\..*") == VIEW_ROWS[2:6]
+    assert names(r"lstm\.weight_hh_l0", zoo.state_dict()) == ["lstm.weight_hh_l0"]
+    # exact names, kept in row order: row, parameter or module names
+    assert names(["head", "fc"]) == ["fc", "head"]
+    assert names(["fc.weight", "lstm"]) == VIEW_ROWS[6:9]
+    assert names(("head",), zoo.state_dict()) == ["head"]
+    with pytest.raises(ValueError, match=r"unknown layer names \['nope'\]"):
+        names(["nope"])
+    with pytest.raises(ValueError, match=r"without a >= 2-D weight: \['bn'\]"):
+        names(["bn"])
+    with pytest.raises(ValueError, match=r"'fc\[' is not a valid regular expression"):
+        names("fc[")
+    with pytest.raises(TypeError, match="nn.Module or a state_dict"):
+        S.weight_layers([zoo.fc.weight])
 
 
 def test_penalty_policy_takes_every_row_of_the_view(zoo):
@@ -95,118 +107,95 @@ def test_regularizer_policy(zoo):
     assert list(Regularizer(zoo, WeightDecay(), types=nn.Embedding).layers) == ["emb"]
     with pytest.raises(ValueError, match=r"without a >= 2-D weight: \['bn'\]"):
         Regularizer(zoo, WeightDecay(), names=["bn"])
-    # the root is listed last (modules_by_name)
-    seq = nn.Sequential(nn.Linear(2, 2))
-    assert list(S.modules_by_name(seq)) == ["0", "<root>"]
-    view = S.pick_modules(zoo, types=nn.Linear)
-    assert view.names() == ["attn.out_proj", "fc", "head"]
-    assert dict(view.left_out)["conv"] == "not selected"
+    # the model itself is a row named "<root>", selectable by that name
+    assert list(Regularizer(nn.Linear(2, 2), WeightDecay(), names="<root>").layers) == [
+        "<root>"]
 
 
-def test_bnn_policy_counts_any_module_with_a_weight_parameter(zoo):
-    layers = S.weight_modules(zoo, types=None, source="parameter", min_dim=0, root="").modules()
-    assert list(layers) == ["emb", "conv", "bn", "attn.out_proj", "fc", "head"]
-    assert layers["bn"] is zoo.bn
-    # a module that is itself a layer keeps the name "" here
-    assert list(S.weight_modules(nn.Linear(2, 2), types=None, source="parameter",
-                                 min_dim=0, root="").modules()) == [""]
+def test_compare_snapshot_is_the_linear_rows_by_module_name(zoo):
+    from bayes_spectral.apps import compare as C
 
-
-def test_compare_policy_counts_linear_only(zoo):
-    view = S.weight_modules(zoo, types=(nn.Linear,), min_dim=None, root="")
-    assert view.names() == ["attn.out_proj", "fc", "head"]
-
-
-def test_hidden_types_are_reported(zoo):
-    view = S.weight_modules(zoo, hide=(nn.Conv2d,))
-    assert view.names() == ["attn.out_proj", "fc", "head"]
-    assert dict(view.left_out)["conv"] == "type Conv2d is hidden"
-    view = S.weight_modules(zoo, types=None, source="parameter", min_dim=2)
-    assert view.names() == ["emb", "conv", "attn.out_proj", "fc", "head"]
-    assert dict(view.left_out)["bn"] == "weight has 1 dims (needs >= 2)"
-    with pytest.raises(ValueError, match="types=None needs a min_dim"):
-        S.weight_modules(zoo, types=None, min_dim=None)
-
-
-def test_parametrized_weight_is_read_as_its_effective_value(zoo):
+    weights = C._weights_of(zoo)
+    assert list(weights) == ["attn.out_proj", "fc", "head"]
+    assert torch.equal(weights["fc"], zoo.fc.weight) and not weights["fc"].requires_grad
+    assert weights["fc"].data_ptr() != zoo.fc.weight.data_ptr()  # a clone
+    root = nn.Linear(2, 2)
+    assert list(C._weights_of(root)) == [""]  # the root named ""
+    # a parametrized Linear: its effective weight
     nn.utils.parametrizations.orthogonal(zoo.fc)
-    view = S.weight_modules(zoo)
-    fc = view.rows[view.names().index("fc")]
-    torch.testing.assert_close(fc.weight, zoo.fc.weight)
-    assert not any(n.startswith("fc.parametrizations") for n, _ in view.left_out)
-    # a registered `weight` parameter only: the parametrized layer is not one
-    names = S.weight_modules(zoo, types=None, source="parameter", min_dim=0).names()
-    assert "fc" not in names
+    torch.testing.assert_close(C._weights_of(zoo)["fc"], zoo.fc.weight.detach())
 
 
-# --- regex modes ----------------------------------------------------------------------------
+# --- one regex rule for every caller ---------------------------------------------------------
 
 
-def test_fullmatch_vs_search():
-    names = ["fc", "attn.out_proj", "head"]
-    assert [n for n in names if S.regex_matcher("out", "search")(n)] == ["attn.out_proj"]
-    assert [n for n in names if S.regex_matcher("out", "fullmatch")(n)] == []
-    assert [n for n in names if S.regex_matcher(r".*out.*", "fullmatch")(n)] == ["attn.out_proj"]
-    with pytest.raises(ValueError, match="'fullmatch' or 'search'"):
-        S.regex_matcher("x", "match")
-
-
-def test_callers_regex_modes(zoo):
-    # weight_layers (old analyze policy): re.search; Regularizer (issue 17) and bayesian:
-    # re.fullmatch
-    assert [n for n, _, _ in weight_layers(zoo, layers="out")] == ["attn.out_proj"]
+def test_callers_share_the_fullmatch_rule(zoo):
+    rows = _view_rows(zoo)
     with pytest.raises(ValueError, match="'out' matches no layer"):
         Regularizer(zoo, WeightDecay(), pattern="out")
     assert list(Regularizer(zoo, WeightDecay(), pattern=".*out.*").layers) == ["attn.out_proj"]
-    layers = S.weight_modules(zoo, types=None, source="parameter", min_dim=0, root="").modules()
+    # bayesian's keys (bnn.row_keys): the same rule
     with pytest.raises(ValueError, match="'out' is not a layer name and matches no layer"):
-        S.pick_layers("out", layers, "priors")
-    assert S.pick_layers("out", layers, "priors", mode="search") == ["attn.out_proj"]
-    assert S.pick_layers(r"attn\..*", layers, "priors") == ["attn.out_proj"]
+        rows_for_key("out", rows, "priors")
+    assert rows_for_key(".*out.*", rows, "priors") == (["attn.out_proj"], 1)
+    assert rows_for_key(r"attn\..*", rows, "priors") == (VIEW_ROWS[2:6], 1)
 
 
-def test_bad_regex(zoo):
-    layers = S.weight_modules(zoo, types=None, source="parameter", min_dim=0, root="").modules()
-    # bayesian's policy names the pattern in a ValueError
+def test_bad_regex_is_a_value_error_naming_it(zoo):
+    rows = _view_rows(zoo)
     with pytest.raises(ValueError, match=r"priors: 'fc\[' is neither a layer name nor a valid"):
-        S.pick_layers("fc[", layers, "priors")
-    # weight_layers lets re.error through; the parameter view (Regularizer, analyze; issue
-    # 17) names the pattern in a ValueError
-    with pytest.raises(re.error):
-        weight_layers(zoo, layers="fc[")
+        rows_for_key("fc[", rows, "priors")
     with pytest.raises(ValueError, match=r"'fc\[' is not a valid regular expression"):
         Regularizer(zoo, WeightDecay(), pattern="fc[")
+    with pytest.raises(ValueError, match=r"'fc\[' is not a valid regular expression"):
+        S.weight_layers(zoo, "fc[")
 
 
-# --- bayesian's keys: exact name > regex > type ---------------------------------------------
+# --- bayesian's keys: exact name > regex > type (bnn.row_keys on the view) ------------------
 
 
 def test_precedence_exact_over_regex_over_type(zoo):
-    layers = S.weight_modules(zoo, types=None, source="parameter", min_dim=0, root="").modules()
+    rows = _view_rows(zoo)
     keyed = {nn.Linear: "by type", r"h.*": "by regex", "fc": "by name"}
-    assert S.resolve_keys(keyed, layers, "priors") == {
+    assert resolve_row_keys(keyed, rows, "priors") == {
         "attn.out_proj": "by type", "fc": "by name", "head": "by regex"}
     # the order of the keys does not matter
     reordered = dict(reversed(list(keyed.items())))
-    assert S.resolve_keys(reordered, layers, "priors") == S.resolve_keys(keyed, layers, "priors")
+    assert resolve_row_keys(reordered, rows, "priors") == resolve_row_keys(keyed, rows, "priors")
     # None keeps a layer out, whatever matched it at lower precedence
-    assert "fc" not in S.resolve_keys({nn.Linear: 1, "fc": None}, layers, "priors")
+    assert "fc" not in resolve_row_keys({nn.Linear: 1, "fc": None}, rows, "priors")
     with pytest.raises(ValueError, match="'fc' is matched by two keys of the same kind"):
-        S.resolve_keys({r"f.*": 1, r"fc|head": 2}, layers, "priors")
+        resolve_row_keys({r"f.*": 1, r"fc|head": 2}, rows, "priors")
 
 
 def test_pick_union_and_errors(zoo):
-    layers = S.weight_modules(zoo, types=None, source="parameter", min_dim=0, root="").modules()
-    assert S.pick_union(None, layers, "spectral") == []
-    assert S.pick_union(True, layers, "spectral") == list(layers)
-    assert S.pick_union(["head", nn.Linear], layers, "spectral") == [
+    rows = _view_rows(zoo)
+    assert pick_row_union(None, rows, "spectral") == []
+    assert pick_row_union(True, rows, "spectral") == VIEW_ROWS
+    assert pick_row_union(["head", nn.Linear], rows, "spectral") == [
         "head", "attn.out_proj", "fc"]
     with pytest.raises(ValueError, match="spectral: no layer of type Conv1d"):
-        S.pick_union(nn.Conv1d, layers, "spectral")
+        pick_row_union(nn.Conv1d, rows, "spectral")
     with pytest.raises(TypeError, match="is not a torch.nn.Module type"):
-        S.pick_layers(int, layers, "spectral")
+        pick_row_union(int, rows, "spectral")
     with pytest.raises(TypeError, match="chosen by type, name or regex"):
-        S.pick_layers(3, layers, "spectral")
+        pick_row_union([3], rows, "spectral")
+
+
+def test_bayesian_rejects_keys_of_the_same_kind_with_different_priors():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+
+    def narrow(shape):
+        return GaussianSpectrum(1.0, shape)
+
+    def wide(shape):
+        return GaussianSpectrum(2.0, shape)
+
+    with pytest.raises(ValueError, match="priors: layer '0' is matched by two keys of the same"):
+        bs.bayesian(net, {r"0|1": narrow, r"[0]": wide}, num_data=8)
+    # the same value under both keys is no conflict
+    bn = bs.bayesian(net, {r"0|1": narrow, r"[0]": narrow}, num_data=8)
+    assert sorted(bn.prior_sites) == ["0", "1"]
 
 
 # --- issue 17: the parameter view, every weight of any architecture -------------------------

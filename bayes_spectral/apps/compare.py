@@ -60,7 +60,7 @@ from ..diagnostics.netcdf import load_netcdf, save_netcdf
 from ..distributions import BUILTIN_PRIORS, PRIORS
 from ..models._common import torch_threads
 from ..penalties import BUILTIN_PENALTIES, PENALTIES
-from ..select import weight_modules
+from ..select import parameter_view
 from .nets import make_mlp, train_adam
 from .outputs import (  # noqa: F401 (public names of compare before apps.outputs existed)
     baselines_of,
@@ -181,8 +181,8 @@ def _layer_metrics(weights: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def _weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the Linear weights, by module name (the root named ``""``)."""
-    rows = weight_modules(module, types=(nn.Linear,), min_dim=None, root="").rows
-    return {r.name: r.weight.detach().cpu().clone() for r in rows}
+    rows = parameter_view(module, types=(nn.Linear,), what="compare").rows
+    return {r.module_name: r.read().detach().cpu().clone() for r in rows}
 
 
 def train_baseline(split: Split, cfg: CompareConfig, method: str, seed: int):

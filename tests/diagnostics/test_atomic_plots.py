@@ -10,10 +10,10 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from bayes_spectral.models._common import write_results  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from bayes_spectral.diagnostics.plots import plot_esds  # noqa: E402
-from bayes_spectral.models._common import write_results  # noqa: E402
 
 
 def _interrupting_savefig(real):
