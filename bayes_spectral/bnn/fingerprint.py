@@ -3,7 +3,8 @@
 A fingerprint is plain data (strings, numbers, lists, dicts) describing everything that
 shapes a run's result: the method, the guide, the prior of every layer (class and
 parameters), the likelihood and its noise, ``num_data``, the optimiser's ``lr``,
-``batch_size``, ``shuffle``, ``num_particles``, ``seed``, the dtype, and the names and
+``batch_size``, ``shuffle``, ``num_particles``, ``seed``, the dtype, ``prior_every`` (lazy
+priors, when not 1), and the names and
 shapes of the parameters. Resuming a checkpoint whose fingerprint differs is refused with a
 ``ValueError`` naming every differing setting (old vs new), before anything is loaded.
 """
@@ -65,12 +66,14 @@ def _guide_kind(guide, method: str) -> str:
 
 
 def run_fingerprint(model, method: str, guide, *, lr: float, batch_size: int, shuffle: bool,
-                    num_particles: int, seed: int, dtype: torch.dtype) -> dict:
+                    num_particles: int, seed: int, dtype: torch.dtype,
+                    prior_every: int = 1) -> dict:
     """The fingerprint of a run (call it after the guide's set-up pass, so that every
-    parameter is in the param store)."""
+    parameter is in the param store). ``prior_every`` is recorded when it is not 1 (so
+    checkpoints written before the option existed still resume)."""
     noise = model.noise_value if model.noise_prior is None else describe(model.noise_prior)
     store = pyro.get_param_store()
-    return {
+    out = {
         "method": method, "guide": _guide_kind(guide, method),
         "priors": {layer: describe(prior) for layer, prior in sorted(model._priors.items())},
         "likelihood": model.likelihood, "noise": noise, "num_data": model.num_data,
@@ -78,6 +81,9 @@ def run_fingerprint(model, method: str, guide, *, lr: float, batch_size: int, sh
         "num_particles": int(num_particles), "seed": int(seed), "dtype": str(dtype),
         "parameters": {k: list(v.shape) for k, v in sorted(store._params.items())},
     }
+    if prior_every != 1:
+        out["prior_every"] = int(prior_every)
+    return out
 
 
 def _short(value: Any, limit: int = 120) -> str:

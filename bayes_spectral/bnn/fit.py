@@ -57,6 +57,7 @@ from .batches import DataSource, as_source, inputs_to
 from .checkpoint import CHECKPOINT_NAME
 from .checkpoint import save_checkpoint as save_checkpoint  # re-exported (apps.compare)
 from .guard import NonFiniteError
+from .lazy import check_every
 from .modes import eval_mode, train_mode
 from .network import BayesianNetwork
 from .param_state import restart_modules
@@ -207,7 +208,7 @@ def fit(
     checkpoint_every: int = 1, resume: bool = True, progress: bool = True,
     callbacks: Iterable[Callable[[dict], Any]] = (), num_samples: int = 200,
     warmup_steps: int = 200, num_chains: int = 2, max_tree_depth: int = 8,
-    init_jitter: float = 0.1, distributed: bool | None = None,
+    init_jitter: float = 0.1, distributed: bool | None = None, prior_every: int = 1,
 ) -> FitResult:
     """Fit ``model`` to ``data``: a pair ``(x, y)``, a ``Split`` (its training part), a
     ``torch.utils.data.Dataset``, a ``DataLoader`` or any re-iterable of ``(x, y)`` batches
@@ -235,6 +236,12 @@ def fit(
     :param callbacks: ``cb(info)`` after each epoch (``info``: epoch, step, history); a
         return value of ``True`` stops training (the checkpoint is written before).
     :param num_samples, warmup_steps, num_chains, max_tree_depth, init_jitter: NUTS.
+    :param prior_every: lazy priors (MAP/SVI): the weight priors' log-density enters the
+        loss on steps ``1, 1 + k, 1 + 2k, ...`` times ``k`` and is masked (not evaluated:
+        no spectral work) on the others (:mod:`~bayes_spectral.bnn.lazy`; bias and the
+        effect of Adam: :class:`~bayes_spectral.penalties.Regularizer`, ``every``). The
+        counter is the step (in checkpoints: exact resume); ``1`` (default) is the exact
+        loss. Recorded in the fingerprint.
     :param distributed: data-parallel MAP/SVI over the ranks of the initialised
         ``torch.distributed`` group (:mod:`bayes_spectral.distributed`: the same parameters
         as the single-process run with the global ``batch_size``); ``None``: when a group is
@@ -256,6 +263,10 @@ def fit(
                      num_particles=num_particles, monitor=monitor, patience=patience,
                      val_data=val_data)
     device = _check_device(device)
+    prior_every = check_every(prior_every)
+    if method == "nuts" and prior_every != 1:
+        raise ValueError("prior_every applies to MAP/SVI steps; NUTS needs the exact density "
+                         f"(prior_every=1), got {prior_every}")
     distributed = _use_distributed(distributed, method)
     rank = torch.distributed.get_rank() if distributed else 0
     restart_modules(model)  # a refit restarts from the state bayesian() left (docstring)
@@ -276,7 +287,7 @@ def fit(
                         resume=resume, rank=rank, distributed=distributed, monitor=monitor,
                         patience=patience, with_validation=xv is not None,
                         settings={"batch_size": batch_size, "shuffle": shuffle, "seed": seed,
-                                  "dtype": dtype})
+                                  "dtype": dtype}, prior_every=prior_every)
     with train_mode(model):
         train(run, method, epochs=epochs, checkpoint_every=checkpoint_every,
               callbacks=callbacks, val=None if xv is None else (xv, yv),

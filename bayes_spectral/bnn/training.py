@@ -26,6 +26,7 @@ from .checkpoint import Checkpointer
 from .fingerprint import run_fingerprint
 from .guard import NonFiniteError, guarded_step
 from .guides import make_guide
+from .lazy import LazyPriorModel, check_every
 from .modes import eval_mode
 from .network import BayesianNetwork
 from .param_state import register_local_params
@@ -150,6 +151,7 @@ class TrainingRun:
     step: int = 0
     dp: bsd.DataParallelELBO | None = None
     shards: bsd.GlobalBatchShards | None = None
+    lazy: LazyPriorModel | None = None  # prior_every > 1: the model SVI runs (lazy.py)
 
     @property
     def x(self) -> torch.Tensor:
@@ -196,24 +198,28 @@ def _setup_guide(guide, source: DataSource) -> None:
 def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
               num_particles: int, lr: float, device: torch.device, checkpoint_dir,
               resume: bool, rank: int, distributed: bool, monitor: str, patience: int | None,
-              with_validation: bool, settings: dict | None = None) -> TrainingRun:
+              with_validation: bool, settings: dict | None = None,
+              prior_every: int = 1) -> TrainingRun:
     """Guide, ELBO, Adam and SVI (the guide's parameters registered on the source's first
     batch, drawing nothing from the RNGs), then the checkpoint restored (``resume``: with the
     source's generator states, after its fingerprint is checked against this run's:
     :mod:`~bayes_spectral.bnn.fingerprint`; ``settings``: ``batch_size``, ``shuffle``,
     ``seed``, ``dtype`` for it) and the data-parallel pieces (``distributed``: tensor inputs
-    only)."""
+    only). ``prior_every=k > 1``: SVI runs the model under
+    :class:`~bayes_spectral.bnn.lazy.LazyPriorModel` (the prior every k-th step, times k)."""
     guide_arg = guide
     guide = _make_guide(model, guide, method)
     elbo = _make_elbo(model, num_particles)
     optim = pyro.optim.Adam({"lr": lr})
-    svi = SVI(model, guide, optim, loss=elbo)
+    prior_every = check_every(prior_every)
+    lazy = LazyPriorModel(model, prior_every) if prior_every > 1 else None
+    svi = SVI(model if lazy is None else lazy, guide, optim, loss=elbo)
     _setup_guide(guide, source)
     register_local_params(model, guide)  # module_local_params: store names for the run
     settings = {"batch_size": 0, "shuffle": True, "seed": 0, "dtype": torch.float32,
                 **(settings or {})}
     fingerprint = run_fingerprint(model, method, guide_arg, lr=lr, num_particles=num_particles,
-                                  **settings)
+                                  prior_every=prior_every, **settings)
     checkpointer = Checkpointer(checkpoint_dir, model=model, optim=optim, method=method,
                                 rank=rank, distributed=distributed, data=source,
                                 fingerprint=fingerprint)
@@ -221,7 +227,7 @@ def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
     run = TrainingRun(model=model, guide=guide, svi=svi, elbo=elbo, source=source, batch_size=bs,
                       device=device, checkpointer=checkpointer,
                       history=_new_history(model, with_validation),
-                      stopper=EarlyStopping(monitor, patience))
+                      stopper=EarlyStopping(monitor, patience), lazy=lazy)
     if resume and checkpointer.last_good() is not None:
         run.resume()
     if distributed:
@@ -229,7 +235,8 @@ def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
             raise ValueError("distributed fit needs the data as tensors (a pair (x, y) with a "
                              "tensor x, a Split or a TensorDataset of two tensors), got "
                              f"{type(source).__name__}")
-        run.dp, run.shards = _data_parallel(model, guide, elbo, source.x, source.y, bs, device)
+        run.dp, run.shards = _data_parallel(svi.model, guide, elbo, source.x, source.y, bs,
+                                            device)
     return run
 
 
@@ -258,6 +265,8 @@ def _train_epoch(run: TrainingRun, epoch: int) -> float:
     total = 0.0
     for x, y, size, step_fn in _batches(run, epoch):
         run.step += 1
+        if run.lazy is not None:  # the counter is run.step (checkpointed): exact resume
+            run.lazy.set_step(run.step)
         loss = guarded_step(run.svi, run.model, run.guide, (x, y), epoch,
                             run.step, run.checkpointer.last_good(), step_fn)
         total += loss * size

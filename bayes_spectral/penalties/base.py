@@ -144,10 +144,12 @@ class Penalty:
 
     def _checked_value(self, value: torch.Tensor, weight: torch.Tensor,
                        name: str | None) -> torch.Tensor:
-        """The finiteness check of ``__call__`` for values computed without it."""
-        if not bool(torch.isfinite(value)):
-            check_weight(weight, name)
-        return check_finite(value, name, self.label)
+        """The finiteness check of ``__call__`` for values computed without it (one device
+        sync per layer; a non-finite value is diagnosed, naming the layer)."""
+        if bool(torch.isfinite(value).all()):
+            return value
+        check_weight(weight, name)  # raises for a non-finite weight
+        return check_finite(value, name, self.label)  # raises
 
     @staticmethod
     def _key(weight: torch.Tensor, name: str | None) -> str:
