@@ -57,5 +57,15 @@ def weighted_alpha(coef: float) -> Penalty:
     return WeightedAlpha(coef)
 
 
-#: the names registered by the library itself (before any user's module could add one)
+#: ``compare``'s default baselines: the names the library registers first (before any
+#: user's module could add one; ``weighted_alpha_hill`` below is left out on purpose)
 BUILTIN_PENALTIES: tuple[str, ...] = tuple(PENALTIES.names())
+
+# Registered after ``BUILTIN_PENALTIES`` (``compare``'s default baselines): an option by
+# name, not a default baseline, so the default ``compare`` run and its numbers are unchanged.
+@PENALTIES.register("weighted_alpha_hill")
+def weighted_alpha_hill(coef: float) -> Penalty:
+    """:class:`WeightedAlpha` with Xiao et al.'s Hill estimator (``k = N/2``):
+    ``R = c sum alpha_Hill log10(lambda_max)``."""
+    return WeightedAlpha(coef, estimator="hill")
+

@@ -12,6 +12,9 @@ sizes: ``need`` = the eigenvalues the penalty uses, ``k = need + max(16, need)``
   fixed (the value of alpha still follows the eigenvalues). Exact mode re-chooses xmin by
   KS every call, so the two can differ where the KS choice jumps; they agree exactly at
   the same xmin index.
+  With ``estimator="hill"``: ``need = k + 1`` (``k = floor(tail_fraction N)``), about half
+  the spectrum at the paper's ``0.5``: wider than ``TailTracker``'s ``wide = 0.4``, so every
+  call decomposes ("wide") and equals the exact mode to rounding.
 * power-law prior: ``need`` = number of eigenvalues ``>= xmin`` plus one (with
   ``xmin_quantile``: the ``N - floor(q N)`` top ones; the gradient then also flows through
   the xmin eigenvalue, often inside the bulk where its eigenvector is ill-conditioned, so
@@ -38,7 +41,7 @@ from ..spectra.laws import (
     spliced_powerlaw_log_pdf,
     spliced_powerlaw_spectrum_sum,
 )
-from ..spectra.powerlaw import alpha_at_index, fit_powerlaw
+from ..spectra.powerlaw import alpha_at_index, fit_powerlaw, hill_estimator, hill_tail_size
 from ..spectra.spectrum import ConvMode, as_matrices, esd
 from ..spectra.tracking import TailTracker, tail_size
 from .base import Penalty
@@ -46,6 +49,20 @@ from .base import Penalty
 __all__ = ["WeightedAlpha", "PowerLawPrior", "FrechetPrior"]
 
 _LN10 = math.log(10.0)
+_ESTIMATORS = ("ks", "hill")
+_LOGS = {"log10": (torch.log10, _LN10), "ln": (torch.log, 1.0)}  # (function, ln(base))
+
+
+def _check_choice(value, allowed, setting, label):
+    if value not in allowed:
+        raise ValueError(f"{label}: {setting} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def _check_fraction(value, label):
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{label}: tail_fraction must be in (0, 1], got {value!r}")
+    return float(value)
 
 
 def _where(name):
@@ -182,45 +199,79 @@ class _TailPenalty(Penalty):
 class WeightedAlpha(_TailPenalty):
     """``coef * alpha * log10(lambda_max)`` (Martin & Mahoney; Xiao et al. as a penalty).
 
-    ``alpha`` is the differentiable power-law exponent (xmin index chosen by the KS rule
-    without gradient, :func:`~bayes_spectral.spectra.powerlaw.fit_powerlaw`); ``fit_kwargs`` go to
-    the fit (e.g. ``min_tail``). ``tracked=True``: see the module docstring.
+    ``estimator="ks"`` (default): ``alpha`` is the differentiable power-law exponent at the
+    KS-chosen xmin index (chosen without gradient,
+    :func:`~bayes_spectral.spectra.powerlaw.fit_powerlaw`); ``fit_kwargs`` go to the fit
+    (e.g. ``min_tail``). ``estimator="hill"``: Xiao et al.'s Hill estimator at a fixed tail,
+    ``fit_powerlaw(evals, xmin="hill", tail_fraction=f)`` (``hill_estimator``): with the
+    ``N`` eigenvalues descending ``lambda_(1) >= ... >= lambda_(N)``, ``k = floor(f N)``
+    (clipped to ``[1, N-1]``) and ``xmin = lambda_(k+1)`` (not in the sum),
+    ``alpha = 1 + k / sum_{i<=k} ln(lambda_(i)/xmin)``; the xmin index is fixed, gradients
+    flow through all ``k + 1`` eigenvalues; ``f = 0.5``: xmin at the (lower) median, the
+    tail never jumps. ``log``: ``"log10"`` (default, WeightWatcher) or ``"ln"`` (``ln 10``
+    times larger) in ``alpha * log lambda_max``; reimplementations of the paper differ.
+
+    ``tracked=True``: see the module docstring. With the Hill estimator the tracked block
+    holds ``k + 1 ~ N/2`` eigenpairs, wider than the tracker's ``wide = 0.4`` of the
+    spectrum, so every call decomposes (no saving over the exact mode; expected).
     """
 
     label = "weighted alpha"
 
     def __init__(self, coef: float = 1.0, tracked: bool = False, conv: ConvMode = "pool",
                  refresh_every: int = 100, tol: float = 1e-3, margin: int | None = None,
+                 estimator: str = "ks", tail_fraction: float = 0.5, log: str = "log10",
                  **fit_kwargs) -> None:
         super().__init__(coef, tracked, conv, refresh_every, tol, margin)
+        self.estimator = _check_choice(estimator, _ESTIMATORS, "estimator", "WeightedAlpha")
+        self.tail_fraction = _check_fraction(tail_fraction, "WeightedAlpha")
+        self.log = _check_choice(log, _LOGS, "log", "WeightedAlpha")
+        if estimator == "hill" and fit_kwargs:
+            raise ValueError(f"WeightedAlpha: estimator='hill' takes no KS fit settings, got "
+                             f"{sorted(fit_kwargs)}")
         self.fit_kwargs = fit_kwargs
         self.min_evals = max(2, int(fit_kwargs.get("min_tail", 2)))
 
+    def _log_max(self, lam_max):
+        return _LOGS[self.log][0](lam_max)
+
     def _exact(self, evals, name):
-        fit = fit_powerlaw(evals, name=name, **self.fit_kwargs)
-        return fit.alpha * torch.log10(evals[-1])
+        if self.estimator == "hill":
+            fit = fit_powerlaw(evals, xmin="hill", tail_fraction=self.tail_fraction, name=name)
+        else:
+            fit = fit_powerlaw(evals, name=name, **self.fit_kwargs)
+        return fit.alpha * self._log_max(evals[-1])
 
     def _sizes(self, pooled, name):
+        if self.estimator == "hill":  # the top k and the xmin eigenvalue
+            return hill_tail_size(pooled.shape[-1], self.tail_fraction) + 1
         return int(fit_powerlaw(pooled, name=name, **self.fit_kwargs).num_tail)
 
     def _tracked(self, top, total, N, name):
-        alpha = alpha_at_index(top.flip(-1), 0)
-        return alpha * torch.log10(top[0])
+        if self.estimator == "hill":  # top: the k largest and xmin, descending
+            alpha = hill_estimator(top.flip(-1), top.shape[-1] - 1, name=name).alpha
+        else:
+            alpha = alpha_at_index(top.flip(-1), 0)
+        return alpha * self._log_max(top[0])
 
     def _tracked_grad(self, top, total, N):
-        """``alpha = 1 + n/S``, ``S = sum_j ln lambda_j - n ln xmin`` (``xmin = top[-1]``):
-        ``d alpha/d lambda_j = -n/(S^2 lambda_j)``, for ``xmin`` ``+n (n-1)/(S^2 xmin)``;
-        ``d R = log10(lambda_max) d alpha + alpha/(lambda_max ln 10) d lambda_max``."""
+        """``alpha = 1 + c/S``, ``S = sum_j ln lambda_j - n ln xmin`` over the ``n`` tracked
+        values (``xmin = top[-1]``; ``c = n`` for KS's fixed index, ``c = n - 1 = k`` for
+        Hill, whose xmin term is zero in ``S`` but not counted):
+        ``d alpha/d lambda_j = -c/(S^2 lambda_j)``, for ``xmin`` ``+c (n-1)/(S^2 xmin)``;
+        ``d R = log(lambda_max) d alpha + alpha/(lambda_max ln b) d lambda_max`` (base b)."""
         n = top.shape[-1]
+        c = n - 1 if self.estimator == "hill" else n
         logs = torch.log(top)
         S = float(logs.sum()) - n * float(logs[-1])
         if not S > 0:  # a flat tail: alpha is infinite and the call raises, naming the layer
             return torch.full_like(top, math.nan), 0.0
-        alpha = 1.0 + n / S
-        log10_max = float(logs[0]) / _LN10
-        d = (-n / (S * S) * log10_max) / top
-        d[-1] = n * (n - 1) / (S * S * float(top[-1])) * log10_max
-        d[0] += alpha / (float(top[0]) * _LN10)
+        alpha = 1.0 + c / S
+        ln_base = _LOGS[self.log][1]
+        log_max = float(logs[0]) / ln_base
+        d = (-c / (S * S) * log_max) / top
+        d[-1] = c * (n - 1) / (S * S * float(top[-1])) * log_max
+        d[0] += alpha / (float(top[0]) * ln_base)
         return d, 0.0
 
 
@@ -239,6 +290,13 @@ class PowerLawPrior(_TailPenalty):
     rewarded: with ``q = 0.5``, shrinking the 12 smallest singular values of a 20 x 20
     Gaussian matrix 1000-fold lowers it from 182 to 27). Prefer a fixed ``xmin``; a
     quantile xmin that is numerically zero raises.
+
+    ``estimator="hill"`` (instead of ``xmin`` / ``xmin_quantile``): xmin is the Hill
+    threshold of :class:`WeightedAlpha`'s Hill estimator, the ``(k+1)``-th largest
+    eigenvalue, ``k = floor(tail_fraction N)`` clipped to ``[1, N-1]`` (a quantile xmin at
+    index ``N - k - 1``; same caution). ``estimator="ks"`` (default) keeps the rule above.
+    ``tracked=True`` then holds ``~N/2`` eigenpairs: wider than the tracker's ``wide = 0.4``,
+    so every call decomposes (expected).
     """
 
     label = "power-law prior"
@@ -246,32 +304,41 @@ class PowerLawPrior(_TailPenalty):
     def __init__(self, alpha: float, tau: float, xmin: float | None = None,
                  xmin_quantile: float | None = None, coef: float = 1.0, tracked: bool = False,
                  conv: ConvMode = "pool", refresh_every: int = 100, tol: float = 1e-3,
-                 margin: int | None = None) -> None:
+                 margin: int | None = None, estimator: str = "ks",
+                 tail_fraction: float = 0.5) -> None:
         super().__init__(coef, tracked, conv, refresh_every, tol, margin)
+        self.estimator = _check_choice(estimator, _ESTIMATORS, "estimator", "PowerLawPrior")
+        self.tail_fraction = _check_fraction(tail_fraction, "PowerLawPrior")
+        if estimator == "hill" and (xmin is not None or xmin_quantile is not None):
+            raise ValueError("PowerLawPrior: estimator='hill' sets xmin itself; give no xmin "
+                             "or xmin_quantile")
         if not float(alpha) > 1:
             raise ValueError(f"alpha must be > 1 for a normalisable tail, got {alpha}")
         self.alpha = float(alpha)
         self.tau = check_positive(tau, "tau")
         if xmin is not None and xmin_quantile is not None:
             raise ValueError("give xmin or xmin_quantile, not both")
-        if xmin is None and xmin_quantile is None:
+        if xmin is None and xmin_quantile is None and estimator != "hill":
             xmin = tau  # PowerLawSpectrum's default
         self.xmin = None if xmin is None else check_positive(xmin, "xmin")
         if xmin_quantile is not None and not 0.0 <= float(xmin_quantile) < 1.0:
             raise ValueError(f"xmin_quantile must be in [0, 1), got {xmin_quantile}")
         self.xmin_quantile = None if xmin_quantile is None else float(xmin_quantile)
-        self.min_evals = 1
+        self.min_evals = 2 if estimator == "hill" else 1
 
     def _num_top(self, N):
         """With ``xmin_quantile``: how many of the ``N`` eigenvalues are ``>= xmin``
-        (``xmin = lambda_(floor(q N))`` ascending, the ``N - floor(q N)``-th largest)."""
+        (``xmin = lambda_(floor(q N))`` ascending, the ``N - floor(q N)``-th largest);
+        Hill: ``k + 1`` (``xmin`` the ``(k+1)``-th largest)."""
+        if self.estimator == "hill":
+            return hill_tail_size(N, self.tail_fraction) + 1
         return N - int(self.xmin_quantile * N)
 
     def _xmin_exact(self, evals, name=None):
         if self.xmin is not None:
             return self.xmin
         N = evals.shape[-1]
-        xmin = evals[int(self.xmin_quantile * N)]
+        xmin = evals[N - self._num_top(N)]
         self._guard_quantile_xmin(xmin, evals[-1], N, name)
         return xmin
 
@@ -280,9 +347,11 @@ class PowerLawPrior(_TailPenalty):
         the penalty is unbounded below as ``xmin -> 0`` (rank collapse)."""
         cut = float(lam_max.detach()) * (N * torch.finfo(lam_max.dtype).eps) ** 2
         x = float(xmin.detach())
+        rule = ("estimator='hill'" if self.estimator == "hill"
+                else f"xmin_quantile={self.xmin_quantile}")
         if not x > cut:
             raise ValueError(
-                f"power-law prior{_where(name)}: xmin_quantile={self.xmin_quantile} picks "
+                f"power-law prior{_where(name)}: {rule} picks "
                 f"eigenvalue {x:.3g}, numerically zero (<= {cut:.3g}): the rank collapsed "
                 "and the penalty is not finite (unbounded below as xmin -> 0); use a fixed "
                 "xmin or a smaller xmin_quantile")

@@ -28,7 +28,7 @@ import torch
 
 from .._checks import HALF_DTYPES, check_tensor_storage
 
-__all__ = ["PowerLawFit", "fit_powerlaw", "hill_estimator", "alpha_at_index"]
+__all__ = ["PowerLawFit", "fit_powerlaw", "hill_estimator", "hill_tail_size", "alpha_at_index"]
 
 _CHUNK_ELEMENTS = 1 << 21  # elements per temporary in the KS scan (16 MiB in float64)
 
@@ -316,6 +316,7 @@ def fit_powerlaw(
     min_tail: int = 2,
     rtol: float | None = None,
     exhaustive: bool = False,
+    tail_fraction: float | None = None,
     name: str | None = None,
 ) -> PowerLawFit:
     """Fit a power law ``p(lambda) ~ lambda^(-alpha)`` to the tail of an ESD.
@@ -329,7 +330,17 @@ def fit_powerlaw(
     power law truncated to ``[xmin, xmax]`` (MLE by bisection, see ``_truncated_rate``).
     ``exhaustive=True`` computes the exact ``D_i`` of every candidate (for plots); the
     default prunes candidates by a lower bound and returns the same xmin (``_ks_pruned``).
+    ``xmin="hill"``: Hill at a fixed tail fraction (Xiao et al. 2023), ``k =``
+    :func:`hill_tail_size` ``(N, tail_fraction)`` (default ``0.5``), returned by
+    :func:`hill_estimator` (its xmin is the ``(k+1)``-th largest, not in the sum).
     """
+    hill = isinstance(xmin, str) and xmin == "hill"
+    if hill or tail_fraction is not None:
+        if not hill or xmin_quantile is not None or xmin_index is not None \
+                or xmax is not None or num_fingers:
+            raise ValueError("tail_fraction goes with xmin='hill' alone (no xmin_quantile, "
+                             "xmin_index, xmax or num_fingers)")
+        return _fit_hill(evals, 0.5 if tail_fraction is None else tail_fraction, name)
     rule, value = _xmin_rule(xmin, xmin_quantile, xmin_index)
     if num_fingers < 0:
         raise ValueError(f"num_fingers must be >= 0, got {num_fingers}")
@@ -381,7 +392,7 @@ def _xmin_rule(xmin, xmin_quantile, xmin_index) -> tuple[str, object]:
     if len(given) > 1:
         raise ValueError("give at most one of xmin=<value>, xmin_quantile, xmin_index")
     if isinstance(xmin, str) and xmin != "ks":
-        raise ValueError(f"xmin must be 'ks' or a number, got {xmin!r}")
+        raise ValueError(f"xmin must be 'ks' or a number (or 'hill'), got {xmin!r}")
     return given[0] if given else ("ks", None)
 
 
@@ -532,6 +543,25 @@ def _fit_result(lam2: torch.Tensor, idx: torch.Tensor, alpha: torch.Tensor, ks: 
     )
 
 
+def _fit_hill(evals: torch.Tensor, tail_fraction: float, name: str | None) -> PowerLawFit:
+    """``fit_powerlaw(xmin="hill")``: :func:`hill_estimator` at ``k = hill_tail_size``."""
+    n = evals.shape[-1] if isinstance(evals, torch.Tensor) and evals.dim() else 0
+    k = hill_tail_size(max(n, 2), tail_fraction)  # n < 2: hill_estimator names the shape
+    return hill_estimator(evals, k, name=name)
+
+
+def hill_tail_size(num_evals: int, tail_fraction: float) -> int:
+    """Hill's ``k`` for a tail fraction ``f`` of ``N`` eigenvalues: ``k = floor(f N)``
+    clipped to ``[1, N - 1]`` (``f = 0.5``: ``k = floor(N/2)``, xmin = the ``(k+1)``-th
+    largest, the lower median for even ``N``; Xiao et al.'s ``k = n/2``)."""
+    f = float(tail_fraction)
+    if not 0.0 < f <= 1.0:
+        raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction}")
+    if num_evals < 2:
+        raise ValueError(f"a Hill fit needs >= 2 eigenvalues, got {num_evals}")
+    return min(max(int(f * num_evals), 1), num_evals - 1)
+
+
 def hill_estimator(evals: torch.Tensor, k: int, name: str | None = None) -> PowerLawFit:
     """Hill estimator at fixed ``k`` (the ``k`` largest eigenvalues).
 
@@ -540,11 +570,13 @@ def hill_estimator(evals: torch.Tensor, k: int, name: str | None = None) -> Powe
     """
     lam, N = _prepare(evals, 2, name)
     if not 1 <= k <= N - 1:
-        raise ValueError(f"Hill k must be in [1, {N - 1}] for {N} eigenvalues, got {k}")
+        raise ValueError(f"Hill k must be in [1, {N - 1}] for {N} eigenvalues{_where(name)}, "
+                         f"got {k}")
     logs = torch.log(lam.clamp_min(torch.finfo(lam.dtype).tiny))
     thr = logs[..., N - k - 1]
     if bool((lam[..., N - k - 1] <= 0).any()):
-        raise ValueError("Hill threshold eigenvalue is zero; choose k < number of non-zeros")
+        raise ValueError(f"Hill threshold eigenvalue{_where(name)} is zero; choose k < "
+                         "number of non-zeros")
     total = (logs[..., N - k:] - thr.unsqueeze(-1)).sum(-1)
     alpha = 1.0 + k / total
     num = torch.full(alpha.shape, k, dtype=torch.long, device=lam.device)
