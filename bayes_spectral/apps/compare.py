@@ -425,8 +425,6 @@ def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
 
 def _stack_chains(parts: list):
     """One InferenceData per prior: the seeds' SVI posteriors as chains ``0..K-1``."""
-    import arviz as az
+    from ..diagnostics.arviz_adapter import concat_chains
 
-    if len(parts) == 1:
-        return parts[0]
-    return az.concat(*parts, dim="chain", reset_dim=True)
+    return concat_chains(parts)

@@ -120,20 +120,21 @@ def _write_tables(result: dict, out: Path) -> tuple[dict[str, Path], xr.Dataset]
 def _write_posterior_plots(result: dict, out: Path, baselines: xr.Dataset,
                            paths: dict[str, Path], images: dict[str, Path]) -> None:
     """The forest plot and the sorted-singular-value plots of the SVI posteriors."""
+    from ..diagnostics.arviz_adapter import posterior_of
     from ..diagnostics.plots import plot_posterior_spectra, plot_spectral_forest
 
     paths["forest"] = out / "spectral_forest.png"
     keep = [m for m in baselines.method.values if str(m).startswith("baseline:")]
     penalties_only = baselines.sel({"method": keep}) if keep else None
     with atomic_path(paths["forest"]) as tmp:
-        plot_spectral_forest({f"svi:{p}": d.posterior for p, d in result["idata"].items()},
+        plot_spectral_forest({f"svi:{p}": posterior_of(d) for p, d in result["idata"].items()},
                              penalties_only, path=tmp)
     images["Posterior intervals (SVI) next to the penalty baselines"] = paths["forest"]
     for prior, idata in result["idata"].items():
         key = f"posterior_spectra_{prior}"
         paths[key] = out / f"{key}.png"
         with atomic_path(paths[key]) as tmp:
-            plot_posterior_spectra(idata.posterior, penalties_only, path=tmp)
+            plot_posterior_spectra(posterior_of(idata), penalties_only, path=tmp)
         images[f"Sorted singular values: SVI posterior ({prior}) and baselines"] = paths[key]
 
 

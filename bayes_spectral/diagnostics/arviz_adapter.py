@@ -1,10 +1,14 @@
 """Layer 5: the one adapter between the library and ArviZ's posterior container.
 
 Every construction of the container, every read of one of its groups, the netCDF round
-trip and Pareto-smoothed importance sampling go through here, so that supporting another
-container (ArviZ 1.x keeps the groups in an xarray ``DataTree``) changes this module only.
-Today: ArviZ 0.2x ``InferenceData``, groups ``posterior``, ``log_likelihood``,
-``observed_data`` as ``xarray.Dataset``.
+trip and Pareto-smoothed importance sampling go through here, for both ArviZ generations:
+
+* ArviZ 0.2x (Python 3.11): ``arviz.InferenceData``, each group an ``xarray.Dataset``;
+* ArviZ >= 1 (Python >= 3.12): an ``xarray.DataTree`` whose children are the groups
+  (``posterior``, ``log_likelihood``, ``observed_data``, ...); ``az.summary`` / ``az.loo`` /
+  ``az.compare`` (from ``arviz_stats``) accept it.
+
+Either way :func:`group` returns a plain ``xarray.Dataset``.
 """
 
 from __future__ import annotations
@@ -16,63 +20,138 @@ import numpy as np
 import xarray as xr
 
 __all__ = [
+    "ARVIZ_GENERATION",
     "InferenceData",
     "concat_chains",
+    "group",
+    "group_names",
     "has_groups",
     "inference_data",
     "is_inference_data",
     "posterior_of",
     "psislw",
     "read_netcdf",
+    "with_groups",
     "write_netcdf",
 ]
 
-#: the container type (ArviZ 0.2x)
-InferenceData = az.InferenceData
+#: major version of the installed ArviZ: 0 (``InferenceData``) or >= 1 (``DataTree``)
+ARVIZ_GENERATION: int = int(az.__version__.split(".")[0])
+_TREE = ARVIZ_GENERATION >= 1
+
+#: the container type: ``arviz.InferenceData`` (0.2x) or ``xarray.DataTree`` (>= 1)
+InferenceData = xr.DataTree if _TREE else az.InferenceData
 
 
 def inference_data(**groups: xr.Dataset) -> InferenceData:
     """The container holding ``groups`` (``name=Dataset``, e.g. ``posterior=...``)."""
+    if _TREE:
+        return xr.DataTree.from_dict(dict(groups))
     return az.InferenceData(**groups)
 
 
 def is_inference_data(obj) -> bool:
     """Whether ``obj`` is the container type itself."""
-    return isinstance(obj, az.InferenceData)
+    return isinstance(obj, InferenceData)
+
+
+def group_names(obj: InferenceData) -> list[str]:
+    """The names of the groups of a container (``posterior``, ``log_likelihood``, ...)."""
+    return list(obj.children) if _TREE else list(obj.groups())
+
+
+def group(obj: InferenceData, name: str) -> xr.Dataset:
+    """Group ``name`` of a container as an ``xarray.Dataset``; ``KeyError`` if absent."""
+    if name not in group_names(obj):
+        raise KeyError(f"the ArviZ container has no group {name!r} "
+                       f"(groups: {group_names(obj)})")
+    return obj[name].to_dataset() if _TREE else getattr(obj, name)
 
 
 def has_groups(obj) -> bool:
-    """Whether ``obj`` looks like a container of groups (has a ``posterior`` group and is
-    not itself a Dataset)."""
+    """Whether ``obj`` looks like a container of groups with a ``posterior`` group (an
+    ``InferenceData``/``DataTree``, not itself a Dataset)."""
+    tree = getattr(xr, "DataTree", None)  # xarray >= 2024.10; ArviZ 0.2x may run without it
+    if tree is not None and isinstance(obj, tree):
+        return "posterior" in obj.children
     return hasattr(obj, "posterior") and not hasattr(obj, "data_vars")
 
 
 def posterior_of(obj):
-    """A container -> its ``posterior`` group; anything else (a Dataset) is returned as is."""
-    return obj.posterior if has_groups(obj) else obj
+    """A container -> its ``posterior`` group (a Dataset); anything else is returned as is."""
+    return group(obj, "posterior") if has_groups(obj) else obj
 
 
 def concat_chains(parts: list[InferenceData]) -> InferenceData:
     """Containers with the same groups and draws joined along ``chain``, renumbered
-    ``0..C-1`` (one part is returned as is)."""
+    ``0..C-1`` (one part is returned as is). Groups without a ``chain`` dim (e.g.
+    ``observed_data``) are taken from the first part."""
     if len(parts) == 1:
         return parts[0]
-    return az.concat(*parts, dim="chain", reset_dim=True)
+    if not _TREE:
+        return az.concat(*parts, dim="chain", reset_dim=True)
+    out = {}
+    for name in group_names(parts[0]):
+        first = group(parts[0], name)
+        if "chain" not in first.dims:
+            out[name] = first
+            continue
+        joined = xr.concat([group(p, name) for p in parts], dim="chain")
+        out[name] = joined.assign_coords(chain=np.arange(joined.sizes["chain"]))
+    return inference_data(**out)
 
 
 def write_netcdf(idata: InferenceData, path: str | os.PathLike) -> None:
     """Write every group of ``idata`` to ``path`` (h5netcdf engine), not atomically."""
-    idata.to_netcdf(path, engine="h5netcdf")
+    idata.to_netcdf(os.fspath(path), engine="h5netcdf")
 
 
 def read_netcdf(path: str | os.PathLike) -> InferenceData:
     """Read a container written by :func:`write_netcdf`, fully into memory (the file is
     closed afterwards)."""
+    if _TREE:
+        with xr.open_datatree(os.fspath(path), engine="h5netcdf") as tree:
+            return tree.load().copy()
     with az.rc_context({"data.load": "eager"}):
         return az.from_netcdf(os.fspath(path), engine="h5netcdf")
 
 
 def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pareto-smoothed, normalised log weights along the last axis and the Pareto ``k`` of
-    each row (ArviZ's ``psislw``)."""
-    return az.psislw(log_weights)
+    each row (ArviZ 0.2x ``az.psislw``). Under ArviZ >= 1 the same tail of
+    ``M = ceil(min(S/5, 3 sqrt(S)))`` draws is smoothed by ``arviz_stats``' Pareto-tail fit,
+    so both generations agree for ``M >= 6`` (``S >= 26``); where no Pareto fit exists
+    (``M < 5`` in 0.2x; ``M < 6`` or a constant tail in >= 1) the row keeps its unsmoothed
+    normalised weights and ``k = inf``."""
+    if not _TREE:
+        return az.psislw(log_weights)
+    lw = np.asarray(log_weights, dtype=float)
+    rows = lw.reshape(-1, lw.shape[-1])
+    out, k = np.empty_like(rows), np.empty(rows.shape[0])
+    for i, row in enumerate(rows):
+        out[i], k[i] = _psis_row(row)
+    return out.reshape(lw.shape), k.reshape(lw.shape[:-1])
+
+
+def _psis_row(lw: np.ndarray) -> tuple[np.ndarray, float]:
+    """One row of :func:`psislw` under ArviZ >= 1 (``arviz_stats`` ``_ps_tail``)."""
+    from arviz_stats.base import array_stats
+
+    n = lw.size
+    m = int(np.ceil(min(n / 5, 3 * np.sqrt(n))))
+    try:
+        if m < 5:
+            raise ValueError("tail shorter than 5 draws")
+        smoothed, k = array_stats._ps_tail(lw, n, m, smooth_draws=True, tail="right",
+                                           log_weights=True)
+        if not np.isfinite(k):  # arviz_stats' GPD fit gives nan below 6 tail draws
+            raise ValueError("no Pareto fit")
+        return smoothed, float(k)
+    except ValueError:  # too short or constant tail: no Pareto fit, as ArviZ 0.2x
+        return lw - np.logaddexp.reduce(lw), float("inf")
+
+
+def with_groups(idata: InferenceData, **groups: xr.Dataset) -> InferenceData:
+    """A new container: the groups of ``idata`` plus ``groups`` (``name=Dataset``)."""
+    current = {name: group(idata, name) for name in group_names(idata)}
+    return inference_data(**{**current, **groups})

@@ -15,7 +15,8 @@ def save_netcdf(idata: InferenceData, path: str | os.PathLike) -> Path:
     """Write ``idata`` to ``path`` (h5netcdf) atomically (:func:`bayes_spectral._io.atomic_path`:
     temporary file in the same folder, then ``os.replace``). Returns the path."""
     if not is_inference_data(idata):
-        raise TypeError(f"save_netcdf() needs an arviz.InferenceData, got {type(idata).__name__}")
+        raise TypeError("save_netcdf() needs the ArviZ container (arviz.InferenceData under "
+                        f"ArviZ 0.2x, xarray.DataTree under 1.x), got {type(idata).__name__}")
     path = Path(path)
     with atomic_path(path) as tmp:
         write_netcdf(idata, tmp)
