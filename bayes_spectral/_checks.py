@@ -14,6 +14,18 @@ def _where(name: str | None) -> str:
     return f" (layer {name!r})" if name else ""
 
 
+def float_tensor(value: object, what: str) -> torch.Tensor:
+    """``value`` as a dense floating tensor, float16/bfloat16 upcast to float32 (linalg has
+    no half kernels); TypeError/ValueError naming ``what`` for a non-tensor, an integer
+    tensor, or a sparse or meta-device one."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got dtype {value.dtype}")
+    check_tensor_storage(value, what)
+    return value.float() if value.dtype in HALF_DTYPES else value
+
+
 def check_weight(weight: object, name: str | None = None, min_dim: int = 2) -> torch.Tensor:
     """Return ``weight`` as a floating tensor, or raise a clear TypeError/ValueError.
 
@@ -22,15 +34,7 @@ def check_weight(weight: object, name: str | None = None, min_dim: int = 2) -> t
     ``min_dim`` dimensions, empty or single-element tensors and non-finite entries; the
     message names the layer.
     """
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(
-            f"expected a torch.Tensor weight{_where(name)}, got {type(weight).__name__}"
-        )
-    if not weight.is_floating_point():
-        raise TypeError(f"weight{_where(name)} must be floating point, got dtype {weight.dtype}")
-    check_tensor_storage(weight, f"weight{_where(name)}")
-    if weight.dtype in HALF_DTYPES:
-        weight = weight.float()  # torch.linalg has no float16/bfloat16 kernels
+    weight = float_tensor(weight, f"weight{_where(name)}")
     if weight.dim() < min_dim:
         raise ValueError(
             f"weight{_where(name)} has shape {tuple(weight.shape)}: a spectrum needs at least "

@@ -37,7 +37,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
-from .._checks import HALF_DTYPES, check_finite_params, check_tensor_storage
+from .._checks import check_finite_params, float_tensor
 from ..spectra.laws import log_haar_volume, log_sv_jacobian
 
 MEASURES = ("penalty", "generative")
@@ -152,13 +152,7 @@ class SpectralDistribution(TorchDistribution):
     # -- value checks and spectra --------------------------------------------------------
     def _check_value(self, value) -> torch.Tensor:
         name = type(self).__name__
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor weight, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name}: weight must be floating point, got {value.dtype}")
-        check_tensor_storage(value, f"{name}: weight")
-        if value.dtype in HALF_DTYPES:
-            value = value.float()  # torch.linalg has no float16/bfloat16 kernels
+        value = float_tensor(value, f"{name}: weight")
         k = len(self.event_shape)
         if value.dim() < k or value.shape[-k:] != self.event_shape:
             raise ValueError(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import HALF_DTYPES, check_tensor_storage
+from .._checks import float_tensor
 
 __all__ = ["PowerLawFit", "fit_powerlaw", "hill_estimator", "hill_tail_size", "alpha_at_index"]
 
@@ -71,13 +71,7 @@ class PowerLawFit:
 def _prepare(evals: torch.Tensor, min_tail: int, name: str | None) -> tuple[torch.Tensor, int]:
     """Validate, sort ascending, and return (sorted evals (B, N), first usable index per row)."""
     where = _where(name)
-    if not isinstance(evals, torch.Tensor):
-        raise TypeError(f"evals{where} must be a torch.Tensor, got {type(evals).__name__}")
-    if not evals.is_floating_point():
-        raise TypeError(f"evals{where} must be floating point, got {evals.dtype}")
-    check_tensor_storage(evals, f"evals{where}")
-    if evals.dtype in HALF_DTYPES:
-        evals = evals.float()  # sort/log/cumsum in float32: half loses the tail
+    evals = float_tensor(evals, f"evals{where}")  # half -> float32: half loses the tail
     if evals.dim() == 0 or evals.shape[-1] < 2:
         raise ValueError(f"evals{where} of shape {tuple(evals.shape)}: need >= 2 eigenvalues")
     if not bool(torch.isfinite(evals).all()):
