@@ -21,6 +21,7 @@ import xarray as xr
 
 __all__ = [
     "ARVIZ_GENERATION",
+    "MIN_PSIS_DRAWS",
     "InferenceData",
     "concat_chains",
     "group",
@@ -38,6 +39,9 @@ __all__ = [
 #: major version of the installed ArviZ: 0 (``InferenceData``) or >= 1 (``DataTree``)
 ARVIZ_GENERATION: int = int(az.__version__.split(".")[0])
 _TREE = ARVIZ_GENERATION >= 1
+#: fewest draws for which :func:`psislw` returns a finite Pareto k: 0.2x fits the tail of
+#: ceil(min(S / 5, 3 sqrt(S))) >= 5 draws from S = 21; arviz_stats 1.x from S = 26
+MIN_PSIS_DRAWS: int = 26 if _TREE else 21
 
 #: the container type: ``arviz.InferenceData`` (0.2x) or ``xarray.DataTree`` (>= 1)
 InferenceData = xr.DataTree if _TREE else az.InferenceData

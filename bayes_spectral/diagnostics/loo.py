@@ -14,7 +14,7 @@ import torch
 
 from ..bnn.fit import FitResult
 from ..bnn.network import BayesianNetwork
-from .arviz_adapter import psislw
+from .arviz_adapter import MIN_PSIS_DRAWS, psislw
 from .traces import as_data, check_result, guide_trace, trace_draw
 
 __all__ = ["MIN_PSIS_DRAWS", "ImportanceELPD", "importance_elpd"]
@@ -43,7 +43,6 @@ class ImportanceELPD:
     log_weights: np.ndarray
 
 
-MIN_PSIS_DRAWS = 21  # smallest S whose PSIS tail, ceil(min(S / 5, 3 sqrt(S))), has 5 draws
 
 
 def importance_elpd(result: FitResult, data, num_samples: int = 200,
@@ -56,7 +55,8 @@ def importance_elpd(result: FitResult, data, num_samples: int = 200,
     ``pyro.infer.predictive.WeighedPredictive`` returns as ``log_weights`` when ``data`` has
     ``num_data`` rows, computed here so the pointwise terms come from the same trace).
     Leave-one-out ratios ``r_is = log w_s - log p(y_i | theta_s)`` (``q`` as proposal for
-    ``p(theta | y_{-i})``) are Pareto-smoothed by ``az.psislw`` into normalised ``lw_is``:
+    ``p(theta | y_{-i})``) are Pareto-smoothed by ``arviz_adapter.psislw`` (ArviZ 0.2x or
+    1.x) into normalised ``lw_is``:
 
         elpd_i = log sum_s exp(lw_is + log p(y_i | theta_s)),   elpd = sum_i elpd_i,
         se = sqrt(n var_i(elpd_i)),   p_loo = sum_i lppd_i - elpd
@@ -83,9 +83,8 @@ def _check_svi_fit(result: FitResult, num_samples: int) -> BayesianNetwork:
                          f"(layers {model.enumerated_layers})")
     if int(num_samples) != num_samples or num_samples < MIN_PSIS_DRAWS:
         raise ValueError(
-            f"num_samples must be an integer >= {MIN_PSIS_DRAWS}, got {num_samples!r}: PSIS "
-            f"fits the Pareto tail to ceil(min(S / 5, 3 sqrt(S))) draws and needs at least 5 "
-            f"of them (az.psislw returns k = inf for S <= 20)")
+            f"num_samples must be an integer >= {MIN_PSIS_DRAWS}, got {num_samples!r}: with "
+            f"fewer draws PSIS cannot fit the Pareto tail (k = inf) under the installed ArviZ")
     return model
 
 

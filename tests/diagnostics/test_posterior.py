@@ -315,11 +315,15 @@ def test_importance_elpd_rejects_non_svi_fits(tiny):
 
 
 def test_importance_elpd_rejects_too_few_draws_for_psis(svi_quick, tiny):
-    """20 draws leave PSIS a 4-draw tail: arviz returns k = inf, so we refuse up front."""
-    _, k = psislw(np.random.default_rng(0).normal(size=(1, 20)))
-    assert np.isinf(k).all()
+    """Below MIN_PSIS_DRAWS (21 under ArviZ 0.2x, 26 under 1.x) PSIS returns k = inf, so
+    importance_elpd refuses up front; at MIN_PSIS_DRAWS the k is finite."""
+    from bayes_spectral.diagnostics.arviz_adapter import MIN_PSIS_DRAWS
+
+    rng = np.random.default_rng(0)
+    assert np.isinf(psislw(rng.normal(size=(1, MIN_PSIS_DRAWS - 1)))[1]).all()
+    assert np.isfinite(psislw(rng.normal(size=(1, MIN_PSIS_DRAWS)))[1]).all()
     with pytest.raises(ValueError, match="PSIS"):
-        bs.importance_elpd(svi_quick, tiny, num_samples=20)
+        bs.importance_elpd(svi_quick, tiny, num_samples=MIN_PSIS_DRAWS - 1)
 
 
 # --- baselines ---------------------------------------------------------------------------
