@@ -56,8 +56,8 @@ def _generated(cls: type, base: type) -> bool:
 
 
 def _ours(hook) -> bool:
-    return getattr(hook, "__name__", "") == "spectral_pre_hook" or \
-        getattr(hook, "_bayes_spectral_hook", False)
+    """A hook this library put on the network (the bare-call warning of ``result.py``)."""
+    return getattr(hook, "_bayes_spectral_hook", False)
 
 
 def plain_module(bn: BayesianNetwork, latent: Mapping[str, torch.Tensor]) -> nn.Module:
