@@ -20,6 +20,14 @@ Rows (ratio = time / reference time):
 * ``(i.i.d. Normal prior)``: SVI with no spectral work at all, the floor of Pyro's own
   per-step cost (sampling, the ELBO's log-densities, the guide's parameters) for this net;
   the ``over SVI, Normal prior`` rows give what a spectral prior adds on top of that floor;
+* ``sgld`` / ``sghmc (Frechet, tracked)``: one SG-MCMC step as ``fit(method=...)`` runs it
+  (``AutoDelta``, the sampler optimiser :class:`bayes_spectral.bnn.samplers.SGLD` /
+  ``SGHMC`` through :class:`~bayes_spectral.bnn.sampling.SamplerOptim`, the potential with
+  its Jacobian term, and a draw of every weight kept at every step: ``thin=1``, the worst
+  case; ``no draw kept``: a step of ``thin > 1`` or of an exploration phase) over the MAP
+  step of the same model and over the plain step — targets <= 1.05x the MAP step and
+  <= 1.3x the plain step (where the MAP step is). The floor on the CPU: drawing the
+  Gaussian noise (``torch.randn`` of 670k numbers, about 3 ms single-threaded);
 * ``map/auto_delta`` : ``SVI.step`` with ``AutoDelta`` (MAP) over the penalty loop: the
   plain step plus ``-sum_l prior_l.penalty_log_prob(W_l) / N`` (the same spectral
   log-density, one ``svdvals`` per layer) — target <= 1.2x. When
@@ -36,6 +44,7 @@ recurrent matrices and embeddings included). Per model, its own configurations i
 * ``map (auto_delta)`` over the plain PyTorch step of the same model (Adam, cross-entropy;
   MSE for the regression MLP), and their difference: Pyro's fixed per-step cost (tracing,
   the guide, one ``pyro.optim`` update per parameter), which dominates at these sizes;
+* ``sghmc`` over ``map``: the SG-MCMC step (draw kept every step) over the MAP step;
 * ``svi (auto_normal)`` over Pyro's own i.i.d.-Normal SVI step: a hand-written Pyro model
   that samples every >= 2-D parameter from ``Normal(0, 1)``, keeps the others as
   ``pyro.module`` parameters and calls the net with ``torch.func.functional_call``
@@ -52,6 +61,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyro
 import pyro.distributions as dist
@@ -61,6 +71,7 @@ from torch import nn
 import bayes_spectral as bs
 from bayes_spectral.apps.nets import make_mlp
 from bayes_spectral.bnn.network import TrackedSpectralPrior
+from bayes_spectral.bnn.sampling import DrawCollector, SamplerConfig
 from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
 from bayes_spectral.spectra.spectrum import PowerIteration
 
@@ -92,6 +103,28 @@ def ratio_of(times: dict, num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
+def sampler_step(bn, method: str, x, y, lr: float = 1e-3, keep: bool = True):
+    """One SG-MCMC step of ``bn`` as ``fit`` runs it (sampler optimiser, potential with the
+    Jacobian term), keeping a draw of every latent site at every step (held chunks dropped
+    now and then: memory)."""
+    cfg = SamplerConfig(method, burn_in=0, draw_chunk=8, num_chains=1)
+    cfg.check(epochs=10**9, steps=1)
+    col = DrawCollector(bn, cfg, epochs=10**9, steps=1, device=torch.device("cpu"))
+    guide = bs.make_guide(bn, "delta")
+    guide._pyro_name = f"AutoDelta_{method}"  # its own param-store names (not the MAP rows')
+    svi = pyro.infer.SVI(bn, guide, col.optim(lr), **col.loss(pyro.infer.Trace_ELBO(), guide))
+    run = SimpleNamespace(epoch=0, step=0)
+
+    def step():
+        svi.step(x, y)
+        run.step += 1
+        if keep:  # keep=False: a step whose draw is not kept (thin > 1, exploration)
+            col.after_step(run)
+        if len(col.chunks) > 1:
+            col.chunks.clear()
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
@@ -101,6 +134,9 @@ def main() -> None:
                     help="3 steps x 3 rounds (about a minute on 2 cores)")
     ap.add_argument("--no-models", dest="models", action="store_false",
                     help="skip the five small models")
+    ap.add_argument("--samplers-only", dest="samplers_only", action="store_true",
+                    help="MLP table: only the configurations of the SG-MCMC rows (plain, "
+                         "tracked loop, MAP, sgld, sghmc with the tracked Frechet prior)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.repeats = 3, 3
@@ -174,6 +210,13 @@ def mlp_table(args) -> None:
                "map_tracked": svi_step("delta", tracked=True),
                "svi_tracked_pl": svi_step("normal", tracked=True, law=prior),
                "svi_gauss": svi_step("normal", law=gaussian)}
+    for method in ("sgld", "sghmc"):
+        pyro.clear_param_store()
+        configs[f"{method}_tracked"] = sampler_step(
+            bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), method, x, y)
+    configs["sghmc_nodraw"] = sampler_step(
+        bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), "sghmc", x, y,
+        keep=False)
     try:
         from bayes_spectral import penalties
     except ImportError:
@@ -190,9 +233,13 @@ def mlp_table(args) -> None:
             opt_r.step()
 
         configs["regularizer"] = reg_loop
+    if args.samplers_only:
+        keep = ("plain", "tracked_loop", "map_tracked", "sgld_tracked", "sghmc_tracked",
+                "sghmc_nodraw")
+        configs = {k: v for k, v in configs.items() if k in keep}
     times = interleaved(configs, args.steps, args.repeats)
     t_plain = statistics.median(times["plain"])
-    t_pen = statistics.median(times["penalty"])
+    t_pen = statistics.median(times["penalty"]) if "penalty" in times else math.nan
     # (row, reference label, numerator config, denominator config, target)
     spec = [
         ("svi/auto_normal (spectral prior)", "plain step", "svi", "plain", "<= 2"),
@@ -204,6 +251,12 @@ def mlp_table(args) -> None:
         ("map/auto_delta (Frechet, tracked)", "tracked loop", "map_tracked", "tracked_loop",
          "<= 1.2"),
         ("map/auto_delta (Frechet, tracked)", "plain step", "map_tracked", "plain", "-"),
+        ("sgld (Frechet, tracked)", "MAP step", "sgld_tracked", "map_tracked", "<= 1.05"),
+        ("sgld (Frechet, tracked)", "plain step", "sgld_tracked", "plain", "<= 1.3*"),
+        ("sghmc (Frechet, tracked)", "MAP step", "sghmc_tracked", "map_tracked", "<= 1.05"),
+        ("sghmc (Frechet, tracked)", "plain step", "sghmc_tracked", "plain", "<= 1.3*"),
+        ("sghmc, no draw kept (thin > 1)", "MAP step", "sghmc_nodraw", "map_tracked",
+         "<= 1.05"),
         ("svi/auto_normal (power law, tracked)", "plain step", "svi_tracked_pl", "plain",
          "<= 2"),
         ("svi/auto_normal (i.i.d. Normal prior)", "plain step", "svi_gauss", "plain", "floor"),
@@ -213,13 +266,14 @@ def mlp_table(args) -> None:
         ("map/auto_delta (spectral prior)", "Regularizer loop", "map", "regularizer", "<= 1.2"),
     ]
     rows = [(name, ref, ratio_of(times, num, den), target)
-            for name, ref, num, den, target in spec if den in times]
+            for name, ref, num, den, target in spec if den in times and num in times]
     print(f"threads {args.threads}; per-step reference times (this run): "
           f"plain {t_plain * 1e3:.1f} ms, "
           f"penalty loop {t_pen * 1e3:.1f} ms")
     print(f"{'step':38s} {'over':18s} {'ratio':>7s} {'target':>7s}")
     for name, ref, ratio, target in rows:
         print(f"{name:38s} {ref:18s} {ratio:7.2f} {target:>7s}")
+    print("* where the MAP step is <= 1.3x the plain step")
 
 
 # ----------------------------------------------------------------------------- five models
@@ -266,9 +320,13 @@ def _plain_step(net: nn.Module, x, y, likelihood: str):
     return step
 
 
+def _bayesian(net: nn.Module, likelihood: str):
+    return bs.bayesian(net, {r".*": _normal}, likelihood=likelihood, num_data=N_SMALL,
+                       noise="learned" if likelihood == "gaussian" else 1.0)
+
+
 def _bs_step(net: nn.Module, x, y, likelihood: str, kind: str):
-    bn = bs.bayesian(net, {r".*": _normal}, likelihood=likelihood, num_data=N_SMALL,
-                     noise="learned" if likelihood == "gaussian" else 1.0)
+    bn = _bayesian(net, likelihood)
     svi = pyro.infer.SVI(bn, bs.make_guide(bn, kind), pyro.optim.Adam({"lr": 1e-3}),
                          pyro.infer.Trace_ELBO())
     return lambda: svi.step(x, y)
@@ -300,22 +358,24 @@ def models_table(args) -> None:
     print(f"\nfive models (batch 128, N = {N_SMALL}, Normal(0, 1) prior on every row); "
           f"threads {args.threads}")
     print(f"{'model':32s} {'plain ms':>9s} {'map/plain':>10s} {'map - plain ms':>15s} "
-          f"{'pyro svi ms':>12s} {'svi/pyro svi':>13s}")
+          f"{'pyro svi ms':>12s} {'svi/pyro svi':>13s} {'sghmc/map':>10s}")
     for name, (make, x, y, likelihood) in _own_models().items():
         pyro.clear_param_store()  # each model alone: its names never meet another's
         torch.manual_seed(0)
         configs = {"plain": _plain_step(make(), x, y, likelihood),
                    "map": _bs_step(make(), x, y, likelihood, "delta"),
                    "svi": _bs_step(make(), x, y, likelihood, "normal"),
-                   "pyro_svi": _pyro_reference_step(make(), x, y, likelihood, "ref")}
+                   "pyro_svi": _pyro_reference_step(make(), x, y, likelihood, "ref"),
+                   "sghmc": sampler_step(_bayesian(make(), likelihood), "sghmc", x, y)}
         times = interleaved(configs, args.steps, args.repeats)
         t_plain = statistics.median(times["plain"]) * 1e3
         t_ref = statistics.median(times["pyro_svi"]) * 1e3
         t_map = statistics.median(times["map"]) * 1e3
         r_map, r_svi = ratio_of(times, "map", "plain"), ratio_of(times, "svi", "pyro_svi")
-        assert math.isfinite(r_map) and math.isfinite(r_svi)
+        r_mc = ratio_of(times, "sghmc", "map")
+        assert math.isfinite(r_map) and math.isfinite(r_svi) and math.isfinite(r_mc)
         print(f"{name:32s} {t_plain:9.2f} {r_map:10.2f} {t_map - t_plain:15.2f} "
-              f"{t_ref:12.2f} {r_svi:13.2f}")
+              f"{t_ref:12.2f} {r_svi:13.2f} {r_mc:10.2f}")
 
 
 if __name__ == "__main__":

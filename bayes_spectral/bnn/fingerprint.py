@@ -5,8 +5,12 @@ shapes a run's result: the method, the guide, the prior of every layer (class an
 parameters), the likelihood and its noise, ``num_data``, the optimiser's ``lr``,
 ``batch_size``, ``shuffle``, ``num_particles``, ``seed``, the dtype, ``prior_every`` (lazy
 priors, when not 1), and the names and
-shapes of the parameters. Resuming a checkpoint whose fingerprint differs is refused with a
-``ValueError`` naming every differing setting (old vs new), before anything is loaded.
+shapes of the parameters; SG-MCMC runs add ``sampler`` (temperature, burn_in, thin, cycles,
+explore, friction, precondition, init_jitter, num_chains, draw_chunk, draws_dir, and epochs
+with cycles: :meth:`~bayes_spectral.bnn.sampling.SamplerConfig.fingerprint`), compared
+setting by setting (``sampler[temperature]: 1.0 (checkpoint) vs 0.5 (now)``). Resuming a
+checkpoint whose fingerprint differs is refused with a ``ValueError`` naming every differing
+setting (old vs new), before anything is loaded.
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if a == b:
             continue
-        if isinstance(a, dict) and isinstance(b, dict) and key in ("priors", "parameters"):
+        if isinstance(a, dict) and isinstance(b, dict) and key in ("priors", "parameters",
+                                                                       "sampler"):
             out += _differences(a, b, f"{prefix}{key}[")
             continue
         label = f"{prefix}{key}]" if prefix else key

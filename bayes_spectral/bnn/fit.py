@@ -1,4 +1,5 @@
-"""Layer 4: ``fit()`` a :class:`bayes_spectral.bnn.network.BayesianNetwork` by MAP, SVI or NUTS.
+"""Layer 4: ``fit()`` a :class:`bayes_spectral.bnn.network.BayesianNetwork` by MAP, SVI, NUTS
+or SG-MCMC (SGLD, SGHMC).
 
 MAP and SVI share one loop: ``pyro.infer.SVI`` with ``pyro.optim.Adam`` over shuffled
 mini-batches (``Trace_ELBO``, or ``TraceEnum_ELBO(max_plate_nesting=1)`` when the model has
@@ -6,6 +7,14 @@ enumerated spike-and-slab indicators). The reported loss is the ELBO estimate di
 ``N`` (per training example). NUTS runs ``pyro.infer.MCMC(NUTS(...))`` once per chain,
 sequentially, each chain started from the module's weights with a small multiplicative
 jitter (seed ``seed + chain``).
+
+SG-MCMC (``method="sgld" | "sghmc"``, :mod:`~bayes_spectral.bnn.sampling`,
+:mod:`~bayes_spectral.bnn.samplers`, :mod:`~bayes_spectral.bnn.chains`): the MAP loop with
+the optimiser replaced by the sampler and the loss by the potential
+``U = -log p(theta) - (N/B) sum_batch log p(y|x, theta) - log|det J|`` (unconstrained
+space), step ``eta = lr / N``, target ``exp(-U / T)``; ``num_chains`` chains in sequence
+(seed ``seed + c``), draws ``{site: (chains, draws, *shape)}`` of constrained values as
+for NUTS; checkpoints and exact resume as for MAP, with the chain index and the draws.
 
 Checkpoints (``checkpoint_dir``, :mod:`bayes_spectral.bnn.checkpoint`): every
 ``checkpoint_every`` epochs (and at the end), the file ``checkpoint.pt`` is replaced
@@ -54,6 +63,7 @@ from pyro.infer.autoguide import AutoGuide, init_to_value
 
 from . import distributed as bsd
 from .batches import DataSource, as_source, inputs_to
+from .chains import chain_init, run_chains
 from .checkpoint import CHECKPOINT_NAME
 from .checkpoint import save_checkpoint as save_checkpoint  # re-exported (apps.compare)
 from .guard import NonFiniteError
@@ -62,11 +72,13 @@ from .modes import eval_mode, train_mode
 from .network import BayesianNetwork
 from .param_state import restart_modules
 from .result import FitResult, warn_on_bare_calls
+from .sampling import SamplerConfig
 from .training import start_run, train
 
 __all__ = ["CHECKPOINT_NAME", "FitResult", "NonFiniteError", "fit"]
 
-METHODS = ("map", "svi", "nuts")
+METHODS = ("map", "svi", "nuts", "sgld", "sghmc")
+SAMPLERS = ("sgld", "sghmc")
 MONITORS = ("val_nll", "val_accuracy")
 
 
@@ -98,6 +110,17 @@ def _check_arguments(model, method: str, *, epochs, batch_size, lr, checkpoint_e
         raise ValueError("patience (early stopping) needs val_data")
 
 
+def _check_sampler_arguments(guide, patience) -> None:
+    """SG-MCMC runs the ``AutoDelta`` guide (its parameters are the chain's state) and has
+    no early stopping."""
+    if guide not in (None, "delta"):
+        raise ValueError(f"the samplers ('sgld', 'sghmc') move the MAP guide's point: guide "
+                         f"must be None or 'delta', got {guide!r}")
+    if patience is not None:
+        raise ValueError("patience (early stopping) does not apply to the samplers ('sgld', "
+                         "'sghmc'): every chain runs its epochs")
+
+
 def _check_device(device: str | torch.device) -> torch.device:
     """``torch.device(device)``, refusing an unknown name or a device this torch cannot use
     (``ValueError`` naming it) before any work."""
@@ -123,8 +146,8 @@ def _use_distributed(distributed: bool | None, method: str) -> bool:
     if distributed and not bsd.is_distributed():
         raise ValueError("distributed=True needs an initialised torch.distributed process group "
                          "(bayes_spectral.distributed.init(), under torchrun)")
-    if distributed and method == "nuts":
-        raise ValueError("method 'nuts' is not data-parallel: run it in one process "
+    if distributed and method in ("nuts", *SAMPLERS):
+        raise ValueError(f"method {method!r} is not data-parallel: run it in one process "
                          "(distributed=False)")
     return distributed
 
@@ -168,13 +191,7 @@ def _prepare_data(model: BayesianNetwork, data, val_data, device: torch.device,
 # ----------------------------------------------------------------------------- NUTS
 
 
-def _chain_init(model: BayesianNetwork, base: dict, chain: int, jitter: float) -> dict:
-    """Chain 0 starts at ``base``; chain c > 0 at ``base * (1 + jitter * N(0, 1))``
-    (spectral singular values kept positive)."""
-    init = {k: v * (1 + jitter * torch.randn_like(v)) if chain else v for k, v in base.items()}
-    if model.spectral_layers:
-        init = {k: v.abs() if k.endswith("spectral_s") else v for k, v in init.items()}
-    return init
+_chain_init = chain_init  # NUTS and the SG-MCMC chains start alike (chains.py)
 
 
 def _fit_nuts(model, x, y, *, seed, num_samples, warmup_steps, num_chains, max_tree_depth,
@@ -207,8 +224,12 @@ def fit(
     patience: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1, resume: bool = True, progress: bool = True,
     callbacks: Iterable[Callable[[dict], Any]] = (), num_samples: int = 200,
-    warmup_steps: int = 200, num_chains: int = 2, max_tree_depth: int = 8,
+    warmup_steps: int = 200, num_chains: int | None = None, max_tree_depth: int = 8,
     init_jitter: float = 0.1, distributed: bool | None = None, prior_every: int = 1,
+    temperature: float = 1.0, burn_in: int | None = None, thin: int = 1,
+    cycles: int | None = None, explore: float = 0.5, friction: float = 0.1,
+    precondition: bool = False, draws_dir: str | os.PathLike | None = None,
+    draw_chunk: int = 64, free_params: str = "drift",
 ) -> FitResult:
     """Fit ``model`` to ``data``: a pair ``(x, y)``, a ``Split`` (its training part), a
     ``torch.utils.data.Dataset``, a ``DataLoader`` or any re-iterable of ``(x, y)`` batches
@@ -222,7 +243,11 @@ def fit(
         loader keeps its own batches and order.
 
     :param method: ``"map"`` (default guide ``auto_delta``), ``"svi"`` (default
-        ``auto_normal``) or ``"nuts"`` (full batch; layers without a prior stay fixed).
+        ``auto_normal``), ``"nuts"`` (full batch; layers without a prior stay fixed), or the
+        SG-MCMC samplers ``"sgld"`` / ``"sghmc"`` (mini-batches through the MAP loop:
+        :mod:`~bayes_spectral.bnn.sampling`, :mod:`~bayes_spectral.bnn.samplers`);
+        NUTS and the samplers give ``res.samples`` ``{site: (chains, draws, *shape)}`` of
+        constrained values.
     :param guide: an ``AutoGuide`` or a kind of :func:`bayes_spectral.bnn.guides.make_guide`.
     :param val_data: ``(x, y)`` (or any form of ``data``, read whole) evaluated after every
         epoch (posterior predictive with ``val_samples`` draws: 1 for MAP, 8 for SVI by
@@ -235,7 +260,22 @@ def fit(
         (module docstring).
     :param callbacks: ``cb(info)`` after each epoch (``info``: epoch, step, history); a
         return value of ``True`` stops training (the checkpoint is written before).
-    :param num_samples, warmup_steps, num_chains, max_tree_depth, init_jitter: NUTS.
+    :param num_samples, warmup_steps, num_chains, max_tree_depth, init_jitter: NUTS
+        (``num_chains`` default 2; samplers: 4, and ``init_jitter`` too).
+    :param lr, temperature, burn_in, thin, cycles, explore, friction, precondition: SG-MCMC
+        (``"sgld"``, ``"sghmc"``): step ``eta = lr / N``; the chain targets ``exp(-U / T)``
+        (``T = temperature``; 1 = the Bayes posterior, < 1 cold); draws are kept from the
+        steps after ``burn_in`` epochs (default ``epochs // 2``; 0 with ``cycles``), every
+        ``thin``-th one; ``cycles=M``: the cyclical schedule (``M`` cycles over all steps of
+        a chain, the first ``explore`` fraction of each without noise or draws);
+        ``friction`` (SGHMC, in (0, 1]); ``precondition``: pSGLD's diagonal RMSprop ``G``.
+        ``res.draw_steps``: the kept steps (1-based, per chain).
+    :param draws_dir, draw_chunk: samplers: the draws leave the device every ``draw_chunk``
+        draws (to the CPU, or to ``draws_dir`` as safetensors files read back at the end).
+    :param free_params: samplers: parameters without a prior (biases, BatchNorm's affine
+        parameters, spectral ``U``/``V``) are not sampled: ``"drift"`` (default) moves them
+        by the drift without noise (a point estimate along the chain), ``"fixed"`` keeps them
+        at the chain's start (as NUTS does).
     :param prior_every: lazy priors (MAP/SVI): the weight priors' log-density enters the
         loss on steps ``1, 1 + k, 1 + 2k, ...`` times ``k`` and is masked (not evaluated:
         no spectral work) on the others (:mod:`~bayes_spectral.bnn.lazy`; bias and the
@@ -250,7 +290,10 @@ def fit(
         checkpoints, all ranks resume from ``checkpoint_dir`` (a shared folder), with any
         number of ranks; ``callbacks`` run on every rank and a stop on any rank stops all.
     :raises ValueError/TypeError: bad data (shapes, labels out of range) or settings (``lr``
-        not positive and finite, ``num_particles < 1``, an unusable ``device``,
+        not positive and finite, ``num_particles < 1``, an unusable ``device``; samplers:
+        ``temperature <= 0``, ``friction`` not in (0, 1], ``thin < 1``,
+        ``burn_in >= epochs``, ``cycles`` above the number of steps, ``explore`` not in
+        [0, 1), a guide other than ``"delta"``, ``patience``, ``distributed``;
         ``monitor="val_accuracy"`` without a classification likelihood) before training; a
         checkpoint written with other settings (named, old vs new) before anything is loaded.
     :raises UnreadableFileError: a corrupt, truncated or unsafe checkpoint (names the file).
@@ -258,6 +301,8 @@ def fit(
         distribution refusing an overflowed parameter (names it), or a non-finite forward
         pass with finite parameters (says so).
     """
+    if num_chains is None:
+        num_chains = 4 if method in SAMPLERS else 2
     _check_arguments(model, method, epochs=epochs, batch_size=batch_size, lr=lr,
                      checkpoint_every=checkpoint_every, num_chains=num_chains,
                      num_particles=num_particles, monitor=monitor, patience=patience,
@@ -268,6 +313,8 @@ def fit(
         raise ValueError("prior_every applies to MAP/SVI steps; NUTS needs the exact density "
                          f"(prior_every=1), got {prior_every}")
     distributed = _use_distributed(distributed, method)
+    if method in SAMPLERS:
+        _check_sampler_arguments(guide, patience)
     rank = torch.distributed.get_rank() if distributed else 0
     restart_modules(model)  # a refit restarts from the state bayesian() left (docstring)
     warn_on_bare_calls(model)
@@ -281,6 +328,20 @@ def fit(
                              warmup_steps=warmup_steps, num_chains=num_chains,
                              max_tree_depth=max_tree_depth, init_jitter=init_jitter,
                              progress=progress)
+    if method in SAMPLERS:
+        cfg = SamplerConfig(method, temperature=temperature, burn_in=burn_in, thin=thin,
+                            cycles=cycles, explore=explore, friction=friction,
+                            precondition=precondition, init_jitter=init_jitter,
+                            num_chains=num_chains, draws_dir=draws_dir, draw_chunk=draw_chunk,
+                            free_params=free_params)
+        return run_chains(model, source, cfg, lr=lr, epochs=epochs, device=device, dtype=dtype,
+                          seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+                          checkpoint_every=checkpoint_every, callbacks=callbacks,
+                          val=None if xv is None else (xv, yv), val_samples=val_samples,
+                          monitor=monitor, settings={"batch_size": batch_size,
+                                                     "shuffle": shuffle, "seed": seed,
+                                                     "dtype": dtype},
+                          prior_every=prior_every, progress=progress)
     with eval_mode(model):  # the guide's set-up pass leaves BatchNorm statistics alone
         run = start_run(model, source, method, guide, num_particles=num_particles, lr=lr,
                         device=device, checkpoint_dir=checkpoint_dir,

@@ -31,7 +31,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.runtime import _PYRO_STACK
 from torch import nn
 
-from .batches import as_inputs, inputs_to
+from .batches import as_inputs, first_leaf, inputs_to
 from .export import plain_module
 from .modes import eval_mode
 from .network import BayesianNetwork
@@ -43,7 +43,8 @@ __all__ = ["FitResult", "warn_on_bare_calls"]
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns. ``samples``: NUTS draws ``{site: (chains, draws, ...)}``.
+    """What :func:`fit` returns. ``samples``: NUTS or SG-MCMC draws ``{site: (chains,
+    draws, ...)}`` (constrained values).
     ``state``: the parameter snapshot (taken when the result is made)."""
 
     model: BayesianNetwork
@@ -55,6 +56,7 @@ class FitResult:
     stopped_early: bool = False
     best_epoch: int | None = None
     checkpoint: str | None = None
+    draw_steps: list[int] | None = None  # samplers: the kept steps (1-based, per chain)
     state: ParamState | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,7 +97,9 @@ class FitResult:
         x = self._input(x)
         with self.active(mc_dropout=mc_dropout):
             if self.samples is not None:
-                return predictive_probs(self.model, x, samples=self.samples)
+                dev = first_leaf(x).device  # draws kept on the CPU (samplers)
+                samples = {k: v.to(dev) for k, v in self.samples.items()}
+                return predictive_probs(self.model, x, samples=samples)
             if num_samples is None:
                 num_samples = 1 if self.method == "map" and not mc_dropout else 32
             return predictive_probs(self.model, x, guide=self.guide, num_samples=num_samples)

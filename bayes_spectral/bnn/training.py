@@ -52,8 +52,11 @@ def _make_guide(model: BayesianNetwork, guide: AutoGuide | str | None, method: s
     return guide
 
 
-def _make_elbo(model: BayesianNetwork, num_particles: int) -> ELBO:
-    """``TraceEnum_ELBO`` when spike-and-slab indicators are enumerated, else ``Trace_ELBO``."""
+def _make_elbo(model: BayesianNetwork, num_particles: int, guide=None) -> ELBO:
+    """The guide's own ``make_elbo`` (e.g. ``FusedNormal``), else ``TraceEnum_ELBO`` when
+    spike-and-slab indicators are enumerated, else ``Trace_ELBO``."""
+    if hasattr(guide, "make_elbo"):
+        return guide.make_elbo(num_particles)
     if model.enumerated_layers:
         return TraceEnum_ELBO(max_plate_nesting=1, num_particles=num_particles)
     return Trace_ELBO(num_particles=num_particles)
@@ -152,6 +155,7 @@ class TrainingRun:
     dp: bsd.DataParallelELBO | None = None
     shards: bsd.GlobalBatchShards | None = None
     lazy: LazyPriorModel | None = None  # prior_every > 1: the model SVI runs (lazy.py)
+    hooks: Any = None  # samplers: after_step(run), state_dict(), load_state_dict(state)
 
     @property
     def x(self) -> torch.Tensor:
@@ -164,13 +168,18 @@ class TrainingRun:
 
     def state_dict(self) -> dict:
         """The checkpoint's ``state``: epoch, step and the early-stopping state."""
-        return {"epoch": self.epoch, "step": self.step, **self.stopper.state_dict()}
+        state = {"epoch": self.epoch, "step": self.step, **self.stopper.state_dict()}
+        if self.hooks is not None:
+            state["sampler"] = self.hooks.state_dict()
+        return state
 
     def resume(self) -> None:
         """Continue from the checkpoint file (param store, optimiser, RNGs, history)."""
         self.history, state = self.checkpointer.restore(self.device)
         self.epoch, self.step = state["epoch"], state["step"]
         self.stopper.load_state_dict(state)
+        if self.hooks is not None:
+            self.hooks.load_state_dict(state["sampler"])
 
     def save(self) -> None:
         """Write the checkpoint (history and :meth:`state_dict`)."""
@@ -199,27 +208,34 @@ def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
               num_particles: int, lr: float, device: torch.device, checkpoint_dir,
               resume: bool, rank: int, distributed: bool, monitor: str, patience: int | None,
               with_validation: bool, settings: dict | None = None,
-              prior_every: int = 1) -> TrainingRun:
+              prior_every: int = 1, sampler=None) -> TrainingRun:
     """Guide, ELBO, Adam and SVI (the guide's parameters registered on the source's first
     batch, drawing nothing from the RNGs), then the checkpoint restored (``resume``: with the
     source's generator states, after its fingerprint is checked against this run's:
     :mod:`~bayes_spectral.bnn.fingerprint`; ``settings``: ``batch_size``, ``shuffle``,
     ``seed``, ``dtype`` for it) and the data-parallel pieces (``distributed``: tensor inputs
     only). ``prior_every=k > 1``: SVI runs the model under
-    :class:`~bayes_spectral.bnn.lazy.LazyPriorModel` (the prior every k-th step, times k)."""
+    :class:`~bayes_spectral.bnn.lazy.LazyPriorModel` (the prior every k-th step, times k).
+    ``sampler`` (SG-MCMC, :mod:`~bayes_spectral.bnn.sampling`): gives the optimiser
+    (``sampler.optim(lr)``), the loss (``sampler.loss(elbo)``: the ELBO plus the Jacobian
+    term), the fingerprint's extra settings (``sampler.fingerprint()``) and the per-step
+    hooks (``run.hooks``: draws, checkpointed in the run's state)."""
     guide_arg = guide
     guide = _make_guide(model, guide, method)
-    elbo = _make_elbo(model, num_particles)
-    optim = pyro.optim.Adam({"lr": lr})
+    elbo = _make_elbo(model, num_particles, guide)
+    optim = pyro.optim.Adam({"lr": lr}) if sampler is None else sampler.optim(lr)
     prior_every = check_every(prior_every)
     lazy = LazyPriorModel(model, prior_every) if prior_every > 1 else None
-    svi = SVI(model if lazy is None else lazy, guide, optim, loss=elbo)
+    loss = {"loss": elbo} if sampler is None else sampler.loss(elbo, guide)
+    svi = SVI(model if lazy is None else lazy, guide, optim, **loss)
     _setup_guide(guide, source)
     register_local_params(model, guide)  # module_local_params: store names for the run
     settings = {"batch_size": 0, "shuffle": True, "seed": 0, "dtype": torch.float32,
                 **(settings or {})}
     fingerprint = run_fingerprint(model, method, guide_arg, lr=lr, num_particles=num_particles,
                                   prior_every=prior_every, **settings)
+    if sampler is not None:
+        fingerprint["sampler"] = sampler.fingerprint()
     checkpointer = Checkpointer(checkpoint_dir, model=model, optim=optim, method=method,
                                 rank=rank, distributed=distributed, data=source,
                                 fingerprint=fingerprint)
@@ -227,7 +243,7 @@ def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
     run = TrainingRun(model=model, guide=guide, svi=svi, elbo=elbo, source=source, batch_size=bs,
                       device=device, checkpointer=checkpointer,
                       history=_new_history(model, with_validation),
-                      stopper=EarlyStopping(monitor, patience), lazy=lazy)
+                      stopper=EarlyStopping(monitor, patience), lazy=lazy, hooks=sampler)
     if resume and checkpointer.last_good() is not None:
         run.resume()
     if distributed:
@@ -269,6 +285,8 @@ def _train_epoch(run: TrainingRun, epoch: int) -> float:
             run.lazy.set_step(run.step)
         loss = guarded_step(run.svi, run.model, run.guide, (x, y), epoch,
                             run.step, run.checkpointer.last_good(), step_fn)
+        if run.hooks is not None:  # samplers: keep the draw of this step (sampling.py)
+            run.hooks.after_step(run)
         total += loss * size
         n += size
     if n == 0:
