@@ -36,6 +36,7 @@ from pyro.infer.autoguide import (
 )
 
 from ..registry import Registry
+from .fused_elbo import FusedNormal
 from .network import BayesianNetwork
 from .row_keys import pick_row_union
 
@@ -44,6 +45,8 @@ __all__ = [
     "auto_delta",
     "auto_lowrank",
     "auto_normal",
+    "fused_normal",
+    "local_reparam",
     "make_guide",
     "map_values",
     "spectral_guide",
@@ -153,9 +156,33 @@ def spectral_guide(model: BayesianNetwork, init_scale: float = 0.01,
                     init_values)
 
 
+@GUIDES.register("fused_normal")
+def fused_normal(model: BayesianNetwork, init_scale: float = 0.01,
+                 init_values: Mapping | None = None) -> FusedNormal:
+    """Mean-field Normal on every latent site (``AutoNormal``) trained by the fused ELBO
+    :class:`~bayes_spectral.bnn.fused_elbo.FusedELBO` (one model pass, analytic Gaussian
+    entropy and Normal-prior terms): ``fit`` uses it; in a loop of your own give
+    ``loss=guide.make_elbo()`` to ``SVI`` (with ``Trace_ELBO`` it is an ``AutoNormal``)."""
+    _check_model(model)
+    return FusedNormal(poutine.block(model, expose=model.latent_sites),
+                       init_loc_fn=_init(model, init_values), init_scale=init_scale)
+
+
+@GUIDES.register("local_reparam")
+def local_reparam(model: BayesianNetwork, init_scale: float = 0.01,
+                  init_values: Mapping | None = None) -> FusedNormal:
+    """:func:`fused_normal` whose ELBO draws the pre-activations of Linear/Conv layers with a
+    plain or tracked weight site by local reparameterisation
+    (:mod:`~bayes_spectral.bnn.local_reparam`) instead of their weights."""
+    _check_model(model)
+    return FusedNormal(poutine.block(model, expose=model.latent_sites), local_reparam=True,
+                       init_loc_fn=_init(model, init_values), init_scale=init_scale)
+
+
 def make_guide(model: BayesianNetwork, kind: str = "delta", **kwargs) -> AutoGuide:
     """The guide of ``kind``, a name of ``GUIDES``: ``"delta"`` (MAP), ``"normal"``,
-    ``"lowrank"``, ``"spectral"`` or one registered by the user; ``kwargs`` go to its maker."""
+    ``"lowrank"``, ``"spectral"``, ``"fused_normal"``, ``"local_reparam"`` or one
+    registered by the user; ``kwargs`` go to its maker."""
     if kind not in GUIDES:
         raise ValueError(f"guide kind must be one of {tuple(GUIDES.names())}, got {kind!r}")
     return GUIDES.get(kind)(model, **kwargs)
