@@ -28,6 +28,17 @@ those slow down by ~0.6 ms per step), and the regularised step makes ~1100 more 
 (views included), most of them a few microseconds of dispatch each; a power-law tail at
 the 0.9 quantile needs k = 104 columns, where the k x k ``eigh`` and the n x k QR cost as
 much as the products.
+
+Fast-mode rows (``--rows fast``, ``--nets mlp,mlp1024``, ``--pretrain 200`` for the "after
+200 steps" rows; issue 20), quick, one thread, three runs of the four configurations on the
+shared 2-core box (plain steps 6-57 ms within a run, so single rows move by +-0.3x):
+Frechet ``mode="fast"`` in place typically 1.3-1.6x (extremes 0.9x and 1.8x; tracked
+1.5-2.6x), with ``every=8`` 1.01-1.11x; power law with ``xmin = tau`` (27% of the init
+spectrum in the tail): tracked 15-39x (it re-decomposes every call), fast (16 Gram products,
+16 probes, autograd) 9-13x, ``degree=8, probes=8`` 4.5-9x, fast ``every=8`` 1.9-3.6x. The
+floor row (the 16 Gram products of the estimate alone, forward only) is 3.0-4.8x: no
+Chebyshev/Lanczos estimate of degree 32 fits in 1.5x a plain step on this CPU, whatever
+the probes.
 """
 
 from __future__ import annotations
@@ -41,8 +52,10 @@ from torch import nn
 
 from bayes_spectral import penalties as P
 from bayes_spectral.apps.nets import make_mlp
+from bayes_spectral.spectra.stochastic import chebyshev_moments
 
 BLOCK, REPEATS, WARMUP = 10, 5, 60  # --quick: 5, 3, 30
+PRETRAIN = 0  # --pretrain: plain steps before the penalty's warm-up
 DEVICE = torch.device("cpu")
 LAZY = 8  # every= of the lazy rows
 
@@ -54,6 +67,27 @@ def _sync() -> None:
 
 def mlp():
     return make_mlp(784, (512, 512), 10, named=False)  # seeded by bench()
+
+
+def mlp1024():
+    return make_mlp(784, (1024, 1024), 10, named=False)
+
+
+class _ProductsFloor(P.Penalty):
+    """Not a penalty: the ``degree/2`` thin Gram products of the fast power-law mode's
+    estimate (``probes`` columns, forward only, no gradient), returning 0. The floor of
+    any Krylov / Chebyshev estimator of that degree."""
+
+    label = "products floor"
+
+    def __init__(self, degree=32, probes=16):
+        self.degree, self.probes = degree, probes
+
+    def weight_penalty(self, weight, name=None):
+        w = weight.detach().reshape(1, weight.shape[0], -1)
+        z = torch.ones(1, min(w.shape[1:]), self.probes, dtype=w.dtype, device=w.device)
+        chebyshev_moments(w, z, self.degree, torch.tensor(2.0, dtype=w.dtype))
+        return weight.new_zeros(())
 
 
 def convnet():
@@ -80,6 +114,15 @@ PENALTIES = {
                                                   tracked=True, tol=5e-3),
     "Frechet tr. 5e-3": lambda: P.FrechetPrior(2.0, 1.0, 0.05, coef=1e-4, tracked=True,
                                                tol=5e-3),
+    # mode="fast" (issue 20): Frechet by a warm-started 8-column block iteration; the power
+    # law with xmin = tau = 0.5 (27% of the init spectrum above xmin) by Hutchinson x Chebyshev
+    "Frechet fast": lambda: P.FrechetPrior(2.0, 1.0, 0.05, coef=1e-4, mode="fast"),
+    "power-law xmin=tau exact": lambda: P.PowerLawPrior(3.0, 0.5, coef=1e-4),
+    "power-law xmin=tau tracked": lambda: P.PowerLawPrior(3.0, 0.5, coef=1e-4, tracked=True),
+    "power-law xmin=tau fast": lambda: P.PowerLawPrior(3.0, 0.5, coef=1e-4, mode="fast"),
+    "power-law fast d8 p8": lambda: P.PowerLawPrior(3.0, 0.5, coef=1e-4, mode="fast",
+                                                    degree=8, probes=8),
+    "floor: 16 Gram products, 16 probes": lambda: _ProductsFloor(32, 16),
 }
 
 
@@ -116,6 +159,8 @@ def bench(make_net, x_shape, batch, name, pen_name):
             reg.accumulate_grad()
         opt.step()
 
+    for _ in range(PRETRAIN):  # "after N steps": plain training first
+        step(False)
     for _ in range(WARMUP):
         step(True)
     reg.calls = 0  # every regularised block starts with the penalty step
@@ -149,27 +194,38 @@ LAZY_ROWS = [f"{k} every={LAZY}{g}" for k, g in (
     ("spectral norm", " [grad]"), ("nuclear (exact SVD)", ""), ("weighted alpha exact", ""),
     ("Frechet exact", ""), ("weighted alpha tracked", " [grad]"),
     ("power-law tracked", " [grad]"), ("Frechet tracked", " [grad]"))]
+#: issue 20's fast-mode rows (``--rows fast``)
+FAST_ROWS = ["Frechet tracked [grad]", "Frechet fast", "Frechet fast [grad]",
+             f"Frechet fast every={LAZY} [grad]", "power-law xmin=tau tracked [grad]",
+             "power-law xmin=tau fast [grad]", f"power-law xmin=tau fast every={LAZY} [grad]",
+             "power-law fast d8 p8 [grad]", "floor: 16 Gram products, 16 probes"]
 
 
 def main(argv=None):
-    global BLOCK, REPEATS, WARMUP, DEVICE
+    global BLOCK, REPEATS, WARMUP, DEVICE, PRETRAIN
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="blocks of 5, 3 repeats, warm-up 30")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--nets", default="mlp,conv", help="comma-separated: mlp, conv")
+    ap.add_argument("--nets", default="mlp,conv",
+                    help="comma-separated: mlp, mlp1024 (784-1024-1024-10), conv")
+    ap.add_argument("--rows", default="all", help="all, or fast (issue 20's fast-mode rows)")
+    ap.add_argument("--pretrain", type=int, default=0,
+                    help="plain SGD steps before the warm-up (the 'after 200 steps' rows)")
     args = ap.parse_args(argv)
+    PRETRAIN = args.pretrain
     if args.quick:
         BLOCK, REPEATS, WARMUP = 5, 3, 30
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     print(f"block {BLOCK} steps ({LAZY * max(1, round(BLOCK / LAZY))} for every={LAZY}), "
           f"{REPEATS} repeats, warm-up {WARMUP} steps, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {DEVICE}")
+          f"threads {torch.get_num_threads()}, device {DEVICE}, pretrain {PRETRAIN} steps")
     print(f"| net      | {'penalty':38s} | plain ms | median  | amortised | tracking")
     print(f"|----------|{'-' * 40}|---------|---------|-----------|---------")
-    rows = [*PENALTIES, *IN_PLACE, *LAZY_ROWS]
-    nets = {"mlp": (mlp, (784,), 128, "MLP"), "conv": (convnet, (3, 32, 32), 64, "ConvNet")}
+    rows = FAST_ROWS if args.rows == "fast" else [*PENALTIES, *IN_PLACE, *LAZY_ROWS, *FAST_ROWS]
+    nets = {"mlp": (mlp, (784,), 128, "MLP"), "conv": (convnet, (3, 32, 32), 64, "ConvNet"),
+            "mlp1024": (mlp1024, (784,), 128, "MLP1024")}
     for net in args.nets.split(","):
         make, shape, batch, label = nets[net.strip()]
         for pen_name in rows:
