@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-__all__ = ["GATES", "ROOT", "LeftOut", "View", "WeightRow", "all_rows"]
+__all__ = ["FUSED_QKV", "GATES", "ROOT", "LeftOut", "View", "WeightRow", "all_rows",
+           "effective_value"]
 
 #: the name given to the model itself (``named_modules`` calls it ``""``)
 ROOT = "<root>"
@@ -75,7 +76,9 @@ class WeightRow:
       ``named_modules``); ``attr``: its attribute holding the (effective) tensor
       (``"weight"``, ``"in_proj_weight"``, ``"weight_ih_l0"``).
     * ``index``: ``None``, or the ``slice`` of dim 0 of that tensor that is this row
-      (``in_proj_weight[q]`` of an ``E``-dim attention: ``slice(0, E)``).
+      (``in_proj_weight[q]`` of an ``E``-dim attention: ``slice(0, E)``); with
+      ``transformer=True`` also ``(slice(None), slice)`` (GPT-2's ``c_attn``, split on
+      dim 1) or a list of dim-0 rows (``query_key_value``, interleaved per head).
     * ``module``: the owning ``nn.Module`` and ``module_type`` its class name (both
       ``None`` for state_dict rows). ``shape``: the row's shape (after ``index``).
     * ``tied``: full names of other parameters that are the same tensor (counted once).
@@ -279,11 +282,53 @@ def _split(prefix: str, kind: str, shape: tuple[int, ...], parts: str | list[str
              (n, *shape[1:])) for i, p in enumerate(parts)]
 
 
+#: Hugging Face fused attention modules (``transformer=True``): GPT-2's ``c_attn``
+#: (``Conv1D``, weight ``(in, 3*out)``) and GPT-NeoX / Bloom's ``query_key_value``
+#: (``(3*out, in)``, rows grouped per head as ``[q_h; k_h; v_h]``)
+FUSED_QKV = ("c_attn", "query_key_value")
+
+
+def _fused_rows(module_name: str, shape: tuple[int, ...], split_qkv: bool,
+                heads: int | None) -> list[tuple[str, str, Any, tuple]] | None:
+    """Q, K, V rows of a fused transformer weight (``None``: not one). ``c_attn`` stored
+    ``(in, 3*out)`` is split on dim 1 (the transposed ``Conv1D`` layout; index
+    ``(slice(None), slice)``), one stored ``(3*out, in)`` on dim 0. ``query_key_value``
+    needs ``heads``: part ``p`` of head ``h`` is rows ``(3h + p) d .. (3h + p + 1) d``,
+    ``d = out / heads``; with ``heads`` unknown it stays one ``"AttnQKV"`` row."""
+    label, leaf = module_name or ROOT, module_name.rpartition(".")[2]
+    kinds = ["AttnQ", "AttnK", "AttnV"]
+    if leaf not in FUSED_QKV or len(shape) != 2:
+        return None
+    conv1d = leaf == "c_attn" and shape[1] % 3 == 0 and shape[1] >= shape[0]
+    if not split_qkv or (not conv1d and (shape[0] % 3 or (leaf != "c_attn" and not heads))):
+        return [(label, "AttnQKV", None, shape)]
+    if conv1d:
+        n = shape[1] // 3
+        return [(f"{label}[{p}]", kinds[i], (slice(None), slice(i * n, (i + 1) * n)),
+                 (shape[0], n)) for i, p in enumerate("qkv")]
+    n = shape[0] // 3
+    if leaf == "c_attn":
+        return _split(label, "", shape, "qkv", kinds)
+    if n % heads:
+        raise ValueError(f"{module_name}.weight: {shape[0]} rows are not 3 x heads={heads} "
+                         "blocks")
+    d = n // heads
+    return [(f"{label}[{p}]", kinds[i],
+             [(3 * h + i) * d + j for h in range(heads) for j in range(d)], (n, shape[1]))
+            for i, p in enumerate("qkv")]
+
+
 def _kinds(name: str, shape: tuple[int, ...], shapes: Mapping[str, tuple[int, ...]],
-           split_qkv: bool, split_gates: bool) -> list[tuple[str, str, slice | None, tuple]]:
+           split_qkv: bool, split_gates: bool, transformer: bool = False,
+           heads: int | None = None) -> list[tuple[str, str, Any, tuple]]:
     """``(row name, kind, index, shape)`` of one >= 2-D tensor, from its name and shape
-    (and its siblings' names: an ``out_proj`` next to ``in_proj_weight``)."""
+    (and its siblings' names: an ``out_proj`` next to ``in_proj_weight``); with
+    ``transformer``, fused Hugging Face attention weights too (:func:`_fused_rows`)."""
     module_name, _, attr = name.rpartition(".")
+    fused = (_fused_rows(module_name, shape, split_qkv, heads)
+             if transformer and attr == "weight" else None)
+    if fused:
+        return fused
     if attr == "in_proj_weight" and len(shape) == 2 and shape[0] % 3 == 0:
         if split_qkv:
             return _split(name, "", shape, "qkv", ["AttnQ", "AttnK", "AttnV"])
@@ -371,8 +416,10 @@ def _ties(entries: list[_Entry], rows_ok: set[str]) -> tuple[dict[str, str], dic
 
 
 def all_rows(model: nn.Module | Mapping[str, torch.Tensor], split_qkv: bool,
-             split_gates: bool, what: str) -> View:
-    """Every row of a model or state_dict before selection, and what is left out."""
+             split_gates: bool, what: str, transformer: bool = False,
+             heads: int | None = None) -> View:
+    """Every row of a model or state_dict before selection, and what is left out
+    (``transformer``, ``heads``: :func:`_fused_rows`)."""
     is_model = isinstance(model, nn.Module)
     if not is_model and not isinstance(model, Mapping):
         raise TypeError(f"{what} needs a torch.nn.Module or a state_dict, got "
@@ -398,7 +445,8 @@ def all_rows(model: nn.Module | Mapping[str, torch.Tensor], split_qkv: bool,
             left_out.append(LeftOut(e.name, f"tied to {tied_to[e.name]}"))
         elif e.name in ok:
             rows += _entry_rows(model if is_model else None, e, shapes,
-                                tuple(tied.get(e.name, ())), split_qkv, split_gates)
+                                tuple(tied.get(e.name, ())), split_qkv, split_gates,
+                                transformer, heads)
     return View(rows, left_out)
 
 
@@ -412,7 +460,8 @@ def _module_type(module: nn.Module | None) -> str | None:
 
 
 def _entry_rows(model: nn.Module | None, e: _Entry, shapes, tied: tuple[str, ...],
-                split_qkv: bool, split_gates: bool) -> list[WeightRow]:
+                split_qkv: bool, split_gates: bool, transformer: bool = False,
+                heads: int | None = None) -> list[WeightRow]:
     """The rows of one entry (several for a split tensor)."""
     module_name, _, attr = e.name.rpartition(".")
     module = model.get_submodule(module_name) if model is not None else None
@@ -424,4 +473,15 @@ def _entry_rows(model: nn.Module | None, e: _Entry, shapes, tied: tuple[str, ...
                       _module_type(module), shape, tied,
                       e.value, leaves, getter)
             for name, kind, index, shape in _kinds(e.name, shapes[e.name], shapes,
-                                                   split_qkv, split_gates)]
+                                                   split_qkv, split_gates, transformer,
+                                                   heads)]
+
+
+def effective_value(name: str, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The effective tensor ``name`` of a state dict holding its owner's stored tensors (a
+    parametrized or old-style ``weight_norm`` / ``spectral_norm`` weight computed from its
+    parts, as :func:`all_rows` does); ``KeyError`` if there is none."""
+    for e in _entries(state, compute=True):
+        if e.name == name:
+            return e.value
+    raise KeyError(name)

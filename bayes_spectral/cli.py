@@ -1,8 +1,11 @@
 """Layer 6: the ``bayes-spectral`` command.
 
-Exit codes: 0 success, 2 usage error (argparse, or an impossible setting), 3 unreadable or
-unsafe input file, 4 the input had no analysable weight, 5 training stopped on a NaN/Inf
-(the message names the parameter and layer; the last good checkpoint is kept), 130
+Exit codes: 0 success, 2 usage error (argparse, or an impossible setting; ``analyze``: a
+resume folder or ``--base`` that does not fit), 3 unreadable or unsafe input file (a
+truncated shard, an index naming a missing shard, an unreadable header: the file and the
+tensor named), 4 the input had no analysable weight, 5 training stopped on a NaN/Inf
+(the message names the parameter and layer; the last good checkpoint is kept), or
+``analyze --strict`` met a tensor holding NaN/Inf (file and tensor named), 130
 interrupted by Ctrl-C (one line; finished work, checkpoints and saved runs, is kept). Every
 error is one line on stderr, never a traceback; settings (seeds, device, ``--out``, numbers,
 ``--layers``) are checked before anything is trained or written. Seeds are distinct integers
@@ -33,7 +36,6 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -45,7 +47,7 @@ EXIT_INTERRUPTED = 130
 
 _EXAMPLES = """examples:
   bayes-spectral compare                       # the main job (a few minutes)
-  bayes-spectral compare --quick --out report/ # under a minute
+  bayes-spectral compare --quick --out report/ # about a minute
   bayes-spectral fit --prior powerlaw --method svi --out run1/ --resume
   bayes-spectral analyze --example digits-mlp
   bayes-spectral analyze model.pt --out report/
@@ -56,6 +58,10 @@ _EXAMPLES = """examples:
 _TABLE_COLUMNS = ["layer_type", "shape", "num_evals", "alpha", "xmin", "num_tail",
                   "ks_distance", "alpha_weighted", "log_spectral_norm", "log_norm",
                   "stable_rank", "effective_rank"]
+#: columns of analyze's WeightWatcher options, printed when the dataset has them
+_OPTION_COLUMNS = ["Lambda", "num_fingers", "raw_alpha", "sigma_mp", "num_spikes", "bulk_min",
+                   "bulk_max", "mp_softrank", "rand_distance", "ww_softrank", "num_traps",
+                   "warning"]
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -128,14 +134,14 @@ def _fail(message, code: int) -> int:
     return code
 
 
-def _check_layers(regex: str | None) -> None:
+def _check_layers(regex: str | None, flag: str = "--layers") -> None:
     """``--layers`` compiles as a regular expression; ``ValueError`` naming it otherwise."""
     if regex is None:
         return
     try:
         re.compile(regex)
     except re.error as err:
-        raise ValueError(f"--layers {regex!r}: not a valid regular expression ({err})") from err
+        raise ValueError(f"{flag} {regex!r}: not a valid regular expression ({err})") from err
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -144,49 +150,87 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     try:
         _check_layers(args.layers)
+        _check_layers(args.esd_layers, "--esd-layers")
         check_seed(args.seed, "--seed")
+        _check_analyze_numbers(args)
         out = None if not args.out else check_writable_dir(args.out)
     except ValueError as err:
         return _fail(err, EXIT_USAGE)
-    if args.example:
-        model = _example_model(args.example, args.seed)
-    else:
-        try:
-            model = load_state_dict(Path(args.path))
-        except ValueError as err:
-            return _fail(err, EXIT_BAD_FILE)
-    from .diagnostics.analyze import analyze
-
-    try:
-        ds = analyze(model, layers=args.layers, conv=args.conv, return_esd=bool(out))
-    except ValueError as err:
-        return _fail(err, EXIT_NO_LAYERS)
-    _print_and_write_analysis(ds, out)
+    model = _example_model(args.example, args.seed) if args.example else args.path
+    code, ds = _run_analyze(args, model, out)
+    if ds is None:
+        return code
+    _print_and_write_analysis(ds, out, args.example or args.path, args.esd_layers)
     return 0
 
 
-def _print_and_write_analysis(ds, out: Path | None) -> None:
-    """Print the table; with ``out``, write ``analysis.csv`` and ``esd.png`` atomically."""
+def _check_analyze_numbers(args: argparse.Namespace) -> None:
+    """``--max-aspect`` > 1, ``--heads`` and ``--threads`` >= 1 (``ValueError`` naming it)."""
+    if args.max_aspect is not None and not args.max_aspect >= 1:
+        raise ValueError(f"--max-aspect {args.max_aspect}: must be a number >= 1")
+    for flag, value in (("--heads", args.heads), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1")
+
+
+def _ww_options(args: argparse.Namespace) -> dict:
+    """WeightWatcher's optional diagnostics asked for on the command line (only those that
+    differ from ``analyze``'s defaults, so resume folders of plain scans keep matching)."""
+    opts = {"mp_fit": args.mp_fit, "fit": args.fit, "fix_fingers": args.fix_fingers,
+            "max_evals": args.max_evals, "min_evals": args.min_evals}
+    defaults = {"mp_fit": False, "fit": "PL", "fix_fingers": None, "max_evals": None,
+                "min_evals": 8}
+    out = {k: v for k, v in opts.items() if v != defaults[k]}
+    if args.randomize is not None:  # --randomize [SEED]: an int seed (0 by default)
+        out["randomize"] = args.randomize
+    return out
+
+
+def _run_analyze(args: argparse.Namespace, model, out: Path | None):
+    """``(exit code, dataset or None)``: file errors exit 3, NaN/Inf tensors 5, a resume
+    folder or base of other settings 2, nothing analysable 4 (one line each)."""
+    import shutil
+
+    from ._io import UnreadableFileError
+    from .diagnostics.analyze import analyze
+    from .diagnostics.checkpoint_files import CheckpointMismatchError, NonFiniteTensorError
+    from .diagnostics.scan import ResumeMismatchError
+
+    resume = out / "analyze_resume" if out is not None and not args.example else None
+    if resume is not None and args.no_resume and resume.is_dir():
+        shutil.rmtree(resume)
+    try:
+        return 0, analyze(model, layers=args.layers, conv=args.conv, return_esd=bool(out),
+                          base=args.base, max_aspect=args.max_aspect, heads=args.heads,
+                          resume=resume, threads=args.threads, strict=args.strict,
+                          **_ww_options(args))
+    except UnreadableFileError as err:
+        return _fail(err, EXIT_BAD_FILE), None
+    except NonFiniteTensorError as err:
+        return _fail(err, EXIT_NON_FINITE), None
+    except (ResumeMismatchError, CheckpointMismatchError) as err:
+        return _fail(err, EXIT_USAGE), None
+    except ValueError as err:
+        return _fail(err, EXIT_NO_LAYERS), None
+
+
+def _print_and_write_analysis(ds, out: Path | None, source: str = "",
+                              esd_layers: str | None = None) -> None:
+    """Print the table; with ``out``, write the report folder
+    (:func:`bayes_spectral.apps.analyze_report.write_analysis_report`)."""
     import pandas as pd
 
-    from ._io import atomic_path, write_atomic
-
-    table = ds.drop_vars(["esd"], errors="ignore").to_dataframe()[_TABLE_COLUMNS]
-    with pd.option_context("display.width", 200, "display.max_columns", 20,
+    columns = _TABLE_COLUMNS + [c for c in _OPTION_COLUMNS if c in ds.data_vars]
+    table = ds.drop_vars(["esd"], errors="ignore").to_dataframe()[columns]
+    with pd.option_context("display.width", 250, "display.max_columns", 30,
                            "display.float_format", "{:.4g}".format):
         print(table.to_string())
     if out is None:
         return
-    write_atomic(out / "analysis.csv", table.to_csv)
-    from .diagnostics.plots import plot_esds
+    from .apps.analyze_report import write_analysis_report
 
-    spectra = {}
-    for name in ds.layer.values:
-        row = ds.esd.sel(layer=name).values
-        spectra[str(name)] = torch.as_tensor(row[~np.isnan(row)])
-    with atomic_path(out / "esd.png") as tmp:
-        plot_esds(spectra, tmp)
-    print(f"wrote {out / 'analysis.csv'} and {out / 'esd.png'}")
+    written = write_analysis_report(ds, table, out, str(source), esd_layers)
+    print(f"wrote {', '.join(p.name for p in written)} in {out}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -205,16 +249,43 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .models import get_model
 
     module = get_model(args.name)
-    config = module.Config.small() if args.small else module.Config()
+    preset = getattr(args, "config", None)
+    if preset is not None and not callable(getattr(module.Config, preset, None)):
+        presets = sorted(k for k, v in vars(module.Config).items() if isinstance(v, classmethod))
+        return _fail(f"--config {preset!r}: {args.name} has the presets {presets}", EXIT_USAGE)
+    config = (getattr(module.Config, preset)() if preset else
+              module.Config.small() if args.small else module.Config())
     if args.seed is not None:
         config.seeds = (args.seed,)
-    print(f"reproduce {args.name} ({'small' if args.small else 'full'} config): {config}")
+    kind = preset or ("small" if args.small else "full")
+    print(f"reproduce {args.name} ({kind} config): {config}")
     table = module.run(config, out_dir=args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 30,
                            "display.max_rows", 200, "display.float_format", "{:.4g}".format):
         print(table.to_string(index=False))
     if args.out:
-        print(f"wrote {args.out}/{args.name}.csv and {args.name}.png")
+        print(f"wrote {args.out}/{args.name}.csv and {args.name}.png (claim summary: "
+              f"{args.name}_summary.json)")
+    return 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from .apps.claims import load_summaries, render_claims
+
+    try:
+        if args.out:
+            check_out = Path(args.out).parent
+            if not check_out.is_dir():
+                raise ValueError(f"--out: folder {check_out} does not exist")
+        table = render_claims(load_summaries(args.source), detail=args.detail)
+    except ValueError as err:
+        return _fail(err, EXIT_USAGE)
+    print(table, end="")
+    if args.out:
+        from ._io import write_text_atomic
+
+        write_text_atomic(args.out, table)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -222,9 +293,12 @@ def _config_from_args(args: argparse.Namespace):
     from .apps.compare import CompareConfig
 
     cfg = CompareConfig.quick() if args.quick else CompareConfig()
-    for key in ("dataset", "epochs", "svi_epochs", "batch_size", "lr", "device"):
+    for key in ("dataset", "epochs", "svi_epochs", "batch_size", "lr", "device",
+                "temperature", "sampler_epochs", "sampler_lr", "num_chains", "cycles"):
         if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
+    if getattr(args, "methods", None) is not None:
+        cfg.methods = tuple(args.methods)
     if args.seeds is not None:
         cfg.seeds = tuple(args.seeds)
     if args.hidden is not None:
@@ -340,7 +414,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                   val_data=None if args.method == "nuts" else (split.x_test, split.y_test),
                   checkpoint_dir=None if args.method == "nuts" else out / "checkpoint",
                   resume=args.resume, num_samples=args.num_samples,
-                  warmup_steps=args.num_samples, num_chains=args.chains)
+                  warmup_steps=args.num_samples, num_chains=args.chains,
+                  **({"temperature": args.temperature} if args.method in ("sgld", "sghmc")
+                     else {}))
         ok = True
     except UnreadableFileError as err:
         return _fail(err, EXIT_BAD_FILE)
@@ -368,35 +444,69 @@ def _add_analyze_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("path", nargs="?", help="state_dict file (.pt/.pth via weights_only "
-                     "loading, or .safetensors)")
+    src.add_argument("path", nargs="?", help="checkpoint: .safetensors file or sharded "
+                     "folder (with or without model.safetensors.index.json), .bin/.pt/.pth "
+                     "state dict (weights_only loading), or a LoRA adapter folder")
     src.add_argument("--example", choices=["digits-mlp"], help="train and analyse an "
                      "embedded example model instead of a file")
     p.add_argument("--layers", default=None, help="regular expression selecting layer names")
     p.add_argument("--conv", choices=["pool", "flatten"], default="pool",
                    help="conv kernels: pool the k*k slices' ESDs (default) or flatten")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", default=None, help="folder for analysis.csv")
+    p.add_argument("--out", default=None, help="report folder: analysis.csv, analysis.nc, "
+                   "plots, report.html; also keeps finished rows (analyze_resume/) so an "
+                   "interrupted scan resumes")
+    p.add_argument("--no-resume", dest="no_resume", action="store_true",
+                   help="recompute every row (clear OUT/analyze_resume first)")
+    p.add_argument("--base", default=None, help="base checkpoint: analyse W - W_base")
+    p.add_argument("--max-aspect", dest="max_aspect", type=float, default=None,
+                   help="leave out matrices with max(shape)/min(shape) above this")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (to split "
+                   "query_key_value; read from config.json when there)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: "
+                   "the cores not busy with other work)")
+    p.add_argument("--strict", action="store_true", help="a tensor holding NaN/Inf stops "
+                   "the scan (exit 5, naming file and tensor) instead of being left out")
+    p.add_argument("--mp-fit", dest="mp_fit", action="store_true", help="Marchenko-Pastur "
+                   "bulk fit: sigma_mp, num_spikes, bulk_min/max, mp_softrank")
+    p.add_argument("--randomize", nargs="?", const=0, type=int, default=None, metavar="SEED",
+                   help="ESD of the element-permuted weight: rand_distance, ww_softrank, "
+                   "num_traps (correlation traps); optional seed (default 0)")
+    p.add_argument("--fit", choices=["PL", "TPL", "E_TPL"], default="PL", help="tail law: "
+                   "power law, truncated power law (Lambda column), TPL from the ESD peak")
+    p.add_argument("--fix-fingers", dest="fix_fingers", choices=["xmin_peak", "clip_xmax"],
+                   default=None, help="WeightWatcher's fix_fingers rule")
+    p.add_argument("--min-evals", dest="min_evals", type=int, default=8,
+                   help="leave out matrices with fewer eigenvalues (default 8)")
+    p.add_argument("--max-evals", dest="max_evals", type=int, default=None,
+                   help="leave out matrices with more eigenvalues (default: no limit)")
+    p.add_argument("--esd-layers", dest="esd_layers", default=None, help="regular "
+                   "expression: layers whose ESD and fit are plotted (default: first, "
+                   "middle, last)")
     p.set_defaults(func=cmd_analyze)
 
 
 def _add_compare_parser(sub) -> None:
+    from .apps.settings import PRIOR_METHODS
     from .data import DATASETS
     from .distributions import PRIORS
     from .penalties import PENALTIES
 
     c = sub.add_parser(
         "compare",
-        help="the main job: every baseline penalty and spectral prior (MAP, SVI) on one MLP",
+        help="the main job: every baseline penalty and spectral prior (MAP, SVI, SG-MCMC) "
+             "on one MLP",
         description="Train one MLP with every baseline penalty (none, weight decay, spectral "
                     "norm, stable rank, weighted alpha) and every spectral prior (MAP, then SVI "
-                    "from the MAP fit) over seeds; print a results table and write a report "
+                    "and SGHMC from the MAP fit) over seeds; print a results table (held-out "
+                    "log predictive density +- SE, PSIS-LOO with k-hat) and write a report "
                     "folder (results.csv, summary.csv, plots, report.html).",
         epilog="examples:\n  bayes-spectral compare\n  bayes-spectral compare --quick --out r/"
                "\n  bayes-spectral compare --priors powerlaw --baselines none weight_decay",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("--quick", action="store_true", help="under a minute: smaller MLP, 2 seeds")
+    c.add_argument("--quick", action="store_true",
+                   help="about a minute: smaller MLP, 2 seeds, 2 short SGHMC chains")
     c.add_argument("--dataset", choices=DATASETS.names(), default=None)
     c.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     c.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden widths")
@@ -406,7 +516,17 @@ def _add_compare_parser(sub) -> None:
     c.add_argument("--lr", type=float, default=None)
     c.add_argument("--baselines", nargs="*", default=None, choices=PENALTIES.names())
     c.add_argument("--priors", nargs="*", default=None, choices=PRIORS.names())
-    c.add_argument("--no-svi", dest="no_svi", action="store_true", help="MAP only")
+    c.add_argument("--no-svi", dest="no_svi", action="store_true", help="no SVI rows")
+    c.add_argument("--methods", nargs="+", default=None, choices=PRIOR_METHODS,
+                   help="inference per prior (default map svi sghmc; map always runs)")
+    c.add_argument("--temperature", type=float, default=None,
+                   help="SG-MCMC temperature (default 1: the Bayes posterior; < 1 cold)")
+    c.add_argument("--sampler-epochs", dest="sampler_epochs", type=int, default=None)
+    c.add_argument("--sampler-lr", dest="sampler_lr", type=float, default=None,
+                   help="SG-MCMC lr (step size lr / N)")
+    c.add_argument("--chains", dest="num_chains", type=int, default=None,
+                   help="SG-MCMC chains per seed (default 4; --quick 2)")
+    c.add_argument("--cycles", type=int, default=None, help="cyclical step-size cycles")
     c.add_argument("--device", default=None, help="cpu (default) or cuda")
     c.add_argument("--out", default="report", help="report folder (default: report/)")
     c.add_argument("--no-resume", dest="no_resume", action="store_true",
@@ -420,13 +540,14 @@ def _add_fit_parser(sub) -> None:
 
     f = sub.add_parser(
         "fit",
-        help="fit one Bayesian MLP (prior, method map/svi/nuts) with checkpoints and --resume",
+        help="fit one Bayesian MLP (prior, method map/svi/nuts/sgld/sghmc) with checkpoints "
+             "and --resume",
         epilog="examples:\n  bayes-spectral fit --prior powerlaw --method map --out run1/\n"
                "  bayes-spectral fit --prior gaussian --method nuts --hidden 8 --out n1/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     f.add_argument("--prior", choices=PRIORS.names(), default="powerlaw")
-    f.add_argument("--method", choices=["map", "svi", "nuts"], default="map")
+    f.add_argument("--method", choices=["map", "svi", "nuts", "sgld", "sghmc"], default="map")
     f.add_argument("--dataset", choices=DATASETS.names(), default="digits")
     f.add_argument("--hidden", type=int, nargs="+", default=[64])
     f.add_argument("--epochs", type=int, default=20)
@@ -434,7 +555,9 @@ def _add_fit_parser(sub) -> None:
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--num-samples", dest="num_samples", type=int, default=200,
                    help="NUTS: draws (and warm-up steps) per chain")
-    f.add_argument("--chains", type=int, default=2, help="NUTS chains")
+    f.add_argument("--chains", type=int, default=2, help="NUTS / SG-MCMC chains")
+    f.add_argument("--temperature", type=float, default=1.0,
+                   help="sgld/sghmc: sample exp(-U/T) (1 = the Bayes posterior, < 1 cold)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="cpu")
     f.add_argument("--out", default="fit-run", help="folder: checkpoint/, metrics.json")
@@ -459,8 +582,28 @@ def _add_reproduce_parser(sub) -> None:
     r.add_argument("name", choices=sorted(REFERENCE_MODELS))
     r.add_argument("--small", action="store_true", help="the seconds-long test configuration")
     r.add_argument("--seed", type=int, default=None, help="run a single seed")
-    r.add_argument("--out", default=None, help="folder for the CSV table and PNG plot")
+    r.add_argument("--out", default=None, help="folder for the CSV table, PNG plot and "
+                   "NAME_summary.json (the claim summary `bayes-spectral claims` reads)")
+    r.add_argument("--config", default=None, metavar="PRESET",
+                   help="a Config preset of the model instead of the default, e.g. "
+                        "'paper' or 'paper_small' for heavy_tailed")
     r.set_defaults(func=cmd_reproduce)
+
+
+def _add_claims_parser(sub) -> None:
+    c = sub.add_parser(
+        "claims", help="render the papers' claims table from reproduce summaries",
+        description="Markdown claims table (one line per paper: seeds, paired difference "
+                    "vs the paper's baseline with its 95%% interval and p, verdict, what "
+                    "would change it) from every *_summary.json under --from.",
+        epilog="example:\n  bayes-spectral reproduce heavy_tailed --config paper --out out/\n"
+               "  bayes-spectral claims --from out/ --out out/claims.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--from", dest="source", required=True, metavar="DIR",
+                   help="folder searched (recursively) for NAME_summary.json files")
+    c.add_argument("--detail", action="store_true", help="also every comparison row")
+    c.add_argument("--out", default=None, help="also write the table to this file")
+    c.set_defaults(func=cmd_claims)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     _add_fit_parser(sub)
     _add_reproduce_parser(sub)
+    _add_claims_parser(sub)
     return parser
 
 

@@ -26,7 +26,8 @@ caller                      call
 PUBLIC API (stable; bnn/ codes against it)::
 
     parameter_view(model_or_state_dict, *, types=None, names=None, pattern=None, hide=(),
-                   split_qkv=True, split_gates=False, what="parameter_view()") -> View
+                   split_qkv=True, split_gates=False, what="parameter_view()",
+                   transformer=False, heads=None) -> View
     View.rows: list[WeightRow]; View.left_out: list[LeftOut]; View.names(); View.by_name()
     WeightRow fields: name, kind, param_name, module_name, attr, index, module,
         module_type, shape, tied, value; methods read(), leaves(), is_leaf(), num_evals(conv)
@@ -174,7 +175,8 @@ def parameter_view(model: nn.Module | Mapping[str, torch.Tensor], *,
                    pattern: str | None = None,
                    hide: type | tuple[type, ...] = (),
                    split_qkv: bool = True, split_gates: bool = False,
-                   what: str = "parameter_view()") -> View:
+                   what: str = "parameter_view()", transformer: bool = False,
+                   heads: int | None = None) -> View:
     """Every >= 2-D weight of ``model`` (an ``nn.Module`` or a state_dict) as
     :class:`WeightRow` s, in state_dict order; every other >= 2-D tensor, 1-D ``*weight``
     and every row not selected in ``left_out`` with its reason. A model and its
@@ -197,11 +199,17 @@ def parameter_view(model: nn.Module | Mapping[str, torch.Tensor], *,
     (:func:`matches`: ``re.fullmatch`` on the module name, the full parameter name or the
     row name); ``hide`` module types left out (models only).
 
+    ``transformer=True`` (``analyze``'s choice) also splits Hugging Face fused attention
+    weights into ``[q]``, ``[k]``, ``[v]`` rows: GPT-2's ``c_attn`` (``Conv1D`` layout
+    ``(in, 3*out)``, split on dim 1) and, given ``heads``, GPT-NeoX / Bloom's
+    ``query_key_value`` (rows interleaved per head); off by default because ``bayesian``
+    splits fused tensors on dim 0 only.
+
     :raises ValueError: unknown names, an invalid pattern, a selection that selects nothing.
     :raises TypeError: a model of another kind, ``types`` / ``hide`` with a state_dict.
     """
-    view = _select(all_rows(model, split_qkv, split_gates, what), model, types, names,
-                   pattern, hide, what)
+    view = _select(all_rows(model, split_qkv, split_gates, what, transformer, heads), model,
+                   types, names, pattern, hide, what)
     _warn_grouped(view.rows, what)
     return view
 

@@ -2,7 +2,13 @@
 
 Prints ratios (reference time / our time), never absolute claims: the machines are noisy.
 
-    python benchmarks/bench_spectrum.py [--quick]
+    python benchmarks/bench_spectrum.py [--quick] [--only core|checkpoint] [--layers N]
+
+``checkpoint`` rows: a synthetic LLaMA-shaped checkpoint (float32, sharded safetensors with
+an index) analysed from its folder by ``bs.analyze`` and by WeightWatcher, each in a fresh
+process: wall time and peak RSS (``VmHWM``) next to the largest tensor (target: peak <=
+1 GB + 4x the largest matrix), then the same with one busy process per core running
+(the loaded machine), ours under torch's default threads and under ``default_threads()``.
 """
 
 from __future__ import annotations
@@ -49,7 +55,27 @@ def heavy_evals(n: int, seed: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--only", choices=["core", "checkpoint"], default=None)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers of the synthetic checkpoint")
+    parser.add_argument("--skip-ww", action="store_true",
+                        help="checkpoint rows without WeightWatcher (it is slow on big ones)")
+    parser.add_argument("--no-load", action="store_true",
+                        help="checkpoint rows on the idle machine only")
+    parser.add_argument("--child", nargs=3, metavar=("WHO", "PATH", "THREADS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        from bench_checkpoint import child
+
+        child(*args.child)
+        return
+    if args.only != "core":
+        from bench_checkpoint import checkpoint_rows
+
+        checkpoint_rows(args.quick, args.layers, args.skip_ww, args.no_load)
+    if args.only == "checkpoint":
+        return
     torch.set_num_threads(2)
     torch.manual_seed(0)
     import weightwatcher as ww

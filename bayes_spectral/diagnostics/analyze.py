@@ -9,8 +9,9 @@ read from names and shapes, so a model and its state_dict give equal datasets) a
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -18,9 +19,22 @@ import xarray as xr
 from torch import nn
 
 from .._checks import check_tensor_storage
-from ..select import LeftOut, WeightRow, parameter_view, weight_layers
+from .._io import UnreadableFileError
+from ..select import LeftOut, View, WeightRow, parameter_view, weight_layers
 from ..spectra.metrics import spectral_metrics
 from ..spectra.spectrum import ConvMode, SpectrumMethod, esd
+from .checkpoint_files import (
+    CheckpointMismatchError,
+    DeltaSource,
+    NonFiniteTensorError,
+    TensorSource,
+    as_source,
+)
+from .lazy_view import config_heads, per_head_rows, source_view
+from .lora import LoraSource
+from .scan import ResumeStore, torch_threads
+from .scan import progress as progress_bar
+from .ww_columns import apply_max_evals, check_ww_options, split_ww_options, ww_columns
 
 __all__ = ["analyze", "weight_layers"]
 
@@ -43,11 +57,24 @@ def analyze(
     dtype: torch.dtype = torch.float64,
     schatten: tuple[float, ...] = (1.0,),
     method: SpectrumMethod = "gram",
+    base=None,
+    max_aspect: float | None = None,
+    heads: int | None = None,
+    per_head: bool = False,
+    resume: str | os.PathLike | None = None,
+    on_row: Callable[[str, dict[str, float]], None] | None = None,
+    progress: bool | None = None,
+    threads: int | None = None,
+    strict: bool = False,
     **fit_kwargs,
 ) -> xr.Dataset:
     """Spectral metrics of every weight of ``model`` (see ``metrics.py``).
 
-    ``model`` is an ``nn.Module`` or a state_dict; the weights are the rows of
+    ``model`` is an ``nn.Module``, a state_dict or a checkpoint path (``.safetensors``
+    file or sharded folder, ``.bin`` / ``.pt`` state dict, LoRA adapter folder: see
+    :mod:`~bayes_spectral.diagnostics.checkpoint_files`), read one tensor at a time;
+    ``base=`` (a path, module or state dict) analyses the fine-tune deltas ``W - W_base``.
+    The weights are the rows of
     :func:`~bayes_spectral.select.parameter_view` (Linear, Conv, Embedding, attention
     Q/K/V/out, recurrent matrices, parametrized weights, any other 2-D parameter).
     ``layers``: a regular expression (the one rule: ``re.fullmatch`` on the module name,
@@ -62,22 +89,58 @@ def analyze(
     are computed in ``dtype`` (float64 by default) by ``method`` (``"gram"``: eigenvalues
     of the smaller Gram matrix, the fast default; ``"svd"``: singular values, accurate for
     tiny values). ``return_esd=True`` adds ``esd`` (dims ``layer, eval_index``, ascending,
-    NaN-padded). Extra keyword arguments go to ``fit_powerlaw``.
+    NaN-padded). Extra keyword arguments go to ``fit_powerlaw``, except WeightWatcher's
+    ``mp_fit``, ``randomize``, ``fit``, ``fix_fingers`` and ``max_evals`` (extra columns,
+    and the ``warning`` column: :mod:`~bayes_spectral.diagnostics.ww_columns`).
+
+    Transformer conventions (Hugging Face names): GPT-2's fused ``c_attn`` (``Conv1D``
+    layout) and ``in_proj_weight`` are split into Q, K, V; ``query_key_value`` (GPT-NeoX,
+    rows interleaved per head) too when ``heads`` is given or stated by the config
+    (``config.json`` beside the checkpoint, ``model.config``); tied or equal-valued
+    matrices (``wte`` / ``lm_head``) count once. ``max_aspect``: matrices with
+    ``max(shape) / min(shape)`` above it are left out (very elongated embeddings).
+    ``per_head=True``: each Q, K, V row as one row per head (``name[h0]``, ...: the head's
+    ``out / heads`` output features).
+
+    Long scans: ``resume`` (a folder, checkpoint paths only) keeps every finished row
+    (atomic files) and reads them back instead of recomputing; other settings are refused
+    by name (:class:`~bayes_spectral.diagnostics.scan.ResumeMismatchError`). ``on_row(name,
+    metrics)`` is called after each computed row; ``progress`` shows a tqdm bar (``None``:
+    when stderr is a terminal); ``threads``: torch threads (``None``: the cores not busy
+    with other work, :func:`~bayes_spectral.diagnostics.scan.default_threads`; the number
+    used is ``ds.attrs["threads"]``).
 
     A layer that cannot be analysed (NaN/Inf or all-zero weights, a sparse or meta-device
     tensor, a failed fit) is left out with a warning naming it and the reason (also in
-    ``ds.attrs["left_out"]`` and ``ds.attrs["failed"]``); the other layers are analysed.
+    ``ds.attrs["left_out"]`` and ``ds.attrs["failed"]``); the other layers are analysed
+    (``strict=True``: a file tensor that cannot be read or holds NaN/Inf raises instead).
     :raises ValueError: when no layer could be analysed (the reasons, per layer).
     """
     _check_include(model, include)
-    model, failed = _drop_unreadable(model)
-    pattern, names = (layers, None) if isinstance(layers, str) else (None, layers)
-    view = parameter_view(model, types=types, names=names, pattern=pattern, hide=hide,
-                          split_qkv=split_qkv, split_gates=split_gates, what="analyze()")
-    kept, skipped, left_out = _split_by_size(view.rows, conv, min_evals)
+    check_ww_options(fit_kwargs, min_evals)  # mp_fit, randomize, fit, fix_fingers, max_evals
+    settings = dict(layers=layers, split_qkv=split_qkv, split_gates=split_gates, conv=conv,
+                    min_evals=min_evals, dtype=str(dtype), schatten=schatten, method=method,
+                    max_aspect=max_aspect, heads=heads, per_head=per_head, fit=fit_kwargs)
+    source, failed = None, []
+    if isinstance(model, (str, os.PathLike)) or base is not None:
+        source, view = _checkpoint_view(model, base, layers, types, hide, split_qkv,
+                                        split_gates, heads, per_head)
+    else:
+        model, failed = _drop_unreadable(model)
+        view = _model_view(model, layers, types, hide, split_qkv, split_gates, heads,
+                           per_head)
+    kept, skipped, left_out = _split_by_size(view.rows, conv, min_evals, max_aspect)
+    kept, skipped, left_out = apply_max_evals(kept, skipped, left_out, conv, fit_kwargs)
     left_out = view.left_out + left_out
-    rows, spectra, kept, more = _layer_metrics(kept, dtype, conv, schatten, method, return_esd,
-                                               fit_kwargs)
+    try:
+        store = _resume_store(resume, source, settings)
+        with torch_threads(threads) as used_threads:
+            rows, spectra, kept, more = _layer_metrics(
+                kept, dtype, conv, schatten, method, return_esd, fit_kwargs,
+                store=store, on_row=on_row, bar=progress, strict=strict)
+    finally:
+        if source is not None:
+            source.close()
     failed += more
     _warn_left_out(left_out, min_evals)
     if not rows:
@@ -88,6 +151,7 @@ def analyze(
     left_out = left_out + [LeftOut(n, f"could not be analysed: {why}") for n, why in failed]
     ds = _dataset(rows, kept, skipped, conv)
     ds.attrs["failed"] = "; ".join(f"{n}: {why}" for n, why in failed)
+    ds.attrs["threads"] = used_threads
     ds.attrs["left_out"] = "; ".join(f"{n}: {why}" for n, why in left_out)
     if return_esd:
         ds["esd"] = (("layer", "eval_index"), _nan_padded(spectra))
@@ -111,18 +175,70 @@ def _warn_left_out(left_out: list[LeftOut], min_evals: int) -> None:
     """One warning naming every matrix left out (not 1-D weights, not deselected rows)."""
     shown = [f"{n} ({why})" for n, why in left_out
              if "-D weight, not a matrix" not in why and not why.startswith("not selected")
-             and "is hidden" not in why]
+             and "is hidden" not in why and not why.startswith("tied to")]
     if shown:
         warnings.warn(f"analyze(): left out (fewer than {min_evals} eigenvalues or no "
                       f"matrix rule): {', '.join(shown)}", stacklevel=3)
 
 
-def _split_by_size(found: list[WeightRow], conv: ConvMode, min_evals: int
+def _model_view(model, layers, types, hide, split_qkv: bool, split_gates: bool,
+                heads: int | None, per_head: bool = False) -> View:
+    """The view of a module or state dict (transformer conventions on; ``heads`` from
+    ``model.config`` when not given; ``per_head``: :func:`per_head_rows`)."""
+    pattern, names = (layers, None) if isinstance(layers, str) else (None, layers)
+    if heads is None and isinstance(model, nn.Module):
+        heads = config_heads(getattr(model, "config", None) or {})
+    view = parameter_view(model, types=types, names=names, pattern=pattern, hide=hide,
+                          split_qkv=split_qkv, split_gates=split_gates, what="analyze()",
+                          transformer=True, heads=heads)
+    return View(per_head_rows(view.rows, heads), view.left_out) if per_head else view
+
+
+def _checkpoint_view(model, base, layers, types, hide, split_qkv: bool, split_gates: bool,
+                     heads: int | None, per_head: bool = False
+                     ) -> tuple[TensorSource, View]:
+    """The source (``W - W_base`` with ``base``) and its lazily read view."""
+    if types is not None or hide:
+        raise TypeError("analyze(): types= and hide= need an nn.Module; select the rows "
+                        "of a checkpoint by layers= (names or a regular expression)")
+    source = as_source(model)
+    if base is not None:
+        if isinstance(source, LoraSource):
+            raise CheckpointMismatchError(f"analyze(): {model} is a LoRA adapter, already "
+                                          "the update B A * scaling; base= is for full "
+                                          "fine-tuned checkpoints")
+        source = DeltaSource(source, as_source(base))
+    if heads is None:
+        heads = config_heads(source.config) or (
+            config_heads(getattr(model, "config", None) or {}) if isinstance(model, nn.Module)
+            else None)
+    pattern, names = (layers, None) if isinstance(layers, str) else (None, layers)
+    view = source_view(source, names=names, pattern=pattern, split_qkv=split_qkv,
+                       split_gates=split_gates, heads=heads)
+    extra = [LeftOut(n, why) for n, why in source.left_out]
+    rows = per_head_rows(view.rows, heads) if per_head else view.rows
+    return source, View(rows, extra + view.left_out)
+
+
+def _resume_store(resume, source: TensorSource | None, settings: dict) -> ResumeStore | None:
+    """The resume folder's store, its settings the checkpoint's files and ``settings``."""
+    if resume is None:
+        return None
+    if source is None:
+        raise TypeError("analyze(): resume= needs a checkpoint path (a module or state dict "
+                        "in memory has nothing to resume)")
+    return ResumeStore(resume, {"checkpoint": source.fingerprint(), **settings})
+
+
+def _split_by_size(found: list[WeightRow], conv: ConvMode, min_evals: int,
+                   max_aspect: float | None = None
                    ) -> tuple[list[WeightRow], list[str], list[LeftOut]]:
-    """Rows with at least ``min_evals`` eigenvalues; the names of the others; both those
-    and rows without a matrix rule as :class:`LeftOut`."""
+    """Rows with at least ``min_evals`` eigenvalues (and ``max(shape)/min(shape) <=
+    max_aspect`` for matrices); the names of the others; both those and rows without a
+    matrix rule as :class:`LeftOut`."""
     kept, skipped, left_out = [], [], []
     for row in found:
+        aspect = max(row.shape) / min(row.shape) if len(row.shape) == 2 and min(row.shape) else 0
         if row.kind in NO_MATRIX_RULE:
             left_out.append(LeftOut(row.name, f"a {len(row.shape)}-D parameter that is not "
                                               "a weight (no matrix rule)"))
@@ -130,6 +246,9 @@ def _split_by_size(found: list[WeightRow], conv: ConvMode, min_evals: int
             skipped.append(row.name)
             left_out.append(LeftOut(row.name, f"{row.num_evals(conv)} eigenvalues "
                                               f"(< min_evals={min_evals})"))
+        elif max_aspect is not None and aspect > max_aspect:
+            left_out.append(LeftOut(row.name, f"aspect ratio {aspect:.3g} > "
+                                              f"max_aspect={max_aspect:g}"))
         else:
             kept.append(row)
     return kept, skipped, left_out
@@ -162,10 +281,13 @@ def _one_layer(row: WeightRow, dtype: torch.dtype, conv: ConvMode, schatten, met
     raw = row.read().detach()
     check_tensor_storage(raw, f"weight of layer {row.name!r}")
     w = raw.to(dtype)
+    del raw  # a file's tensor: only the cast copy stays
+    ww_opts, fit_kwargs = split_ww_options(fit_kwargs)
     with torch.no_grad():
         m = spectral_metrics(w, conv=conv, schatten=schatten, name=row.name, method=method,
                              **fit_kwargs)
         out = {k: float(v) for k, v in m.items()}
+        out.update(ww_columns(w, out, ww_opts, conv=conv, method=method, name=row.name))
         spectrum = (esd(w, conv=conv, name=row.name, method=method).cpu().numpy()
                     if return_esd else None)
     return out, spectrum
@@ -173,21 +295,32 @@ def _one_layer(row: WeightRow, dtype: torch.dtype, conv: ConvMode, schatten, met
 
 def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,
                    conv: ConvMode, schatten: tuple[float, ...], method: SpectrumMethod,
-                   return_esd: bool, fit_kwargs: dict
+                   return_esd: bool, fit_kwargs: dict, store: ResumeStore | None = None,
+                   on_row=None, bar: bool | None = False, strict: bool = False
                    ) -> tuple[list[dict[str, float]], list[np.ndarray], list[WeightRow],
                               list[tuple[str, str]]]:
     """Per layer, in order: its metrics as floats and (``return_esd``) its ESD, both of
-    the weight cast to ``dtype``; a layer that fails is left out with a warning naming it.
+    the weight cast to ``dtype``; a layer that fails is left out with a warning naming it
+    (``strict``: a file's unreadable or non-finite tensor raises). Rows in ``store`` are
+    read back; computed ones saved there, then passed to ``on_row(name, metrics)``.
     Returns ``(metrics, spectra, rows analysed, [(name, reason) of the failed ones])``."""
     rows: list[dict[str, float]] = []
     spectra: list[np.ndarray] = []
     done: list[WeightRow] = []
     failed: list[tuple[str, str]] = []
-    for row in kept:
+    for pos, row in enumerate(progress_bar(kept, len(kept), bar)):
         try:
-            metrics, spectrum = _one_layer(row, dtype, conv, schatten, method, return_esd,
-                                           fit_kwargs)
+            metrics, spectrum = (store.get(row.name) if store is not None else None) or (None, None)
+            if metrics is None:
+                metrics, spectrum = _one_layer(row, dtype, conv, schatten, method,
+                                               return_esd or store is not None, fit_kwargs)
+                if store is not None:
+                    store.save(pos, row.name, metrics, spectrum)
+                if on_row is not None:
+                    on_row(row.name, metrics)
         except (ValueError, TypeError, RuntimeError, ArithmeticError) as err:
+            if strict and isinstance(err, (UnreadableFileError, NonFiniteTensorError)):
+                raise
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             failed.append((row.name, reason))
             warnings.warn(f"analyze(): layer {row.name!r} could not be analysed and is left "
@@ -195,7 +328,7 @@ def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,
             continue
         rows.append(metrics)
         done.append(row)
-        if spectrum is not None:
+        if return_esd:
             spectra.append(spectrum)
     return rows, spectra, done, failed
 

@@ -1,7 +1,9 @@
-"""Layer 5: importance-weighted PSIS-LOO of a variational fit.
+"""Layer 5: PSIS-LOO of a variational fit and of MCMC draws.
 
 :func:`importance_elpd`: leave-one-out ELPD of an SVI fit with importance weights
 ``p(theta, y) / q(theta)`` (formula in its docstring), with Pareto-k diagnostics.
+:func:`mcmc_loo`: plain PSIS-LOO of posterior draws (NUTS, SG-MCMC) from their pointwise
+log-likelihood ``(chain, draw, n)``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from ..bnn.network import BayesianNetwork
 from .arviz_adapter import MIN_PSIS_DRAWS, psislw
 from .traces import as_data, check_result, guide_trace, trace_draw
 
-__all__ = ["MIN_PSIS_DRAWS", "ImportanceELPD", "importance_elpd"]
+__all__ = ["GOOD_K", "MIN_PSIS_DRAWS", "ImportanceELPD", "PsisLoo", "importance_elpd",
+           "mcmc_loo"]
+
+#: Pareto k above which a PSIS estimate is unreliable (Vehtari et al. 2024)
+GOOD_K = 0.7
 
 
 @dataclass
@@ -43,6 +49,66 @@ class ImportanceELPD:
     log_weights: np.ndarray
 
 
+
+
+@dataclass
+class PsisLoo:
+    """PSIS-LOO of posterior draws (see :func:`mcmc_loo`): ``elpd`` (sum over points),
+    ``se``, ``p_loo``, ``elpd_i`` and ``pareto_k`` per point, ``khat_max``, ``frac_good``
+    (share of points with ``k <= GOOD_K = 0.7``), ``good_k`` (ArviZ's sample-size
+    dependent threshold ``min(1 - 1/log10 S, 0.7)``), ``num_samples``."""
+
+    elpd: float
+    se: float
+    p_loo: float
+    elpd_i: np.ndarray
+    pareto_k: np.ndarray
+    khat_max: float
+    frac_good: float
+    good_k: float
+    num_samples: int
+
+
+def mcmc_loo(log_lik) -> PsisLoo:
+    """PSIS-LOO of posterior draws: ``log_lik`` ``(chain, draw, n)`` (or ``(S, n)``, or an
+    ArviZ container with a ``log_likelihood`` group holding ``y``), draws pooled.
+
+    Ratios ``r_is = -log p(y_i | theta_s)`` smoothed by ``arviz_adapter.psislw``
+    (``r_eff = 1``) into normalised ``lw_is``; ``elpd_i = log sum_s exp(lw_is + ll_is)``,
+    ``elpd = sum_i elpd_i``, ``se = sqrt(n var_i elpd_i)``, ``p_loo = sum_i lppd_i - elpd``
+    with ``lppd_i = log mean_s exp(ll_is)``.
+    """
+    ll = _pooled_log_lik(log_lik)  # (n, S)
+    s = ll.shape[1]
+    if s < MIN_PSIS_DRAWS:
+        raise ValueError(f"mcmc_loo() needs >= {MIN_PSIS_DRAWS} draws under the installed "
+                         f"ArviZ (PSIS cannot fit the Pareto tail below), got {s}")
+    lw, pareto_k = psislw(-ll)
+    elpd_i = _logsumexp(lw + ll, axis=-1)
+    lppd_i = _logsumexp(ll, axis=-1) - math.log(s)
+    pareto_k = np.asarray(pareto_k, dtype=np.float64)
+    good_k = min(1.0 - 1.0 / math.log10(s), GOOD_K)
+    n = elpd_i.shape[0]
+    return PsisLoo(elpd=float(elpd_i.sum()), se=float(math.sqrt(n * np.var(elpd_i))),
+                   p_loo=float(lppd_i.sum() - elpd_i.sum()), elpd_i=elpd_i,
+                   pareto_k=pareto_k, khat_max=float(pareto_k.max()),
+                   frac_good=float(np.mean(pareto_k <= GOOD_K)), good_k=good_k,
+                   num_samples=s)
+
+
+def _pooled_log_lik(log_lik) -> np.ndarray:
+    """``(n, S)`` float64 from ``(chain, draw, n)``, ``(S, n)`` or a container."""
+    from .arviz_adapter import group, has_groups
+
+    if has_groups(log_lik):
+        log_lik = group(log_lik, "log_likelihood")["y"].transpose("chain", "draw", ...).values
+    ll = np.asarray(log_lik, dtype=np.float64)
+    if ll.ndim == 3:
+        ll = ll.reshape(-1, ll.shape[-1])
+    if ll.ndim != 2 or not np.all(np.isfinite(ll)):
+        raise ValueError("mcmc_loo(): log_lik must be finite with shape (chain, draw, n) or "
+                         f"(S, n), got shape {ll.shape}")
+    return ll.T
 
 
 def importance_elpd(result: FitResult, data, num_samples: int = 200,

@@ -305,6 +305,7 @@ def fit_powerlaw(
     *,
     xmin_quantile: float | None = None,
     xmin_index: int | None = None,
+    xmin_range: tuple[float, float] | None = None,
     xmax: float | None = None,
     num_fingers: int = 0,
     min_tail: int = 2,
@@ -318,7 +319,9 @@ def fit_powerlaw(
     ``evals``: eigenvalues ``(..., N)`` (any order; batched over leading dims).
     xmin choice, exactly one of: ``xmin="ks"`` (default, scan all candidates, minimise the
     KS distance), ``xmin=<float>`` (tail is ``lambda >= xmin``), ``xmin_quantile=q``
-    (``xmin = lambda_(floor(q N))``, 0-based ascending) or ``xmin_index=i``.
+    (``xmin = lambda_(floor(q N))``, 0-based ascending), ``xmin_index=i`` or
+    ``xmin_range=(lo, hi)`` (the KS rule over candidates ``lo <= lambda_i < hi`` but the
+    largest of them, as ``powerlaw.Fit(xmin=(lo, hi))``; every candidate evaluated exactly).
     Truncated variant: ``xmax=<float>`` drops eigenvalues above ``xmax`` and
     ``num_fingers=k`` drops the ``k`` largest (outlier "fingers"); then the law is the
     power law truncated to ``[xmin, xmax]`` (MLE by bisection, see ``_truncated_rate``).
@@ -331,11 +334,11 @@ def fit_powerlaw(
     hill = isinstance(xmin, str) and xmin == "hill"
     if hill or tail_fraction is not None:
         if not hill or xmin_quantile is not None or xmin_index is not None \
-                or xmax is not None or num_fingers:
+                or xmin_range is not None or xmax is not None or num_fingers:
             raise ValueError("tail_fraction goes with xmin='hill' alone (no xmin_quantile, "
                              "xmin_index, xmax or num_fingers)")
         return _fit_hill(evals, 0.5 if tail_fraction is None else tail_fraction, name)
-    rule, value = _xmin_rule(xmin, xmin_quantile, xmin_index)
+    rule, value = _xmin_rule(xmin, xmin_quantile, xmin_index, xmin_range)
     if num_fingers < 0:
         raise ValueError(f"num_fingers must be >= 0, got {num_fingers}")
     lam, N = _prepare(evals, min_tail, name)
@@ -351,7 +354,7 @@ def fit_powerlaw(
         ks = D.gather(-1, idx[:, None]).squeeze(-1)
     alpha = _tail_alpha(lam2, idx, alphas, truncated)
     _warn_if_flat(lam2, idx, alpha, where)
-    method = "truncated" if truncated else ("ks" if rule == "ks" else "fixed")
+    method = "truncated" if truncated else ("ks" if rule in ("ks", "range") else "fixed")
     return _fit_result(lam2, idx, alpha, ks, D, batch_shape, method)
 
 
@@ -377,14 +380,16 @@ def _where(name: str | None) -> str:
     return f" (layer {name!r})" if name else ""
 
 
-def _xmin_rule(xmin, xmin_quantile, xmin_index) -> tuple[str, object]:
+def _xmin_rule(xmin, xmin_quantile, xmin_index, xmin_range=None) -> tuple[str, object]:
     """The xmin rule asked for, ``(rule, value)``: ``("ks", None)``, ``("value", xmin)``,
-    ``("quantile", q)`` or ``("index", i)``; at most one may be given."""
+    ``("quantile", q)``, ``("index", i)`` or ``("range", (lo, hi))``; at most one."""
     given = [(rule, v) for rule, v, on in (("value", xmin, xmin != "ks"),
                                           ("quantile", xmin_quantile, xmin_quantile is not None),
-                                          ("index", xmin_index, xmin_index is not None)) if on]
+                                          ("index", xmin_index, xmin_index is not None),
+                                          ("range", xmin_range, xmin_range is not None)) if on]
     if len(given) > 1:
-        raise ValueError("give at most one of xmin=<value>, xmin_quantile, xmin_index")
+        raise ValueError("give at most one of xmin=<value>, xmin_quantile, xmin_index, "
+                         "xmin_range")
     if isinstance(xmin, str) and xmin != "ks":
         raise ValueError(f"xmin must be 'ks' or a number (or 'hill'), got {xmin!r}")
     return given[0] if given else ("ks", None)
@@ -497,12 +502,30 @@ def _xmin_by_value(s: _TailScan, xmin):
     return _xmin_at_index(s, i)
 
 
+def _xmin_by_range(s: _TailScan, bounds):
+    """``xmin_range=(lo, hi)``: ``argmin D_i`` over candidates with ``lo <= lambda_i < hi``,
+    leaving out the largest of them (``powerlaw.Fit``'s rule for an xmin range)."""
+    lo, hi = min(map(float, bounds)), max(map(float, bounds))
+    alphas, D = s.scan()
+    lam = s.lam[:, : D.shape[-1]]
+    inside = (lam >= lo) & (lam < hi)
+    pos = torch.arange(D.shape[-1], device=D.device).expand_as(D)
+    last = torch.where(inside, pos, -1).amax(-1, keepdim=True)
+    inside = inside & (pos != last)
+    D = torch.where(inside, D, torch.full_like(D, float("inf")))
+    idx = torch.argmin(D, dim=-1)
+    if bool(torch.isinf(D.gather(-1, idx[:, None])).any()):
+        raise ValueError(f"no xmin candidate in [{lo:.6g}, {hi:.6g}){s.where}")
+    return alphas, D, idx
+
+
 #: xmin rule -> ``(scan, value) -> (alphas, D, idx)``
 _XMIN_RULES = {
     "ks": _xmin_by_ks,
     "index": _xmin_by_index,
     "quantile": _xmin_by_quantile,
     "value": _xmin_by_value,
+    "range": _xmin_by_range,
 }
 
 
