@@ -14,13 +14,14 @@ weights, never the biases) or ``None``. A prior MAP fits the same loop with the 
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 from torch import nn
 
 from bayes_spectral.penalties import Penalty
 
-__all__ = ["digits_cnn", "train_classifier", "accuracy"]
+__all__ = ["digits_cnn", "lenet5", "train_classifier", "accuracy"]
 
 
 def digits_cnn(channels: tuple[int, int], hidden: int, num_classes: int, seed: int,
@@ -38,6 +39,31 @@ def digits_cnn(channels: tuple[int, int], hidden: int, num_classes: int, seed: i
         ("pool", nn.MaxPool2d(2)), ("flat", nn.Flatten()),
         ("fc1", nn.Linear(c2 * (side // 2) ** 2, hidden)), ("relu3", nn.ReLU()),
         ("out", nn.Linear(hidden, num_classes)),
+    ]))
+
+
+def lenet5(num_classes: int, seed: int, shape: tuple[int, ...] = (8, 8)) -> nn.Sequential:
+    """LeNet5-sized CNN: conv 6 -> pool -> conv 16 -> pool -> fc1 120 -> fc2 84 -> out.
+
+    Input: flat signals of ``prod(shape)`` values, reshaped inside to one channel of
+    ``shape``: ``(8, 8)`` digits (Conv2d) or ``(40,)`` MNIST-1D signals (Conv1d). Kernels
+    are 5 (5x5 in 2-D) with "same" padding 2, ReLU and 2-wide max-pooling (LeCun et al.'s
+    unpadded 5x5 convs need 32x32 inputs: 8 -> 4 -> 0). Flattened size
+    ``16 * prod(s // 4 for s in shape)``: 64 for 8x8, 160 for 40.
+    """
+    if len(shape) not in (1, 2) or min(shape) < 4:
+        raise ValueError(f"lenet5: shape must be 1-D or 2-D with sides >= 4, got {shape}")
+    torch.manual_seed(seed)
+    conv, pool = (nn.Conv1d, nn.MaxPool1d) if len(shape) == 1 else (nn.Conv2d, nn.MaxPool2d)
+    flat = 16 * math.prod(s // 4 for s in shape)
+    return nn.Sequential(collections.OrderedDict([
+        ("signal", nn.Unflatten(1, (1, *shape))),
+        ("conv1", conv(1, 6, 5, padding=2)), ("relu1", nn.ReLU()), ("pool1", pool(2)),
+        ("conv2", conv(6, 16, 5, padding=2)), ("relu2", nn.ReLU()), ("pool2", pool(2)),
+        ("flat", nn.Flatten()),
+        ("fc1", nn.Linear(flat, 120)), ("relu3", nn.ReLU()),
+        ("fc2", nn.Linear(120, 84)), ("relu4", nn.ReLU()),
+        ("out", nn.Linear(84, num_classes)),
     ]))
 
 

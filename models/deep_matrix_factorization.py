@@ -70,6 +70,7 @@ from bayes_spectral.data import make_matrix_sensing
 from bayes_spectral.penalties import WeightDecay
 
 from ._common import new_figure, save_figure, torch_threads, write_results
+from ._model_claims import write_claims
 
 __all__ = [
     "Config",
@@ -261,6 +262,7 @@ def run(config: Config | None = None, out_dir=None) -> pd.DataFrame:
                         record(method, depth, end_to_end(ws))
     df = pd.DataFrame(rows)
     write_results(df, out_dir, "deep_matrix_factorization", _plot)
+    write_claims(out_dir, "deep_matrix_factorization", df)
     return df
 
 

@@ -59,6 +59,7 @@ import torch
 from bayes_spectral.data import make_sparse_regression
 
 from ._common import new_figure, save_figure, torch_threads, write_results
+from ._model_claims import write_claims
 
 __all__ = ["Config", "run", "plain_gd", "weight_normalised_gd"]
 
@@ -179,6 +180,7 @@ def run(config: Config | None = None, out_dir=None) -> pd.DataFrame:
                 record("weight_norm", kappa, alpha, w, it)
     df = pd.DataFrame(rows)
     write_results(df, out_dir, "diagonal_weight_norm", _plot)
+    write_claims(out_dir, "diagonal_weight_norm", df)
     return df
 
 

@@ -46,6 +46,7 @@ from bayes_spectral import data as _data
 from bayes_spectral.spectra.spectrum import effective_rank
 
 from ._common import new_figure, save_figure, torch_threads, write_results
+from ._model_claims import write_claims
 
 __all__ = ["Config", "run", "train_two_layer"]
 
@@ -171,6 +172,7 @@ def run(config: Config | None = None, out_dir=None) -> pd.DataFrame:
                     })
     df = pd.DataFrame(rows)
     write_results(df, out_dir, "low_rank_weight_decay", _plot)
+    write_claims(out_dir, "low_rank_weight_decay", df)
     return df
 
 

@@ -45,6 +45,7 @@ from bayes_spectral import penalties as P
 from bayes_spectral.apps.nets import make_mlp
 
 from ._common import new_figure, save_figure, torch_threads, write_results
+from ._model_claims import write_claims
 from ._nets import accuracy, train_classifier
 
 __all__ = ["Config", "METHODS", "DATASETS", "run", "summary"]
@@ -148,6 +149,7 @@ def run(config: Config | None = None, out_dir=None) -> pd.DataFrame:
                                  "log10_lipschitz_bound": log_lip})
     df = pd.DataFrame(rows)
     write_results(df, out_dir, "spectral_norm", _plot)
+    write_claims(out_dir, "spectral_norm", df)
     return df
 
 
