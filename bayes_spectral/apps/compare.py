@@ -11,13 +11,16 @@ penalty (baselines, :mod:`bayes_spectral.penalties`) or ``-log p(W)`` of a spect
 (MAP, :func:`bayes_spectral.bayesian` + :func:`fit` with ``AutoDelta``; the library checks
 that the two coincide). SVI (``AutoNormal``) starts from the MAP fit of the same prior and
 seed. All runs use Adam with the same learning rate, batch size, data order and number of
-epochs, so differences come from ``R`` alone.
+epochs, so differences come from ``R`` alone. The SG-MCMC rows (``methods``: ``sghmc`` /
+``sgld`` of :func:`fit`) sample the posterior whose potential is that same MAP objective,
+``num_chains`` chains started at the MAP fit, at ``temperature`` (1: the Bayes posterior).
 
 Each finished run is saved atomically under ``<out>/runs/``: its table rows and point
-weights (``.pt``) and, for SVI, its ``InferenceData`` (``_svi.nc``, written first);
-``resume=True`` skips runs already there, so an interrupted comparison loses at most the
-run in progress. Saved runs are read back with ``weights_only=True`` (:func:`load_run`: a
-file holding anything but tensors and plain data is refused by name, never unpickled), and
+weights (``.pt``) and, for SVI and each sampler, its ``InferenceData`` (``_svi.nc``,
+``_sghmc.nc``, written first); ``resume=True`` skips runs already there, so an interrupted
+comparison loses at most the run in progress. Saved runs are read back with
+``weights_only=True`` (:func:`load_run`: a file holding anything but tensors and plain
+data is refused by name, never unpickled), and
 :func:`compare` holds the lock ``<out>/.compare.lock`` (``fcntl.flock``) while it runs: a
 second comparison on the same folder raises :class:`~bayes_spectral._io.FolderLockedError`
 at once instead of training the same runs. Each run stores the fingerprint of the settings
@@ -39,9 +42,11 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -51,11 +56,13 @@ from .._io import UnreadableFileError, folder_lock, load_tensors
 from ..bnn.build import bayesian
 from ..bnn.fit import fit, save_checkpoint
 from ..bnn.guides import auto_normal, map_values
+from ..bnn.metrics import log_predictive_density
 from ..bnn.predict import evaluate
 from ..data import DATASETS, Split
 from ..diagnostics.analyze import analyze
+from ..diagnostics.arviz_adapter import posterior_of
 from ..diagnostics.inference_data import to_inference_data
-from ..diagnostics.loo import importance_elpd
+from ..diagnostics.loo import GOOD_K, MIN_PSIS_DRAWS, importance_elpd, mcmc_loo
 from ..diagnostics.netcdf import load_netcdf, save_netcdf
 from ..distributions import BUILTIN_PRIORS, PRIORS
 from ..models._common import torch_threads
@@ -70,7 +77,7 @@ from .outputs import (  # noqa: F401 (public names of compare before apps.output
     summarize,
     write_outputs,
 )
-from .settings import check_device, check_seeds
+from .settings import PRIOR_METHODS, SAMPLERS, check_device, check_seeds
 
 __all__ = ["BASELINES", "PRIORS", "CompareConfig", "compare", "summarize"]
 
@@ -112,12 +119,37 @@ class CompareConfig:
     device: str = "cpu"
     #: torch intra-op threads during training (1 is fastest for these small MLPs on CPU)
     num_threads: int | None = 1
+    #: inference per prior, in :data:`PRIOR_METHODS`: ``map`` (always run: SVI and the
+    #: samplers start from its fit), ``svi`` (unless ``svi=False``), ``sgld`` / ``sghmc``
+    methods: tuple[str, ...] = ("map", "svi", "sghmc")
+    #: SG-MCMC (``bs.fit(method="sghmc" | "sgld")``): epochs per chain, ``lr`` (step size
+    #: ``lr / N`` on the potential ``N L(W)``), chains, temperature (1: the Bayes posterior),
+    #: epochs of burn-in, thinning (every ``thin``-th step kept), cycles (None: constant lr)
+    sampler_epochs: int = 40
+    sampler_lr: float = 0.05
+    num_chains: int = 4
+    temperature: float = 1.0
+    burn_in: int = 10
+    thin: int = 23
+    cycles: int | None = None
 
     @classmethod
     def quick(cls) -> CompareConfig:
-        """Under a minute on 2 CPU cores: fewer epochs, 2 seeds, a smaller MLP."""
+        """About a minute on 2 CPU cores: fewer epochs, 2 seeds, a smaller MLP, 2 SGHMC
+        chains of 6 epochs (28 draws per seed: enough for PSIS-LOO)."""
         return cls(hidden=(64,), seeds=(0, 1), epochs=10, svi_epochs=5,
-                   num_posterior_samples=16)
+                   num_posterior_samples=16, sampler_epochs=6, num_chains=2, burn_in=1,
+                   thin=8)
+
+    def prior_methods(self) -> tuple[str, ...]:
+        """The inference methods run for each prior, in order: ``map`` first, ``svi``
+        (when in ``methods`` and ``svi``), then the samplers of ``methods``."""
+        svi = ("svi",) if self.svi and "svi" in self.methods else ()
+        return ("map", *svi, *(m for m in SAMPLERS if m in self.methods))
+
+    def samplers(self) -> tuple[str, ...]:
+        """The SG-MCMC methods of :meth:`prior_methods`."""
+        return tuple(m for m in self.prior_methods() if m in SAMPLERS)
 
     def coef(self, baseline: str) -> float:
         """Coefficient of ``baseline``: ``coefs``, else ``BASELINE_COEFS``, else 1."""
@@ -126,19 +158,34 @@ class CompareConfig:
     def validate(self) -> None:
         """``ValueError`` naming the first impossible setting."""
         self._validate_names()
-        for key in ("epochs", "svi_epochs", "batch_size", "num_posterior_samples"):
+        for key in ("epochs", "svi_epochs", "batch_size", "num_posterior_samples",
+                    "sampler_epochs", "num_chains", "thin"):
             val = getattr(self, key)
             if int(val) != val or val < 1:
                 raise ValueError(f"{key} must be a positive integer, got {val!r}")
         if not self.hidden or any(int(h) != h or h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be positive layer widths, got {self.hidden!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
+        for key in ("lr", "sampler_lr", "temperature"):
+            val = getattr(self, key)
+            if not (math.isfinite(val) and val > 0):
+                raise ValueError(f"{key} must be positive and finite, got {val!r}")
+        self._validate_sampler()
         for name in self.baselines:
             coef = self.coef(name)
             if name != "none" and not (math.isfinite(coef) and coef > 0):
                 raise ValueError(f"coefficient of {name!r} must be a positive number, "
                                  f"got {coef!r}")
+
+    def _validate_sampler(self) -> None:
+        """``methods`` known; burn-in shorter than the run; cycles a positive integer."""
+        unknown = [m for m in self.methods if m not in PRIOR_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; available: {list(PRIOR_METHODS)}")
+        if int(self.burn_in) != self.burn_in or not 0 <= self.burn_in < self.sampler_epochs:
+            raise ValueError(f"burn_in must be an integer in [0, sampler_epochs = "
+                             f"{self.sampler_epochs}), got {self.burn_in!r}")
+        if self.cycles is not None and (int(self.cycles) != self.cycles or self.cycles < 1):
+            raise ValueError(f"cycles must be None or a positive integer, got {self.cycles!r}")
 
     def _validate_names(self) -> None:
         """Data set, baselines and priors are registered; something is selected."""
@@ -213,56 +260,99 @@ def _prior_model(split: Split, cfg: CompareConfig, prior: str, seed: int):
 
 
 def train_prior(split: Split, cfg: CompareConfig, prior: str, seed: int):
-    """MAP (AutoDelta) and, if ``cfg.svi``, SVI (AutoNormal from the MAP values).
+    """MAP (AutoDelta), then, per :meth:`CompareConfig.prior_methods`, SVI (AutoNormal from
+    the MAP values) and each SG-MCMC sampler (chains started at the MAP weights).
 
-    Returns ``{"map": FitResult, "svi": FitResult | None, "seconds": {kind: float}}``.
+    Returns ``{"map": FitResult, "svi": FitResult | None, <sampler>: FitResult, "seconds":
+    {kind: float}}``.
     """
-    kw = dict(batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device, seed=seed,
-              progress=False)
+    kw = dict(batch_size=cfg.batch_size, device=cfg.device, seed=seed, progress=False)
     t0 = time.perf_counter()
     bn = _prior_model(split, cfg, prior, seed)
-    res_map = fit(bn, split, "map", epochs=cfg.epochs, **kw)
-    seconds = {"map": time.perf_counter() - t0}
-    res_svi = None
-    if cfg.svi:
+    res_map = fit(bn, split, "map", epochs=cfg.epochs, lr=cfg.lr, **kw)
+    out = {"map": res_map, "svi": None, "seconds": {"map": time.perf_counter() - t0}}
+    for method in cfg.prior_methods()[1:]:
         t0 = time.perf_counter()
-        start = map_values(res_map.guide)
-        bn2 = _prior_model(split, cfg, prior, seed)
-        bn2.to(cfg.device)
-        guide = auto_normal(bn2, init_scale=0.02, init_values=start)
-        res_svi = fit(bn2, split, "svi", guide=guide, epochs=cfg.svi_epochs, **kw)
-        seconds["svi"] = time.perf_counter() - t0
-    return {"map": res_map, "svi": res_svi, "seconds": seconds}
+        if method == "svi":
+            start = map_values(res_map)
+            bn2 = _prior_model(split, cfg, prior, seed)
+            bn2.to(cfg.device)
+            guide = auto_normal(bn2, init_scale=0.02, init_values=start)
+            out["svi"] = fit(bn2, split, "svi", guide=guide, epochs=cfg.svi_epochs, lr=cfg.lr,
+                             **kw)
+        else:
+            out[method] = fit_sampler(split, cfg, prior, seed, method, res_map)
+        out["seconds"][method] = time.perf_counter() - t0
+    return out
+
+
+def fit_sampler(split: Split, cfg: CompareConfig, prior: str, seed: int, method: str,
+                res_map):
+    """``bs.fit(method=<sampler>)`` of ``prior`` on ``split``, every chain starting at the
+    MAP weights of ``res_map`` (chains c > 0 jittered by ``fit``'s ``init_jitter``)."""
+    start = res_map.to_module()
+    bn = bayesian(start, {nn.Linear: PRIORS.get(prior)}, num_data=len(split.x_train))
+    return fit(bn, split, method, epochs=cfg.sampler_epochs, batch_size=cfg.batch_size,
+               lr=cfg.sampler_lr, num_chains=cfg.num_chains, temperature=cfg.temperature,
+               burn_in=cfg.burn_in, thin=cfg.thin, cycles=cfg.cycles, device=cfg.device,
+               seed=seed, progress=False)
 
 
 def _point_weights(result) -> dict[str, torch.Tensor]:
-    """Median weights of a MAP/SVI fit, per prior layer."""
-    values = map_values(result.guide)
+    """Median weights of a MAP/SVI fit, per prior layer, from the fit's own parameters
+    (``map_values(result)``: a later fit of the same sites, e.g. a sampler's ``AutoDelta``,
+    does not leak in)."""
+    values = map_values(result)
     bn = result.model
-    return {layer: bn.weight_of(layer, values[site]).detach().cpu()
-            for layer, site in bn.prior_sites.items()}
+    with result.active():
+        return {layer: bn.weight_of(layer, values[site]).detach().cpu()
+                for layer, site in bn.prior_sites.items()}
 
 
 def _row(kind: str, method: str, seed: int, probs: torch.Tensor, y: torch.Tensor,
          weights: dict[str, torch.Tensor], seconds: float) -> dict:
+    """Test metrics of ``probs`` ``(S, n, C)`` / ``(n, C)``: accuracy, NLL, ECE, Brier, the
+    held-out ``lpd`` per point with its ``lpd_se``; spectral columns of ``weights``."""
     m = evaluate(probs, y)
+    lpd = log_predictive_density(probs, y)
     row = {"kind": kind, "method": method, "seed": seed, "test_accuracy": m.accuracy,
-           "nll": m.nll, "ece": m.ece, "seconds": seconds}
+           "nll": m.nll, "ece": m.ece, "seconds": seconds, "lpd": lpd.lpd,
+           "lpd_se": lpd.se, "brier": m.brier,
+           "draws": int(probs.shape[0]) if probs.dim() == 3 else 1}
     row.update(_layer_metrics(weights))
     return row
+
+
+def _elpd_columns(elpd, khat_max: float, pareto_k) -> dict:
+    """``elpd_loo``, ``elpd_se``, ``khat_max``, ``khat_good`` (share of points with Pareto
+    ``k <= 0.7``) and ``elpd_unreliable`` (1.0 when ``khat_max > 0.7``, else 0.0)."""
+    k = np.asarray(pareto_k, dtype=np.float64)
+    return {"elpd_loo": float(elpd.elpd), "elpd_se": float(elpd.se), "khat_max": khat_max,
+            "khat_good": float(np.mean(k <= GOOD_K)),
+            "elpd_unreliable": float(not khat_max <= GOOD_K)}
 
 
 def compare(cfg: CompareConfig | None = None, out_dir: str | os.PathLike | None = None,
             resume: bool = True, progress: Callable[[str], None] | None = print) -> dict:
     """Run the comparison; returns a dict:
 
-    * ``table``: one row per (kind, method, seed) with test accuracy, NLL, ECE, the per-layer
-      ``alpha_<layer>`` / ``stable_rank_<layer>`` (SVI: of the posterior median weights) and,
-      for SVI, the importance-weighted PSIS-LOO ``elpd_loo``, ``elpd_se``, ``khat_max`` on
-      the training data (:func:`bayes_spectral.importance_elpd`);
-    * ``weights[(kind, method, seed)]``: point weights per layer;
-    * ``idata[prior]``: ``InferenceData`` of the SVI posteriors, seeds stacked as chains
-      (``num_posterior_samples`` draws each; log-likelihood on the training data);
+    * ``table``: one row per (kind, method, seed): ``kind`` is ``baseline``, ``map``,
+      ``svi`` or a sampler (``sghmc``, ``sgld``), ``method`` the penalty or prior; test
+      accuracy, NLL, ECE, Brier, the held-out log predictive density per test point
+      ``lpd = mean_n log mean_s p(y_n | x_n, theta_s)`` with its standard error ``lpd_se``
+      (:func:`~bayes_spectral.bnn.metrics.log_predictive_density`), ``draws`` (``S``), the
+      per-layer ``alpha_<layer>`` / ``stable_rank_<layer>`` (SVI: of the posterior median
+      weights; samplers: posterior mean over draws) and, for SVI and the samplers, PSIS-LOO
+      on the training data: ``elpd_loo``, ``elpd_se``, ``khat_max``, ``khat_good`` (share
+      of points with Pareto k <= 0.7) and ``elpd_unreliable`` (1 when ``khat_max > 0.7``).
+      SVI's is importance weighted (:func:`bayes_spectral.importance_elpd`, flagged in
+      practice); the samplers' is plain PSIS-LOO of their draws
+      (:func:`~bayes_spectral.diagnostics.loo.mcmc_loo`);
+    * ``weights[(kind, method, seed)]``: point weights per layer (samplers: the last draw
+      of chain 0);
+    * ``posteriors[kind][prior]``: ``InferenceData`` of each posterior (``svi`` and every
+      sampler), seeds stacked as chains (log-likelihood on the training data);
+      ``idata`` is ``posteriors["svi"]`` (its name before samplers existed);
     * ``split``, ``config``.
     """
     cfg = cfg or CompareConfig()
@@ -285,11 +375,17 @@ def run_fingerprint(cfg: CompareConfig, what: str, method: str) -> dict:
           "epochs": int(cfg.epochs), "batch_size": int(cfg.batch_size), "lr": float(cfg.lr)}
     if what == "baseline":
         fp["coef"] = float(cfg.coef(method))
-    else:
-        fp["svi"] = bool(cfg.svi)
-        if cfg.svi:
-            fp["svi_epochs"] = int(cfg.svi_epochs)
-            fp["num_posterior_samples"] = int(cfg.num_posterior_samples)
+        return fp
+    svi = "svi" in cfg.prior_methods()
+    fp["svi"] = svi
+    if svi:
+        fp["svi_epochs"] = int(cfg.svi_epochs)
+        fp["num_posterior_samples"] = int(cfg.num_posterior_samples)
+    if cfg.samplers():  # absent without a sampler: runs saved before samplers still resume
+        fp.update(samplers=list(cfg.samplers()), sampler_epochs=int(cfg.sampler_epochs),
+                  sampler_lr=float(cfg.sampler_lr), num_chains=int(cfg.num_chains),
+                  temperature=float(cfg.temperature), burn_in=int(cfg.burn_in),
+                  thin=int(cfg.thin), cycles=None if cfg.cycles is None else int(cfg.cycles))
     return fp
 
 
@@ -309,16 +405,24 @@ def check_fingerprint(path: Path, saved: dict, expected: dict) -> None:
 
 
 def _saved_runs(jobs: list, runs_dir: Path | None, cfg: CompareConfig) -> dict:
-    """``{job: (saved, idata)}`` of the runs already under ``runs_dir``, every one read and
-    checked against the settings before anything trains."""
+    """``{job: (saved, {kind: idata})}`` of the runs already under ``runs_dir``, every one
+    read and checked against the settings before anything trains."""
     found = {}
     for what, method, seed in jobs if runs_dir is not None else ():
         path = runs_dir / f"{what}_{method}_seed{seed}.pt"
         if path.exists():
-            saved, idata = load_run(path, path.with_name(f"{path.stem}_svi.nc"))
+            saved, idata = load_run(path, _nc_path(path, "svi"))
             check_fingerprint(path, saved, run_fingerprint(cfg, what, method))
-            found[(what, method, seed)] = (saved, idata)
+            idatas = {} if idata is None else {"svi": idata}
+            for kind in cfg.samplers() if what == "prior" else ():
+                idatas[kind] = load_run(path, _nc_path(path, kind))[1]
+            found[(what, method, seed)] = (saved, idatas)
     return found
+
+
+def _nc_path(path: Path, kind: str) -> Path:
+    """``<run>_<kind>.nc`` next to the run's ``.pt`` (``_svi.nc``, ``_sghmc.nc``)."""
+    return path.with_name(f"{path.stem}_{kind}.nc")
 
 
 def load_run(path: Path, nc_path: Path | None = None) -> tuple[dict, object]:
@@ -343,12 +447,44 @@ def load_run(path: Path, nc_path: Path | None = None) -> tuple[dict, object]:
 
 
 def _svi_outputs(res, split: Split, cfg: CompareConfig, seed: int):
-    """InferenceData (training data) and the ELPD columns of one SVI fit."""
+    """InferenceData (training data) and the ELPD columns of one SVI fit (importance
+    weighted PSIS-LOO: kept, flagged ``elpd_unreliable`` when k-hat > 0.7)."""
     train = (split.x_train, split.y_train)
     idata = to_inference_data(res, train, num_samples=cfg.num_posterior_samples, seed=seed)
     elpd = importance_elpd(res, train, num_samples=max(cfg.num_posterior_samples, ELPD_DRAWS),
                            seed=seed)
-    return idata, {"elpd_loo": elpd.elpd, "elpd_se": elpd.se, "khat_max": elpd.khat_max}
+    return idata, _elpd_columns(elpd, elpd.khat_max, elpd.pareto_k)
+
+
+def _sampler_outputs(res, split: Split):
+    """InferenceData of every draw (training data), PSIS-LOO columns and the posterior
+    mean over draws of each layer's ``alpha`` / ``stable_rank``."""
+    idata = to_inference_data(res, (split.x_train, split.y_train))
+    post = posterior_of(idata)
+    draws = post.sizes["chain"] * post.sizes["draw"]
+    if draws >= MIN_PSIS_DRAWS:
+        loo = mcmc_loo(idata)
+        cols = _elpd_columns(loo, loo.khat_max, loo.pareto_k)
+    else:  # PSIS cannot fit the tail: no ELPD rather than an infinite k-hat
+        warnings.warn(f"compare: {res.method} kept {draws} draws (< {MIN_PSIS_DRAWS}): no "
+                      "PSIS-LOO for this row; raise sampler_epochs or lower thin",
+                      UserWarning, stacklevel=2)
+        cols = {}
+    for name in post.layer.values:
+        for var in ("alpha", "stable_rank"):
+            vals = post[var].sel(layer=name).values
+            cols[f"{var}_{name}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() \
+                else float("nan")
+    return idata, cols
+
+
+def _last_draw_weights(res) -> dict[str, torch.Tensor]:
+    """Weights of the last draw of chain 0 of a sampler fit, per prior layer (the point
+    fit's place in ``weights``: one typical posterior draw, not a mean)."""
+    bn = res.model
+    with res.active():
+        return {layer: bn.weight_of(layer, res.samples[site][0, -1]).detach().cpu()
+                for layer, site in bn.prior_sites.items()}
 
 
 def _train_baseline_run(split: Split, cfg: CompareConfig, method: str, seed: int) -> dict:
@@ -361,26 +497,36 @@ def _train_baseline_run(split: Split, cfg: CompareConfig, method: str, seed: int
 
 
 def _train_prior_run(split: Split, cfg: CompareConfig, prior: str, seed: int,
-                     nc_path: Path | None):
-    """One prior run (MAP, then SVI): ``(saved, idata)``; the SVI ``InferenceData`` is
-    written to ``nc_path`` (before the run's ``.pt``, which marks it done)."""
+                     nc_path: Callable[[str], Path] | None):
+    """One prior run (MAP, then SVI and the samplers): ``(saved, {kind: idata})``; each
+    posterior's ``InferenceData`` is written to ``nc_path(kind)`` (before the run's
+    ``.pt``, which marks it done)."""
     res = train_prior(split, cfg, prior, seed)
     probs = res["map"].predict(split.x_test).cpu()
     w = _point_weights(res["map"])
     saved = {"rows": [_row("map", prior, seed, probs, split.y_test, w, res["seconds"]["map"])],
              "weights": {"map": w}}
-    idata = None
-    if res["svi"] is not None:
-        probs = res["svi"].predict(split.x_test, cfg.num_posterior_samples).cpu()
-        w = _point_weights(res["svi"])
-        row = _row("svi", prior, seed, probs, split.y_test, w, res["seconds"]["svi"])
-        idata, elpd = _svi_outputs(res["svi"], split, cfg, seed)
-        row.update(elpd)
+    idatas = {}
+    for kind in cfg.prior_methods()[1:]:
+        fitted = res[kind]
+        if kind == "svi":
+            with torch.random.fork_rng():  # seeded: the row does not depend on what ran before
+                torch.manual_seed(seed)
+                probs = fitted.predict(split.x_test, cfg.num_posterior_samples).cpu()
+            w = _point_weights(fitted)
+            idata, extra = _svi_outputs(fitted, split, cfg, seed)
+        else:
+            probs = fitted.predict(split.x_test).cpu()
+            w = _last_draw_weights(fitted)
+            idata, extra = _sampler_outputs(fitted, split)
+        row = _row(kind, prior, seed, probs, split.y_test, w, res["seconds"][kind])
+        row.update(extra)  # samplers: alpha / stable rank as posterior means over draws
         saved["rows"].append(row)
-        saved["weights"]["svi"] = w
+        saved["weights"][kind] = w
+        idatas[kind] = idata
         if nc_path is not None:
-            save_netcdf(idata, nc_path)
-    return saved, idata
+            save_netcdf(idata, nc_path(kind))
+    return saved, idatas
 
 
 def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
@@ -389,25 +535,24 @@ def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
     split = load_dataset(cfg.dataset)
     runs_dir = None if out_dir is None else Path(out_dir) / "runs"
     say = progress or (lambda s: None)
-    rows, weights, idatas = [], {}, {}
+    rows, weights, posts = [], {}, {}
     jobs = [("baseline", b, s) for b in cfg.baselines for s in cfg.seeds]
     jobs += [("prior", p, s) for p in cfg.priors for s in cfg.seeds]
     resumed = _saved_runs(jobs, runs_dir if resume else None, cfg)
     for i, (what, method, seed) in enumerate(jobs):
-        stem = f"{what}_{method}_seed{seed}"
-        path = None if runs_dir is None else runs_dir / f"{stem}.pt"
-        nc_path = None if runs_dir is None else runs_dir / f"{stem}_svi.nc"
+        path = None if runs_dir is None else runs_dir / f"{what}_{method}_seed{seed}.pt"
         head = f"[{i + 1}/{len(jobs)}] {what} {method} seed {seed}"
-        idata = None
+        idatas = {}
         if (what, method, seed) in resumed:
-            saved, idata = resumed[(what, method, seed)]
+            saved, idatas = resumed[(what, method, seed)]
             say(f"{head}: resumed from {path}")
         else:
             t0 = time.perf_counter()
             if what == "baseline":
                 saved = _train_baseline_run(split, cfg, method, seed)
             else:
-                saved, idata = _train_prior_run(split, cfg, method, seed, nc_path)
+                nc = None if path is None else (lambda kind, p=path: _nc_path(p, kind))
+                saved, idatas = _train_prior_run(split, cfg, method, seed, nc)
             if path is not None:
                 saved["fingerprint"] = run_fingerprint(cfg, what, method)
                 save_checkpoint(str(path), saved)
@@ -416,15 +561,19 @@ def _compare(cfg: CompareConfig, out_dir, resume: bool, progress) -> dict:
         rows.extend(saved["rows"])
         for kind, w in saved["weights"].items():
             weights[(kind, method, seed)] = w
-        if idata is not None:
-            idatas.setdefault(method, []).append(idata)
+        for kind, idata in idatas.items():
+            if idata is not None:
+                posts.setdefault(kind, {}).setdefault(method, []).append(idata)
     table = pd.DataFrame(rows)
-    idata = {prior: _stack_chains(parts) for prior, parts in idatas.items()}
-    return {"table": table, "weights": weights, "idata": idata, "split": split, "config": cfg}
+    posteriors = {kind: {prior: _stack_chains(parts) for prior, parts in by_prior.items()}
+                  for kind, by_prior in posts.items()}
+    return {"table": table, "weights": weights, "idata": posteriors.get("svi", {}),
+            "posteriors": posteriors, "split": split, "config": cfg}
 
 
 def _stack_chains(parts: list):
-    """One InferenceData per prior: the seeds' SVI posteriors as chains ``0..K-1``."""
+    """One InferenceData per prior: the seeds' posteriors joined along ``chain`` (SVI: one
+    chain per seed; a sampler: its chains of every seed in turn)."""
     from ..diagnostics.arviz_adapter import concat_chains
 
     return concat_chains(parts)

@@ -14,10 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["MAX_SEED", "check_device", "check_positive", "check_positive_int", "check_seed",
-           "check_seeds"]
+__all__ = ["MAX_SEED", "PRIOR_METHODS", "SAMPLERS", "check_device", "check_positive",
+           "check_positive_int", "check_seed", "check_seeds"]
 
 MAX_SEED = 2**32 - 1
+#: the SG-MCMC methods of ``bs.fit`` that ``compare`` can run per prior
+SAMPLERS = ("sgld", "sghmc")
+#: every inference method ``CompareConfig.methods`` may name (``map`` always runs)
+PRIOR_METHODS = ("map", "svi", *SAMPLERS)
 
 
 def _is_int(value) -> bool:

@@ -9,7 +9,11 @@
   ``sum_b (n_b / n) |acc_b - conf_b|``; bins ``(k/15, (k+1)/15]``, the first also takes 0;
 * Brier score ``mean_n sum_c (p_nc - 1[y_n = c])^2`` (Brier 1950, over all classes);
 * predictive entropy ``H[mean_s p_s]`` (total), expected entropy ``mean_s H[p_s]``
-  (aleatoric) and mutual information ``H[mean_s p_s] - mean_s H[p_s]`` (epistemic).
+  (aleatoric) and mutual information ``H[mean_s p_s] - mean_s H[p_s]`` (epistemic);
+* held-out log predictive density per point ``lpd_n = log mean_s p_s(y_n | x_n)``
+  (``log mean exp`` of the per-draw log-probabilities), its mean ``LPD = mean_n lpd_n``
+  (``= -NLL``) and standard error ``SE = sd_n(lpd_n) / sqrt(n)`` (sample sd, ``ddof=1``;
+  0 for one point).
 
 Binary (Bernoulli) predictions ``p = P(y = 1)`` are scored as the two classes
 ``(1 - p, p)`` (so ``p = 0.5`` predicts 0); their Brier score is then
@@ -37,6 +41,7 @@ import torch
 __all__ = [
     "ClassificationMetrics",
     "GaussianPredictive",
+    "LogPredictiveDensity",
     "RegressionMetrics",
     "accuracy",
     "brier_score",
@@ -44,8 +49,10 @@ __all__ = [
     "expected_calibration_error",
     "gaussian_nll",
     "interval_coverage",
+    "log_predictive_density",
     "mutual_information",
     "negative_log_likelihood",
+    "pointwise_log_predictive",
     "predictive_entropy",
     "regression_metrics",
     "rmse",
@@ -61,6 +68,14 @@ class ClassificationMetrics(NamedTuple):
     entropy: float
     mutual_information: float
     brier: float
+
+
+class LogPredictiveDensity(NamedTuple):
+    """Held-out LPD: ``lpd`` (mean over points), its ``se``, ``pointwise`` ``(n,)``."""
+
+    lpd: float
+    se: float
+    pointwise: torch.Tensor
 
 
 class RegressionMetrics(NamedTuple):
@@ -146,6 +161,33 @@ def mutual_information(probs) -> torch.Tensor:
     if probs.dim() == 2:
         return torch.zeros(probs.shape[0], dtype=torch.float64, device=probs.device)
     return _entropy(probs.mean(0)) - _entropy(probs).mean(0)
+
+
+def pointwise_log_predictive(probs, y) -> torch.Tensor:
+    """``lpd_n = log mean_s p_s(y_n | x_n)`` per point, float64 ``(n,)``; ``probs`` ``(S, n,
+    C)`` or ``(n, C)``, computed as ``logsumexp_s log p_s - log S`` (no underflow of the
+    mean; a zero probability gives ``log`` of the smallest positive float64)."""
+    probs = torch.as_tensor(probs).to(torch.float64)
+    if probs.dim() == 2:
+        probs = probs.unsqueeze(0)
+    if probs.dim() != 3:
+        raise ValueError(f"probs must have shape (S, n, C) or (n, C), got {tuple(probs.shape)}")
+    y = torch.as_tensor(y).long().to(probs.device)
+    if y.shape != probs.shape[1:2]:
+        raise ValueError(f"labels of shape {tuple(y.shape)} do not match probs of shape "
+                         f"{tuple(probs.shape)} (S, n, C)")
+    py = probs.gather(-1, y.expand(probs.shape[0], -1).unsqueeze(-1)).squeeze(-1)  # (S, n)
+    logp = torch.log(py.clamp_min(torch.finfo(torch.float64).tiny))
+    return torch.logsumexp(logp, dim=0) - math.log(probs.shape[0])
+
+
+def log_predictive_density(probs, y) -> LogPredictiveDensity:
+    """``LPD = mean_n lpd_n`` and ``SE = sd(lpd_n, ddof=1) / sqrt(n)`` of
+    :func:`pointwise_log_predictive` (the held-out figure of merit with its error)."""
+    pw = pointwise_log_predictive(probs, y)
+    n = pw.numel()
+    se = float(pw.std(correction=1) / math.sqrt(n)) if n > 1 else 0.0
+    return LogPredictiveDensity(float(pw.mean()), se, pw)
 
 
 def classification_metrics(probs, y) -> ClassificationMetrics:
