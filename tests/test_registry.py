@@ -91,7 +91,9 @@ def test_users_prior_penalty_and_dataset_run_in_compare(scratch_registries):
     PENALTIES.register("my_l1")(lambda c: L1(c))
     DATASETS.register("my_digits")(lambda seed=0: Split(
         digits.x_train[:128], digits.y_train[:128], digits.x_test[:64], digits.y_test[:64]))
+    # MAP only: the subject is the registries (compare's sampler rows: tests/apps/test_compare.py)
     cfg = C.CompareConfig(dataset="my_digits", hidden=(8,), seeds=(0,), epochs=1, svi=False,
+                          methods=("map",),
                           baselines=("my_l1",), priors=("my_wide_gaussian",),
                           coefs={"my_l1": 1e-3}, batch_size=64)
     table = C.compare(cfg, progress=None)["table"]

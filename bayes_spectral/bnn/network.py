@@ -104,7 +104,7 @@ class BayesianNetwork(PyroModule):
         self.weight_layer_names: list[str] = []
         self._priors: dict[str, dist.Distribution] = {}
         self._initial: dict[str, torch.Tensor] = {}
-        self._tail_penalties: dict[str, Any] = {}  # tracked power-law layers
+        self._tail_penalties: dict[str, Any] = {}  # tracked power-law and fast layers
         self.output_fn: Callable[[Any], torch.Tensor] | None = None  # set by bayesian()
         self.noise_value: float | None = None
         self.noise_prior: dist.Distribution | None = None
@@ -169,12 +169,13 @@ class BayesianNetwork(PyroModule):
         return out
 
     def renew_tracking(self) -> None:
-        """Start the tail trackers of tracked power-law layers afresh (their next call
-        re-decomposes). :func:`~bayes_spectral.fit` calls it at every checkpoint boundary,
-        whether or not a file is written, so results do not depend on checkpointing and a
-        resumed run (fresh trackers) repeats the uninterrupted one bit for bit."""
-        self._tail_penalties = {n: _tail_penalty_for(self._priors[n])
-                                for n in self._tail_penalties}
+        """Start the tail trackers of tracked power-law layers (and the fast penalties of
+        ``tracked_mode="fast"``) afresh (their next call re-decomposes or re-warms).
+        :func:`~bayes_spectral.fit` calls it at every checkpoint boundary, whether or not a
+        file is written, so results do not depend on checkpointing and a resumed run
+        (fresh trackers) repeats the uninterrupted one bit for bit."""
+        self._tail_penalties = {n: _tail_penalty_for(self._priors[n], p.mode)
+                                for n, p in self._tail_penalties.items()}
 
     def _prior_for(self, name: str, like: torch.Tensor):
         return _prior_to(self._priors[name], like)

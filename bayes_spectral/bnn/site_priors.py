@@ -32,11 +32,13 @@ from ..distributions import (
     PowerLawSpectrum,
     SpectralDistribution,
 )
-from ..penalties.tail import PowerLawPrior
+from ..penalties.tail import FrechetPrior, PowerLawPrior
 from ..spectra.laws import frechet_log_pdf
 
 __all__ = [
+    "FAST_LAWS",
     "LOG_JACOBIAN_TO_SV",
+    "TRACKED_MODES",
     "TRACKED_LAWS",
     "SingularValuePrior",
     "TrackedLaw",
@@ -134,11 +136,12 @@ def _gaussian_tracked(base: GaussianSpectrum, power: Any, value: torch.Tensor):
     return r * (0.5 * math.log(2.0 / math.pi) - torch.log(s)) - fro / (2 * s.square())
 
 
-def _powerlaw_tracked(base: PowerLawSpectrum, power: Any, value: torch.Tensor):
-    """``-PowerLawPrior(tracked=True)(W)``: one weight matrix per call."""
+def _powerlaw_tracked(base: SpectralDistribution, power: Any, value: torch.Tensor):
+    """``-power(W)``, ``power`` the law's penalty (``PowerLawPrior(tracked=True)``, or a
+    ``mode="fast"`` penalty): one weight matrix per call."""
     if value.dim() != 2:
-        raise ValueError("a tracked power-law prior takes one weight matrix per call, "
-                         f"got shape {tuple(value.shape)} (no vectorised particles)")
+        raise ValueError(f"a tracked {type(base).__name__} prior takes one weight matrix per "
+                         f"call, got shape {tuple(value.shape)} (no vectorised particles)")
     return -power(value, name="weight")
 
 
@@ -157,6 +160,19 @@ TRACKED_LAWS: dict[type, TrackedLaw] = {
     FrechetTopEigenvalue: TrackedLaw(_frechet_tracked, "power_iteration"),
     GaussianSpectrum: TrackedLaw(_gaussian_tracked, "power_iteration"),
     PowerLawSpectrum: TrackedLaw(_powerlaw_tracked, "tail"),
+}
+
+
+#: ``tracked_mode`` values of :func:`~bayes_spectral.bayesian`
+TRACKED_MODES = ("tracked", "fast")
+
+#: law class -> how ``tracked_mode="fast"`` evaluates it: ``"penalty"`` (the law's
+#: ``mode="fast"`` penalty, :func:`_tail_penalty_for`) or ``"tracked"`` (the tracked
+#: formula, already exact and one pass over ``W``)
+FAST_LAWS: dict[type, str] = {
+    FrechetTopEigenvalue: "penalty",
+    GaussianSpectrum: "tracked",
+    PowerLawSpectrum: "penalty",
 }
 
 
@@ -186,12 +202,22 @@ class TrackedSpectralPrior(dist.TorchDistribution):
     approximation while ``W`` moves fast: ``lambda_max`` is a lower bound until converged.
     2-D weights only (``conv="pool"`` spectra of kernels are not tracked). The trackable
     laws are the keys of :data:`TRACKED_LAWS`.
+
+    ``mode="fast"`` (``power``: the law's ``mode="fast"`` penalty, :func:`_tail_penalty_for`;
+    the estimators' bias and variance are stated in :mod:`bayes_spectral.penalties.tail`):
+    ``-power(W)``. Frechet: ``lambda_max`` the top Ritz value of a warm-started 8-column
+    block iteration (deterministic, ``<=`` the true one); power law (fixed ``xmin``):
+    Hutchinson x Chebyshev on the tail, bulk exact (stochastic, unbiased for the
+    interpolant); ``GaussianSpectrum``: the tracked formula (exact).
     """
 
     arg_constraints: dict = {}
     has_rsample = False
 
-    def __init__(self, base: SpectralDistribution, power: nn.Module | None):
+    def __init__(self, base: SpectralDistribution, power: nn.Module | None,
+                 mode: str = "tracked"):
+        if mode not in TRACKED_MODES:
+            raise ValueError(f"tracked_mode must be 'tracked' or 'fast', got {mode!r}")
         law = law_entry(TRACKED_LAWS, base)
         if law is None:
             raise TypeError(f"tracked spectra need a {_tracked_law_names()} prior, got "
@@ -201,7 +227,9 @@ class TrackedSpectralPrior(dist.TorchDistribution):
                              "measure='penalty'")
         if len(base.event_shape) != 2:
             raise ValueError(f"tracked spectra need a 2-D weight, got {tuple(base.event_shape)}")
-        self.base, self.power, self._law = base, power, law
+        if mode == "fast" and law_entry(FAST_LAWS, base) == "penalty":
+            law = TrackedLaw(_powerlaw_tracked, "fast")
+        self.base, self.power, self._law, self.tracked_mode = base, power, law, mode
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
     @property
@@ -215,11 +243,22 @@ class TrackedSpectralPrior(dist.TorchDistribution):
         return self._law.log_prob(self.base, self.power, value)
 
 
-def _tail_penalty_for(law: PowerLawSpectrum) -> PowerLawPrior:
-    """The tracked penalty equal to ``-law.log_prob`` (penalty measure, same xmin rule)."""
+def _tail_penalty_for(law: PowerLawSpectrum | FrechetTopEigenvalue, mode: str = "tracked"
+                     ) -> PowerLawPrior | FrechetPrior:
+    """The penalty equal to ``-law.log_prob`` (penalty measure, same xmin rule) in ``mode``
+    (``"tracked"``: a power law's tail tracker; ``"fast"``: the penalty's fast mode)."""
+    if isinstance(law, FrechetTopEigenvalue):
+        if mode != "fast":
+            raise ValueError("a tracked FrechetTopEigenvalue prior uses a power iteration, "
+                             "not a penalty; only tracked_mode='fast' builds one")
+        return FrechetPrior(float(law.concentration), float(law.scale), float(law.tau),
+                            loc=float(law.loc), mode="fast")
+    if mode == "fast" and law.xmin_quantile is not None:
+        raise ValueError("tracked_mode='fast' needs a PowerLawSpectrum with a fixed xmin "
+                         f"(xmin=...), got xmin_quantile={law.xmin_quantile}")
     kw = ({"xmin_quantile": law.xmin_quantile} if law.xmin_quantile is not None
           else {"xmin": float(law.xmin)})
-    return PowerLawPrior(alpha=float(law.alpha), tau=float(law.tau), tracked=True, **kw)
+    return PowerLawPrior(alpha=float(law.alpha), tau=float(law.tau), mode=mode, **kw)
 
 
 def _prior_to(prior: dist.Distribution, like: torch.Tensor) -> dist.Distribution:

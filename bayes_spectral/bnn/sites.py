@@ -44,6 +44,7 @@ from torch.distributions import constraints
 from ..distributions import SpectralDistribution, SpikeAndSlabSpectrum
 from ..spectra.spectrum import PowerIteration
 from .site_priors import (
+    FAST_LAWS,
     TRACKED_LAWS,
     SingularValuePrior,
     TrackedSpectralPrior,
@@ -212,10 +213,21 @@ def _tail_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
         bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n])
 
 
-#: tracker kind (``TrackedLaw.tracker``) -> builder of the tracking state and the prior
+def _fast_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
+    """``tracked_mode="fast"``: the law's ``mode="fast"`` penalty (its warm-started block /
+    probe generator state) held by the network as the tail trackers are, renewed by
+    :meth:`BayesianNetwork.renew_tracking` (not a buffer)."""
+    bn._tail_penalties[slot.row] = _tail_penalty_for(law, "fast")
+    return lambda self, _n=slot.row: TrackedSpectralPrior(
+        bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n], mode="fast")
+
+
+#: tracker kind (``TrackedLaw.tracker``, or ``"fast"``) -> builder of the tracking state
+#: and the prior
 TRACKERS: dict[str, Callable[..., PriorMaker]] = {
     "power_iteration": _power_iteration_tracker,
     "tail": _tail_tracker,
+    "fast": _fast_tracker,
 }
 
 
@@ -226,19 +238,30 @@ class TrackedSite(SiteInstaller):
     kind = "tracked"
     missing_prior = "tracked spectra"
 
-    def __init__(self, power_iterations: int) -> None:
+    def __init__(self, power_iterations: int, mode: str = "tracked") -> None:
         self.power_iterations = int(power_iterations)
+        self.mode = mode
+
+    def _fast(self, prior) -> bool:
+        """Whether the layer's prior goes through its law's fast penalty."""
+        return self.mode == "fast" and law_entry(FAST_LAWS, prior) == "penalty"
 
     def check(self, name, prior, selected):
         if name in selected["spectral"] or name in selected["enumerated"]:
             raise ValueError(f"layer {name!r}: tracked spectra apply to a plain weight prior, not "
                              "with spectral= or enumerate_rank=")
-        TrackedSpectralPrior(prior, None)  # validates the law, measure and shape
+        TrackedSpectralPrior(prior, None, self.mode)  # validates the law, measure and shape
+        if self._fast(prior):
+            try:
+                _tail_penalty_for(prior, "fast")
+            except ValueError as err:
+                raise ValueError(f"layer {name!r}: {err}") from None
 
     def install(self, bn, slot, prior):
         weight = getattr(slot.module, slot.attr).detach().clone()
         bn._priors[slot.row] = prior
-        tracker = TRACKERS[law_entry(TRACKED_LAWS, prior).tracker]
+        tracker = TRACKERS["fast" if self._fast(prior)
+                           else law_entry(TRACKED_LAWS, prior).tracker]
         setattr(slot.module, slot.attr,
                 PyroSample(tracker(bn, slot, prior, weight, self.power_iterations)))
         bn.tracked_layers.append(slot.row)
@@ -247,11 +270,12 @@ class TrackedSite(SiteInstaller):
         return site
 
 
-def site_installers(orthogonal_map: str, power_iterations: int) -> dict[str, SiteInstaller]:
+def site_installers(orthogonal_map: str, power_iterations: int,
+                    tracked_mode: str = "tracked") -> dict[str, SiteInstaller]:
     """Kind -> installer, with the options of :func:`bayesian` that shape the sites."""
     return {
         "weight": LatentWeightSite(),
-        "tracked": TrackedSite(power_iterations),
+        "tracked": TrackedSite(power_iterations, tracked_mode),
         "spectral": SpectralSite(orthogonal_map),
         "enumerated": EnumeratedRankSite(),
     }

@@ -9,6 +9,7 @@ read from names and shapes, so a model and its state_dict give equal datasets) a
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +22,7 @@ from torch import nn
 from .._checks import check_tensor_storage
 from .._io import UnreadableFileError
 from ..select import LeftOut, View, WeightRow, parameter_view, weight_layers
-from ..spectra.metrics import spectral_metrics
+from ..spectra.metrics import metrics_from_esd
 from ..spectra.spectrum import ConvMode, SpectrumMethod, esd
 from .checkpoint_files import (
     CheckpointMismatchError,
@@ -34,7 +35,13 @@ from .lazy_view import config_heads, per_head_rows, source_view
 from .lora import LoraSource
 from .scan import ResumeStore, torch_threads
 from .scan import progress as progress_bar
-from .ww_columns import apply_max_evals, check_ww_options, split_ww_options, ww_columns
+from .ww_columns import (
+    apply_max_evals,
+    check_ww_options,
+    split_ww_options,
+    ww_columns,
+    ww_settings,
+)
 
 __all__ = ["analyze", "weight_layers"]
 
@@ -88,10 +95,12 @@ def analyze(
     its reason in ``ds.attrs["left_out"]`` and matrices among them in a warning. Spectra
     are computed in ``dtype`` (float64 by default) by ``method`` (``"gram"``: eigenvalues
     of the smaller Gram matrix, the fast default; ``"svd"``: singular values, accurate for
-    tiny values). ``return_esd=True`` adds ``esd`` (dims ``layer, eval_index``, ascending,
-    NaN-padded). Extra keyword arguments go to ``fit_powerlaw``, except WeightWatcher's
-    ``mp_fit``, ``randomize``, ``fit``, ``fix_fingers`` and ``max_evals`` (extra columns,
-    and the ``warning`` column: :mod:`~bayes_spectral.diagnostics.ww_columns`).
+    tiny values), once per matrix: the metrics, the WeightWatcher columns, the ESD and the
+    resume file all use that one ESD. ``return_esd=True`` adds ``esd`` (dims ``layer,
+    eval_index``, ascending, NaN-padded). Extra keyword arguments go to ``fit_powerlaw``,
+    except WeightWatcher's ``mp_fit``, ``randomize``, ``fit``, ``fix_fingers`` and
+    ``max_evals`` (extra columns, and the ``warning`` column:
+    :mod:`~bayes_spectral.diagnostics.ww_columns`).
 
     Transformer conventions (Hugging Face names): GPT-2's fused ``c_attn`` (``Conv1D``
     layout) and ``in_proj_weight`` are split into Q, K, V; ``query_key_value`` (GPT-NeoX,
@@ -103,8 +112,9 @@ def analyze(
     ``out / heads`` output features).
 
     Long scans: ``resume`` (a folder, checkpoint paths only) keeps every finished row
-    (atomic files) and reads them back instead of recomputing; other settings are refused
-    by name (:class:`~bayes_spectral.diagnostics.scan.ResumeMismatchError`). ``on_row(name,
+    (atomic files) and reads them back instead of recomputing; other settings (each
+    WeightWatcher option and ``min_evals`` among them) are refused by name
+    (:class:`~bayes_spectral.diagnostics.scan.ResumeMismatchError`). ``on_row(name,
     metrics)`` is called after each computed row; ``progress`` shows a tqdm bar (``None``:
     when stderr is a terminal); ``threads``: torch threads (``None``: the cores not busy
     with other work, :func:`~bayes_spectral.diagnostics.scan.default_threads`; the number
@@ -120,7 +130,8 @@ def analyze(
     check_ww_options(fit_kwargs, min_evals)  # mp_fit, randomize, fit, fix_fingers, max_evals
     settings = dict(layers=layers, split_qkv=split_qkv, split_gates=split_gates, conv=conv,
                     min_evals=min_evals, dtype=str(dtype), schatten=schatten, method=method,
-                    max_aspect=max_aspect, heads=heads, per_head=per_head, fit=fit_kwargs)
+                    max_aspect=max_aspect, heads=heads, per_head=per_head,
+                    powerlaw_fit=split_ww_options(fit_kwargs)[1], **ww_settings(fit_kwargs))
     source, failed = None, []
     if isinstance(model, (str, os.PathLike)) or base is not None:
         source, view = _checkpoint_view(model, base, layers, types, hide, split_qkv,
@@ -284,13 +295,25 @@ def _one_layer(row: WeightRow, dtype: torch.dtype, conv: ConvMode, schatten, met
     del raw  # a file's tensor: only the cast copy stays
     ww_opts, fit_kwargs = split_ww_options(fit_kwargs)
     with torch.no_grad():
-        m = spectral_metrics(w, conv=conv, schatten=schatten, name=row.name, method=method,
-                             **fit_kwargs)
+        evals = esd(w, conv=conv, name=row.name, method=method)  # the one decomposition
+        m = metrics_from_esd(evals, schatten=schatten, name=row.name,
+                             **_rank_settings(w, conv, method, evals.dtype), **fit_kwargs)
         out = {k: float(v) for k, v in m.items()}
-        out.update(ww_columns(w, out, ww_opts, conv=conv, method=method, name=row.name))
-        spectrum = (esd(w, conv=conv, name=row.name, method=method).cpu().numpy()
-                    if return_esd else None)
+        out.update(ww_columns(w, out, ww_opts, conv=conv, method=method, name=row.name,
+                              evals=evals))
+        spectrum = evals.cpu().numpy() if return_esd else None
     return out, spectrum
+
+
+def _rank_settings(w: torch.Tensor, conv: ConvMode, method: SpectrumMethod,
+                   dtype: torch.dtype) -> dict:
+    """``max_dim`` and ``rank_rtol`` of :func:`~bayes_spectral.spectra.metrics.
+    spectral_metrics` (``sqrt(max_dim * eps)`` for ``method="gram"``), so metrics from an
+    ESD computed once equal ``spectral_metrics(w)`` bit for bit."""
+    max_dim = (max(w.shape[0], math.prod(w.shape[1:])) if conv == "flatten"
+               else max(w.shape[:2]))
+    rank_rtol = math.sqrt(max_dim * torch.finfo(dtype).eps) if method == "gram" else None
+    return {"max_dim": max_dim, "rank_rtol": rank_rtol}
 
 
 def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,

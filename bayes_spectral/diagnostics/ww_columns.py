@@ -41,14 +41,27 @@ from ..spectra.randomize import randomized_diagnostics
 from ..spectra.spectrum import ConvMode, SpectrumMethod, as_matrices, esd
 from ..spectra.tpl import fit_truncated_powerlaw
 
-__all__ = ["check_ww_options", "split_ww_options", "apply_max_evals", "ww_columns",
+__all__ = ["check_ww_options", "split_ww_options", "ww_settings", "apply_max_evals", "ww_columns",
            "training_warning", "OVER_TRAINED_ALPHA", "UNDER_TRAINED_ALPHA"]
 
 OVER_TRAINED_ALPHA = 2.0
 UNDER_TRAINED_ALPHA = 6.0
 _OPTIONS = ("mp_fit", "randomize", "fit", "fix_fingers", "max_evals")
+_DEFAULTS = {"mp_fit": False, "randomize": False, "fit": "PL", "fix_fingers": None,
+             "max_evals": None}
 _FITS = ("PL", "TPL", "E_TPL")
 _FINGERS = (None, False, "xmin_peak", "clip_xmax")
+
+
+def ww_settings(fit_kwargs: dict) -> dict:
+    """Every option of this module by name, defaults filled in and equal meanings spelled
+    one way (``randomize=True`` is seed 0, ``fix_fingers=False`` is ``None``): a resume
+    folder's record."""
+    opts = {**_DEFAULTS, **split_ww_options(fit_kwargs)[0]}
+    if opts["randomize"] is not False:
+        opts["randomize"] = int(opts["randomize"])
+    opts["fix_fingers"] = opts["fix_fingers"] or None
+    return opts
 
 
 def split_ww_options(fit_kwargs: dict) -> tuple[dict, dict]:
@@ -104,14 +117,16 @@ def training_warning(alpha: float) -> str:
 
 
 def ww_columns(w: torch.Tensor, metrics: dict, opts: dict, *, conv: ConvMode,
-               method: SpectrumMethod, name: str) -> dict:
+               method: SpectrumMethod, name: str, evals: torch.Tensor | None = None) -> dict:
     """The extra columns of one weight ``w`` (module docstring); ``metrics`` are its
-    default metrics (their fit-dependent entries are replaced when a fit option is on)."""
+    default metrics (their fit-dependent entries are replaced when a fit option is on);
+    ``evals``: ``w``'s ESD when the caller has it (else computed here)."""
     out: dict = {}
     fit, fingers = opts.get("fit", "PL"), opts.get("fix_fingers") or None
     rnd = opts.get("randomize", False)
     if opts.get("mp_fit") or rnd is not False or fit != "PL" or fingers:
-        evals = esd(w, conv=conv, name=name, method=method)
+        if evals is None:
+            evals = esd(w, conv=conv, name=name, method=method)
         big, small = _aspect(w, conv, name)
         if fit != "PL" or fingers:
             out.update(_refit(evals, fit, fingers, name))

@@ -7,11 +7,14 @@ import math
 import torch
 
 from .._checks import check_positive
-from ..spectra.spectrum import ConvMode, esd, singular_values
+from ..spectra.spectrum import ConvMode, as_matrices, esd, singular_values
 from ..spectra.spectrum import stable_rank as _stable_rank
+from ..spectra.subspace import TopEigen
 from .base import Penalty
 
 __all__ = ["WeightDecay", "L1", "SchattenNorm", "NuclearNorm", "StableRank"]
+
+_MODES = ("exact", "fast")
 
 
 class WeightDecay(Penalty):
@@ -90,13 +93,53 @@ class NuclearNorm(SchattenNorm):
 
 
 class StableRank(Penalty):
-    """``coef * sum_i lambda_i / lambda_max = coef * ||W||_F^2 / ||W||_2^2`` (exact SVD)."""
+    """``coef * sum_i lambda_i / lambda_max = coef * ||W||_F^2 / ||W||_2^2``.
+
+    ``mode="exact"`` (default; ``None`` too): the full ESD every call. ``mode="fast"``:
+    ``||W||_F^2 / lambda``, ``lambda = |W v|^2`` with ``v`` the top Ritz vector of a
+    warm-started ``block``-column subspace iteration
+    (:class:`~bayes_spectral.spectra.subspace.TopEigen`, ``power_iters`` steps per call,
+    16 on a layer's first call; pooled conv slices: the largest slice's), gradient
+    ``2 W / lambda - 2 ||W||_F^2 (W v) v^T / lambda^2`` by autograd at the detached ``v``.
+    Deterministic; bias: ``lambda <= lambda_max`` (a Ritz value of a block a power step
+    behind), so the value is ``>=`` the exact one, equal once the block has converged. The
+    value's relative error is ``lambda``'s (unlike the Frechet prior's, where it is diluted
+    by the bulk term), hence ``power_iters = 2`` by default: along a digits Adam trajectory
+    (lr 1e-2, called every step) the worst relative error was 1.3e-4 (2.5e-3 with one step,
+    in the first 10 steps), gradient cosine >= 0.99 (``tests/penalties/test_fast_mode.py``).
+    Cost: ``2 power_iters`` thin ``m x n x block`` products with ``W`` per call.
+    """
 
     label = "stable rank"
 
-    def __init__(self, coef: float = 1.0, conv: ConvMode = "pool") -> None:
+    def __init__(self, coef: float = 1.0, conv: ConvMode = "pool", mode: str | None = "exact",
+                 power_iters: int = 2, block: int = 8, seed: int = 0) -> None:
         self.coef = check_positive(coef, "coef")
         self.conv = conv
+        self.mode = "exact" if mode is None else mode
+        if self.mode not in _MODES:
+            raise ValueError(f"StableRank: mode must be one of {_MODES}, got {mode!r}")
+        if int(power_iters) < 0 or int(block) < 1:
+            raise ValueError(f"StableRank: mode='fast' needs power_iters >= 0 and block >= 1, "
+                             f"got {power_iters}, {block}")
+        self.power_iters, self.block, self.seed = int(power_iters), int(block), int(seed)
+        self._tops: dict[str, TopEigen] = {}
 
     def weight_penalty(self, weight, name=None):
+        if self.mode == "fast":
+            return self.coef * self._fast(weight, name)
         return self.coef * _stable_rank(esd(weight, conv=self.conv, name=name))
+
+    def _fast(self, weight, name):
+        """``||W||_F^2 / max_b |W_b v_b|^2`` over the slices ``W_b`` of the stack."""
+        if self.conv == "pool" and weight.dim() > 2:
+            mats = as_matrices(weight, conv=self.conv, name=name)
+        else:
+            mats = weight.reshape(1, weight.shape[0], -1)
+        key = self._key(weight, name)
+        top = self._tops.get(key)
+        if top is None:
+            top = self._tops[key] = TopEigen(self.block, self.power_iters, seed=self.seed)
+        v = top(mats)[2]
+        lam = (mats @ v.unsqueeze(-1)).square().sum((-2, -1)).amax()
+        return weight.square().sum() / lam

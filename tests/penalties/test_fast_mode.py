@@ -245,3 +245,61 @@ def test_powerlaw_bound_survives_a_block_left_60_steps_behind(trajectory, name):
     pen = _power(probes="exact")
     pen(W0, name="l")
     assert abs(float(pen(W60, name="l")) - exact) < 5e-2 * abs(exact)
+
+
+# ----------------------------------------------------------------------------- stable rank
+
+
+def test_stable_rank_fast_matches_exact_along_training(trajectory):
+    """``||W||_F^2 / lambda_max`` with the block iteration's ``lambda_max``, called at every
+    step: value within 1e-3 relative of exact and gradient cosine >= 0.99 (checked every
+    10 steps, after the first call's 16 warm-up steps)."""
+    fast, exact = P.StableRank(mode="fast"), P.StableRank()
+    worst_v, worst_c = 0.0, 1.0
+    for step, ws in enumerate(trajectory):
+        for name, W in ws.items():
+            v, g = _grad(fast, W, name)
+            if step % 10:
+                continue
+            ve, ge = _grad(exact, W, name)
+            worst_v = max(worst_v, float((v - ve).abs() / ve.abs()))
+            worst_c = min(worst_c, float(COS(g.flatten(), ge.flatten(), dim=0)))
+    assert worst_v < 1e-3, worst_v
+    assert worst_c > 0.99, worst_c
+
+
+def test_stable_rank_fast_is_a_lower_ritz_bound_inverted():
+    """``lambda`` is a Ritz value (``<= lambda_max``), so the fast value is ``>=`` the exact
+    one; on a fixed conv kernel (pooled slices) repeated calls converge to it (1e-10)."""
+    torch.manual_seed(1)
+    W = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    pen, exact = P.StableRank(mode="fast"), float(P.StableRank()(W))
+    first = float(pen(W, name="c"))
+    for _ in range(60):
+        last = float(pen(W, name="c"))
+    assert first >= exact * (1 - 1e-12)
+    assert last == pytest.approx(exact, rel=1e-10)
+
+
+def test_stable_rank_fast_gradient_is_the_closed_form():
+    """At a converged block: ``d/dW (F / lambda) = 2 W / lambda - 2 F u v^T / lambda^2``,
+    the exact gradient of the stable rank (simple top eigenvalue), to 1e-8."""
+    torch.manual_seed(2)
+    W = torch.randn(30, 20, dtype=torch.float64)
+    pen = P.StableRank(coef=2.0, mode="fast")
+    for _ in range(40):
+        pen(W, name="l")
+    g = _grad(pen, W, "l")[1]
+    ge = _grad(P.StableRank(coef=2.0), W, "l")[1]
+    torch.testing.assert_close(g, ge, rtol=1e-8, atol=1e-10)
+
+
+def test_stable_rank_fast_float32_and_bad_modes():
+    v = P.StableRank(mode="fast")(torch.randn(40, 30) * 0.2, name="l")
+    assert v.dtype == torch.float32 and math.isfinite(float(v))
+    for bad in ("tracked", "quick"):
+        with pytest.raises(ValueError, match=r"StableRank: mode must be one of \('exact', "
+                                             r"'fast'\)"):
+            P.StableRank(mode=bad)
+    with pytest.raises(ValueError, match="power_iters"):
+        P.StableRank(mode="fast", power_iters=-1)
