@@ -64,53 +64,6 @@ _OPTION_COLUMNS = ["Lambda", "num_fingers", "raw_alpha", "sigma_mp", "num_spikes
                    "warning"]
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``.
-
-    Accepts a plain state_dict or a dict holding one under ``state_dict`` / ``model``.
-    Raises :class:`~bayes_spectral._io.UnreadableFileError` (a ``ValueError``) naming the
-    file, and the tensor where one is at fault (sparse, meta-device), for anything else;
-    never unpickles objects.
-    """
-    from ._io import UnreadableFileError, load_tensors
-
-    if not path.is_file():
-        raise UnreadableFileError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return _check_tensors(path, load_file(str(path)))
-        except UnreadableFileError:
-            raise
-        except Exception as err:  # safetensors raises its own error types
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UnreadableFileError(f"{path}: not a valid safetensors file ({reason})") from err
-    obj = load_tensors(path)
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UnreadableFileError(f"{path}: expected a state_dict (a dict of tensors)")
-    return _check_tensors(path, obj)
-
-
-def _check_tensors(path: Path, state: dict) -> dict[str, torch.Tensor]:
-    """Every tensor dense (strided) and holding data (not on the meta device)."""
-    from ._io import UnreadableFileError
-
-    for name, t in state.items():
-        if t.layout != torch.strided:
-            raise UnreadableFileError(f"{path}: tensor {name!r} is sparse ({t.layout}); save "
-                                      "dense tensors (tensor.to_dense())")
-        if t.device.type == "meta":
-            raise UnreadableFileError(f"{path}: tensor {name!r} is on the meta device (shape "
-                                      "only, no values); save materialised weights")
-    return state
-
-
 def _example_model(name: str, seed: int) -> nn.Module:
     """The embedded example: a 64-256-128-10 MLP trained by Adam (30 epochs) on the digits."""
     if name != "digits-mlp":
