@@ -118,12 +118,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _check_analyze_numbers(args: argparse.Namespace) -> None:
-    """``--max-aspect`` > 1, ``--heads`` and ``--threads`` >= 1 (``ValueError`` naming it)."""
+    """``--max-aspect`` > 1, ``--heads`` and ``--threads`` >= 1, ``--device`` available
+    (``ValueError`` naming it)."""
     if args.max_aspect is not None and not args.max_aspect >= 1:
         raise ValueError(f"--max-aspect {args.max_aspect}: must be a number >= 1")
     for flag, value in (("--heads", args.heads), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be >= 1")
+    from .diagnostics.batched import check_device
+
+    check_device(args.device)  # --device cuda without CUDA: a usage error (exit 2)
 
 
 def _ww_options(args: argparse.Namespace) -> dict:
@@ -156,7 +160,7 @@ def _run_analyze(args: argparse.Namespace, model, out: Path | None):
         return 0, analyze(model, layers=args.layers, conv=args.conv, return_esd=bool(out),
                           base=args.base, max_aspect=args.max_aspect, heads=args.heads,
                           resume=resume, threads=args.threads, strict=args.strict,
-                          **_ww_options(args))
+                          device=args.device, **_ww_options(args))
     except UnreadableFileError as err:
         return _fail(err, EXIT_BAD_FILE), None
     except NonFiniteTensorError as err:
@@ -418,6 +422,8 @@ def _add_analyze_parser(sub) -> None:
                    "query_key_value; read from config.json when there)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                    "the cores not busy with other work)")
+    p.add_argument("--device", default="cpu", help="where the Gram matrices and eigvalsh "
+                   "run: cpu (default) or cuda (eigenvalues back in float64 on the CPU)")
     p.add_argument("--strict", action="store_true", help="a tensor holding NaN/Inf stops "
                    "the scan (exit 5, naming file and tensor) instead of being left out")
     p.add_argument("--mp-fit", dest="mp_fit", action="store_true", help="Marchenko-Pastur "

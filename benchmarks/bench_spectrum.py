@@ -2,7 +2,10 @@
 
 Prints ratios (reference time / our time), never absolute claims: the machines are noisy.
 
-    python benchmarks/bench_spectrum.py [--quick] [--only core|checkpoint] [--layers N]
+    python benchmarks/bench_spectrum.py [--quick] [--only core|checkpoint|floor] [--layers N]
+
+``floor`` rows (``bench_floor.py``): analyze per matrix over a bare float64 ``eigvalsh`` of
+the smaller Gram matrix, batched and one at a time, and what each per-matrix step costs.
 
 ``checkpoint`` rows: a synthetic LLaMA-shaped checkpoint (float32, sharded safetensors with
 an index) analysed from its folder by ``bs.analyze`` and by WeightWatcher, each in a fresh
@@ -55,7 +58,8 @@ def heavy_evals(n: int, seed: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
-    parser.add_argument("--only", choices=["core", "checkpoint"], default=None)
+    parser.add_argument("--only", choices=["core", "checkpoint", "floor"], default=None)
+    parser.add_argument("--device", default="cpu", help="floor rows: also analyze on cuda")
     parser.add_argument("--layers", type=int, default=None,
                         help="decoder layers of the synthetic checkpoint")
     parser.add_argument("--skip-ww", action="store_true",
@@ -69,6 +73,12 @@ def main() -> None:
         from bench_checkpoint import child
 
         child(*args.child)
+        return
+    if args.only in (None, "floor"):
+        from bench_floor import floor_rows
+
+        floor_rows(args.quick, args.device)
+    if args.only == "floor":
         return
     if args.only != "core":
         from bench_checkpoint import checkpoint_rows

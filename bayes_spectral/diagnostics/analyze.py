@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ from .._checks import check_tensor_storage
 from .._io import UnreadableFileError
 from ..select import LeftOut, View, WeightRow, parameter_view, weight_layers
 from ..spectra.metrics import metrics_from_esd
-from ..spectra.spectrum import ConvMode, SpectrumMethod, esd
+from ..spectra.spectrum import ConvMode, SpectrumMethod, _check_squares, esd
+from .batched import batch_esd, check_device, check_finite_fast, plan_batches
 from .checkpoint_files import (
     CheckpointMismatchError,
     DeltaSource,
@@ -47,6 +48,12 @@ __all__ = ["analyze", "weight_layers"]
 
 #: row kinds analyze has no matrix rule for
 NO_MATRIX_RULE = ("ParamNd",)
+#: a batch of equal-shape matrices holds at most this many times the elements of the
+#: largest matrix (1: the peak memory of the one-by-one scan, whose largest matrix is alone)
+BATCH_CAP = 1.0
+_CPU = torch.device("cpu")
+#: errors that leave one row out (with a warning) instead of stopping the scan
+_ROW_ERRORS = (ValueError, TypeError, RuntimeError, ArithmeticError)
 
 
 def analyze(
@@ -73,6 +80,8 @@ def analyze(
     progress: bool | None = None,
     threads: int | None = None,
     strict: bool = False,
+    device: str | torch.device | None = None,
+    batch: bool = True,
     **fit_kwargs,
 ) -> xr.Dataset:
     """Spectral metrics of every weight of ``model`` (see ``metrics.py``).
@@ -124,8 +133,19 @@ def analyze(
     tensor, a failed fit) is left out with a warning naming it and the reason (also in
     ``ds.attrs["left_out"]`` and ``ds.attrs["failed"]``); the other layers are analysed
     (``strict=True``: a file tensor that cannot be read or holds NaN/Inf raises instead).
+
+    Speed: matrices of equal shape are decomposed together, one batched ``eigvalsh`` of
+    their Gram matrices (``batch=False``: one at a time; the results are bit for bit the
+    same), each batch at most as many elements as the largest matrix (``BATCH_CAP``), so
+    the peak memory stays that of the largest matrix; files are read one tensor after
+    another into the batch. ``device="cuda"``: the Gram matrices and ``eigvalsh`` on the
+    GPU in ``dtype`` (float64 by default), the eigenvalues back on the CPU for the fits
+    (``ValueError`` when CUDA is not available); ``"cpu"``: on the CPU; ``None`` (default):
+    the CPU for files and CPU models, and a model with weights on a GPU analysed there, one
+    matrix at a time, as before.
     :raises ValueError: when no layer could be analysed (the reasons, per layer).
     """
+    device = _scan_device(model, device)
     _check_include(model, include)
     check_ww_options(fit_kwargs, min_evals)  # mp_fit, randomize, fit, fix_fingers, max_evals
     settings = dict(layers=layers, split_qkv=split_qkv, split_gates=split_gates, conv=conv,
@@ -148,7 +168,8 @@ def analyze(
         with torch_threads(threads) as used_threads:
             rows, spectra, kept, more = _layer_metrics(
                 kept, dtype, conv, schatten, method, return_esd, fit_kwargs,
-                store=store, on_row=on_row, bar=progress, strict=strict)
+                store=store, on_row=on_row, bar=progress, strict=strict, device=device,
+                batch=batch)
     finally:
         if source is not None:
             source.close()
@@ -167,6 +188,22 @@ def analyze(
     if return_esd:
         ds["esd"] = (("layer", "eval_index"), _nan_padded(spectra))
     return ds
+
+
+def _scan_device(model, device) -> torch.device | None:
+    """``device`` checked (:func:`~bayes_spectral.diagnostics.batched.check_device`);
+    ``None``: the CPU, unless ``model`` (a module or state dict) holds a tensor on another
+    device (then ``None``: each weight where it is)."""
+    if device is not None:
+        return check_device(device)
+    if isinstance(model, nn.Module):
+        tensors = [*model.parameters(), *model.buffers()]
+    elif isinstance(model, Mapping):
+        tensors = [t for t in model.values() if isinstance(t, torch.Tensor)]
+    else:
+        tensors = []
+    on_cpu = all(t.device.type in ("cpu", "meta") for t in tensors)
+    return _CPU if on_cpu else None
 
 
 def _check_include(model, include: Iterable[str]) -> None:
@@ -287,15 +324,28 @@ def _drop_unreadable(model) -> tuple:
 
 
 def _one_layer(row: WeightRow, dtype: torch.dtype, conv: ConvMode, schatten, method,
-               return_esd: bool, fit_kwargs: dict) -> tuple[dict[str, float], np.ndarray | None]:
-    """The metrics (floats) and (``return_esd``) the ESD of one row, without autograd."""
+               return_esd: bool, fit_kwargs: dict, device: torch.device | None = _CPU
+               ) -> tuple[dict[str, float], np.ndarray | None]:
+    """The metrics (floats) and (``return_esd``) the ESD of one row, without autograd; the
+    ESD computed on ``device`` and brought back to the CPU."""
     raw = row.read().detach()
     check_tensor_storage(raw, f"weight of layer {row.name!r}")
     w = raw.to(dtype)
     del raw  # a file's tensor: only the cast copy stays
+    with torch.no_grad():
+        if device is None:  # a weight on a GPU, analysed where it is
+            evals = esd(w, conv=conv, name=row.name, method=method)
+        else:
+            evals = esd(w.to(device), conv=conv, name=row.name, method=method).to("cpu")
+    return _row_from_esd(row, w, evals, conv, schatten, method, return_esd, fit_kwargs)
+
+
+def _row_from_esd(row: WeightRow, w: torch.Tensor, evals: torch.Tensor, conv: ConvMode,
+                  schatten, method, return_esd: bool, fit_kwargs: dict
+                  ) -> tuple[dict[str, float], np.ndarray | None]:
+    """Metrics and WeightWatcher columns of ``w`` from its (CPU) ESD ``evals``."""
     ww_opts, fit_kwargs = split_ww_options(fit_kwargs)
     with torch.no_grad():
-        evals = esd(w, conv=conv, name=row.name, method=method)  # the one decomposition
         m = metrics_from_esd(evals, schatten=schatten, name=row.name,
                              **_rank_settings(w, conv, method, evals.dtype), **fit_kwargs)
         out = {k: float(v) for k, v in m.items()}
@@ -303,6 +353,51 @@ def _one_layer(row: WeightRow, dtype: torch.dtype, conv: ConvMode, schatten, met
                               evals=evals))
         spectrum = evals.cpu().numpy() if return_esd else None
     return out, spectrum
+
+
+def _batch_rows(rows: list[WeightRow], positions: list[int], dtype: torch.dtype,
+                conv: ConvMode, schatten, method, return_esd: bool, fit_kwargs: dict,
+                device: torch.device | None) -> Iterator[tuple[int, tuple | Exception]]:
+    """``(position, (metrics, esd) or the error)`` of each row of one batch of equal 2-D
+    shapes: read one after another into one stack, one batched ``eigvalsh``
+    (:func:`~bayes_spectral.diagnostics.batched.batch_esd`); a row that fails alone."""
+    args = (conv, schatten, method, return_esd, fit_kwargs)
+    if len(rows) == 1:
+        try:
+            yield positions[0], _one_layer(rows[0], dtype, *args, device=device)
+        except _ROW_ERRORS as err:
+            yield positions[0], err
+        return
+    stack = torch.empty((len(rows), *rows[0].shape), dtype=dtype)
+    got: list[tuple[WeightRow, int]] = []
+    for row, pos in zip(rows, positions, strict=True):
+        try:
+            raw = row.read().detach()
+            check_tensor_storage(raw, f"weight of layer {row.name!r}")
+            check_finite_fast(raw, row.name)
+            stack[len(got)].copy_(raw)
+            got.append((row, pos))
+        except _ROW_ERRORS as err:
+            yield pos, err
+        raw = None  # a file's tensor: only the copy in the stack stays
+    stack = stack[: len(got)]
+    try:
+        with torch.no_grad():
+            evals = batch_esd(stack, method, device)
+    except ValueError:  # e.g. one Gram matrix overflows: each row alone names its error
+        evals = None
+    for i, (row, pos) in enumerate(got):
+        try:
+            if evals is None:
+                with torch.no_grad():
+                    ev = esd(stack[i].to(device), conv=conv, name=row.name,
+                             method=method).to("cpu")
+            else:
+                ev = evals[i].clone()
+                _check_squares(ev.sqrt(), ev, row.name)
+            yield pos, _row_from_esd(row, stack[i], ev, *args)
+        except _ROW_ERRORS as err:
+            yield pos, err
 
 
 def _rank_settings(w: torch.Tensor, conv: ConvMode, method: SpectrumMethod,
@@ -319,40 +414,74 @@ def _rank_settings(w: torch.Tensor, conv: ConvMode, method: SpectrumMethod,
 def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,
                    conv: ConvMode, schatten: tuple[float, ...], method: SpectrumMethod,
                    return_esd: bool, fit_kwargs: dict, store: ResumeStore | None = None,
-                   on_row=None, bar: bool | None = False, strict: bool = False
+                   on_row=None, bar: bool | None = False, strict: bool = False,
+                   device: torch.device | None = _CPU, batch: bool = True
                    ) -> tuple[list[dict[str, float]], list[np.ndarray], list[WeightRow],
                               list[tuple[str, str]]]:
     """Per layer, in order: its metrics as floats and (``return_esd``) its ESD, both of
     the weight cast to ``dtype``; a layer that fails is left out with a warning naming it
     (``strict``: a file's unreadable or non-finite tensor raises). Rows in ``store`` are
-    read back; computed ones saved there, then passed to ``on_row(name, metrics)``.
-    Returns ``(metrics, spectra, rows analysed, [(name, reason) of the failed ones])``."""
-    rows: list[dict[str, float]] = []
-    spectra: list[np.ndarray] = []
-    done: list[WeightRow] = []
-    failed: list[tuple[str, str]] = []
-    for pos, row in enumerate(progress_bar(kept, len(kept), bar)):
-        try:
-            metrics, spectrum = (store.get(row.name) if store is not None else None) or (None, None)
-            if metrics is None:
-                metrics, spectrum = _one_layer(row, dtype, conv, schatten, method,
-                                               return_esd or store is not None, fit_kwargs)
-                if store is not None:
-                    store.save(pos, row.name, metrics, spectrum)
-                if on_row is not None:
-                    on_row(row.name, metrics)
-        except (ValueError, TypeError, RuntimeError, ArithmeticError) as err:
-            if strict and isinstance(err, (UnreadableFileError, NonFiniteTensorError)):
-                raise
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            failed.append((row.name, reason))
+    read back; the others computed in batches of equal shape (``batch``, :func:`~bayes_
+    spectral.diagnostics.batched.plan_batches`), saved there, then passed to ``on_row(name,
+    metrics)``. Returns ``(metrics, spectra, rows analysed, [(name, reason) of the failed
+    ones])``."""
+    results: dict[int, tuple] = {}
+    todo = []
+    for pos, row in enumerate(kept):
+        got = store.get(row.name) if store is not None else None
+        if got is None:
+            todo.append(pos)
+        else:
+            results[pos] = got
+    computed = _computed(kept, todo, dtype, conv, schatten, method,
+                         return_esd or store is not None, fit_kwargs, device, batch)
+    for pos, result in progress_bar(computed, len(todo), bar):
+        row = kept[pos]
+        if isinstance(result, Exception):
+            if strict and isinstance(result, (UnreadableFileError, NonFiniteTensorError)):
+                raise result
+            reason = (str(result).strip().splitlines() or [type(result).__name__])[0]
+            results[pos] = reason
             warnings.warn(f"analyze(): layer {row.name!r} could not be analysed and is left "
                           f"out: {reason}", stacklevel=4)
             continue
-        rows.append(metrics)
+        results[pos] = result
+        if store is not None:
+            store.save(pos, row.name, *result)
+        if on_row is not None:
+            on_row(row.name, result[0])
+    return _in_order(kept, results, return_esd)
+
+
+def _computed(kept, todo, dtype, conv, schatten, method, keep_esd, fit_kwargs, device,
+              batch: bool) -> Iterator[tuple[int, tuple | Exception]]:
+    """``(position, result or error)`` of the rows at ``todo``, in order: a row's whole
+    batch is computed when the row is reached, the later members' results kept until
+    theirs (so resume files and ``on_row`` follow the rows' order)."""
+    plan = plan_batches([kept[p].shape for p in todo],
+                        BATCH_CAP if batch and device is not None else 0)
+    batch_of = {todo[i]: members for members in plan for i in members}
+    pending: dict[int, tuple | Exception] = {}
+    for pos in todo:
+        if pos not in pending:
+            positions = [todo[i] for i in batch_of[pos]]
+            pending.update(_batch_rows([kept[p] for p in positions], positions, dtype, conv,
+                                       schatten, method, keep_esd, fit_kwargs, device))
+        yield pos, pending.pop(pos)
+
+
+def _in_order(kept, results: dict, return_esd: bool):
+    """``(metrics, spectra, rows, failed)`` in the rows' order (a str result: failed)."""
+    rows, spectra, done, failed = [], [], [], []
+    for pos, row in enumerate(kept):
+        result = results[pos]
+        if isinstance(result, str):
+            failed.append((row.name, result))
+            continue
+        rows.append(result[0])
         done.append(row)
         if return_esd:
-            spectra.append(spectrum)
+            spectra.append(result[1])
     return rows, spectra, done, failed
 
 
