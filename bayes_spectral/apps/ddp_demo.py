@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ranks {world}, global batch {a.batch_size}: loss per epoch "
                   + " ".join(f"{v:.4f}" for v in res.history["loss"])
                   + f"; test accuracy {acc:.3f}")
+        dist.barrier()  # all ranks done before any tears its Gloo pairs down
     finally:
         dist.destroy_process_group()
     return 0

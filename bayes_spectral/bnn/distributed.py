@@ -291,6 +291,14 @@ def _run_rank(rank: int, fn: Callable, world_size: int, backend: str | None, tim
     fn(rank, world_size, *args)
     # on an exception the group is left alone: destroying it would wait for the peers (which
     # may be blocked in a collective); spawn reports the error and stops the other ranks
+    finish()
+
+
+def finish() -> None:
+    """Tear the process group down once every rank is done: a barrier first, so that no
+    rank destroys its Gloo pairs while a peer still sends on them (a rank that exits or
+    destroys early can abort with "terminate called without an active exception")."""
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -83,8 +83,7 @@ def _worker(rank: int, world_size: int, jobs: list[dict], out: str) -> None:
 def main(path: str) -> None:
     """Under ``torchrun`` (``LOCAL_RANK`` set): this process is one rank; otherwise spawn
     ``nprocs`` ranks with :func:`bayes_spectral.distributed.launch`."""
-    import torch.distributed as dist
-
+    from bayes_spectral.bnn.distributed import finish
     from bayes_spectral.distributed import init, launch
 
     with open(path) as f:
@@ -92,7 +91,7 @@ def main(path: str) -> None:
     if "LOCAL_RANK" in os.environ:
         rank, world = init("gloo", cfg.get("timeout", 60))
         _worker(rank, world, cfg["jobs"], cfg["out"])
-        dist.destroy_process_group()
+        finish()
     else:
         launch(_worker, cfg["nprocs"], cfg["jobs"], cfg["out"], backend="gloo",
                timeout=cfg.get("timeout", 60))
