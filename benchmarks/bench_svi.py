@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import pyro
 import pyro.distributions as dist
 import torch
+from bench_infer import interleaved  # a sibling script (its folder is on sys.path)
 from torch import nn
 
 import bayes_spectral as bs
@@ -40,21 +40,6 @@ from bayes_spectral.apps.nets import make_mlp
 from bayes_spectral.distributions import FrechetTopEigenvalue
 
 N = 60000
-
-
-def interleaved(steps_by_name: dict, steps: int, repeats: int) -> dict[str, list[float]]:
-    """Per-step times, the configurations interleaved round by round (drift hits all)."""
-    for fn in steps_by_name.values():
-        for _ in range(3):
-            fn()
-    out: dict[str, list[float]] = {k: [] for k in steps_by_name}
-    for _ in range(repeats):
-        for name, fn in steps_by_name.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            out[name].append((time.perf_counter() - t0) / steps)
-    return out
 
 
 def plain_step(width, x, y):
