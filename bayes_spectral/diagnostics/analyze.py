@@ -9,7 +9,6 @@ read from names and shapes, so a model and its state_dict give equal datasets) a
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,7 +21,7 @@ from torch import nn
 from .._checks import check_tensor_storage
 from .._io import UnreadableFileError
 from ..select import LeftOut, View, WeightRow, parameter_view, weight_layers
-from ..spectra.metrics import metrics_from_esd
+from ..spectra.metrics import metrics_from_esd, rank_settings
 from ..spectra.spectrum import ConvMode, SpectrumMethod, _check_squares, esd
 from .batched import batch_esd, check_device, check_finite_fast, plan_batches
 from .checkpoint_files import (
@@ -347,7 +346,7 @@ def _row_from_esd(row: WeightRow, w: torch.Tensor, evals: torch.Tensor, conv: Co
     ww_opts, fit_kwargs = split_ww_options(fit_kwargs)
     with torch.no_grad():
         m = metrics_from_esd(evals, schatten=schatten, name=row.name,
-                             **_rank_settings(w, conv, method, evals.dtype), **fit_kwargs)
+                             **rank_settings(w.shape, conv, method, evals.dtype), **fit_kwargs)
         out = {k: float(v) for k, v in m.items()}
         out.update(ww_columns(w, out, ww_opts, conv=conv, method=method, name=row.name,
                               evals=evals))
@@ -398,17 +397,6 @@ def _batch_rows(rows: list[WeightRow], positions: list[int], dtype: torch.dtype,
             yield pos, _row_from_esd(row, stack[i], ev, *args)
         except _ROW_ERRORS as err:
             yield pos, err
-
-
-def _rank_settings(w: torch.Tensor, conv: ConvMode, method: SpectrumMethod,
-                   dtype: torch.dtype) -> dict:
-    """``max_dim`` and ``rank_rtol`` of :func:`~bayes_spectral.spectra.metrics.
-    spectral_metrics` (``sqrt(max_dim * eps)`` for ``method="gram"``), so metrics from an
-    ESD computed once equal ``spectral_metrics(w)`` bit for bit."""
-    max_dim = (max(w.shape[0], math.prod(w.shape[1:])) if conv == "flatten"
-               else max(w.shape[:2]))
-    rank_rtol = math.sqrt(max_dim * torch.finfo(dtype).eps) if method == "gram" else None
-    return {"max_dim": max_dim, "rank_rtol": rank_rtol}
 
 
 def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,

@@ -107,11 +107,17 @@ def spectral_metrics(
     ``sigma > sqrt(max_dim * eps) * sigma_max``.
     """
     evals = esd(weight, conv=conv, name=name, method=method)
-    max_dim = max(weight.shape[0], math.prod(weight.shape[1:])) if conv == "flatten" else max(
-        weight.shape[:2]
-    )
-    rank_rtol = None
-    if method == "gram":
-        rank_rtol = math.sqrt(max_dim * torch.finfo(evals.dtype).eps)
-    return metrics_from_esd(evals, schatten=schatten, max_dim=max_dim, name=name,
-                            rank_rtol=rank_rtol, **fit_kwargs)
+    return metrics_from_esd(evals, schatten=schatten, name=name,
+                            **rank_settings(weight.shape, conv, method, evals.dtype),
+                            **fit_kwargs)
+
+
+def rank_settings(shape: tuple[int, ...], conv: ConvMode, method: SpectrumMethod,
+                  dtype: torch.dtype) -> dict:
+    """``max_dim`` and ``rank_rtol`` of :func:`metrics_from_esd` for a weight of ``shape``:
+    ``max_dim = max(out, prod(in, *k))`` (``conv="flatten"``) or ``max(out, in)``;
+    ``rank_rtol = sqrt(max_dim * eps)`` for ``method="gram"`` (the Gram precision), else
+    ``None`` (the default cut)."""
+    max_dim = max(shape[0], math.prod(shape[1:])) if conv == "flatten" else max(shape[:2])
+    rank_rtol = math.sqrt(max_dim * torch.finfo(dtype).eps) if method == "gram" else None
+    return {"max_dim": max_dim, "rank_rtol": rank_rtol}
