@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean results claims
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ test: lint
 
 bench: $(VENV)/.installed
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+
+# the reference models at full size (about 1.5 h of one core) -> results/, then the claims
+MODELS := low_rank_weight_decay diagonal_weight_norm deep_matrix_factorization heavy_tailed \
+          spectral_norm heavy_tailed_posterior
+results: $(VENV)/.installed
+	for m in $(MODELS); do $(VENV)/bin/bayes-spectral reproduce $$m --out results/$$m || exit 1; done
+	$(VENV)/bin/bayes-spectral reproduce heavy_tailed --config paper --out results/heavy_tailed_paper
+	$(MAKE) claims
+
+# the README's claims table and results/claims.md from results/*/NAME_summary.json
+claims: $(VENV)/.installed
+	$(PY) -c "from bayes_spectral.apps.claims import update_readme as u; u('README.md', 'results')"
+	$(VENV)/bin/bayes-spectral claims --from results --detail --out results/claims.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -217,12 +217,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     kind = preset or ("small" if args.small else "full")
     print(f"reproduce {args.name} ({kind} config): {config}")
     table = module.run(config, out_dir=args.out)
+    if args.out:
+        from .models._common import write_config
+
+        write_config(args.out, args.name, config)
     with pd.option_context("display.width", 200, "display.max_columns", 30,
                            "display.max_rows", 200, "display.float_format", "{:.4g}".format):
         print(table.to_string(index=False))
     if args.out:
         print(f"wrote {args.out}/{args.name}.csv and {args.name}.png (claim summary: "
-              f"{args.name}_summary.json)")
+              f"{args.name}_summary.json; settings: {args.name}_config.json)")
     return 0
 
 

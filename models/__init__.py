@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ._common import load_or_run  # the notebooks' full-size path: reuse results/ tables
+
+__all__ = ["REFERENCE_MODELS", "get_model", "load_or_run"]
+
 #: name -> (module, paper)
 REFERENCE_MODELS = {
     "low_rank_weight_decay": "Chen et al. 2024: weight decay induces low-rank ReLU layers",
@@ -18,6 +22,8 @@ REFERENCE_MODELS = {
     "heavy_tailed": "Xiao et al. 2023: heavy-tailed spectral regularisers and priors (MLP, CNN)",
     "spectral_norm": "Yoshida & Miyato 2017: spectral norm regularisation and the "
                      "generalisation gap over batch sizes",
+    "heavy_tailed_posterior": "Xiao et al. 2023, Bayesian reading: SGHMC posteriors under the "
+                              "power-law / Frechet priors vs a Gaussian prior",
 }
 
 

@@ -57,3 +57,40 @@ def save_figure(fig, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def config_record(config) -> dict:
+    """``config`` (a dataclass) as plain JSON data, e.g. tuples as lists."""
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def write_config(out_dir, name: str, config) -> pathlib.Path:
+    """Write ``<out_dir>/<name>_config.json``: the settings a saved table was made with."""
+    import json
+
+    from bayes_spectral._io import write_text_atomic
+
+    path = pathlib.Path(out_dir) / f"{name}_config.json"
+    return write_text_atomic(path, json.dumps(config_record(config), indent=1) + "\n")
+
+
+def load_or_run(run, config, out_dir, name: str):
+    """The table ``run(config, out_dir=out_dir)`` gives, read back from
+    ``<out_dir>/<name>.csv`` when ``<name>_config.json`` there records the same settings
+    (the committed full-size results), else computed, saved and recorded. A saved table made
+    under other settings is never reused: it is recomputed."""
+    import json
+
+    import pandas as pd
+
+    folder = pathlib.Path(out_dir)
+    table, record = folder / f"{name}.csv", folder / f"{name}_config.json"
+    if table.is_file() and record.is_file():
+        if json.loads(record.read_text()) == config_record(config):
+            return pd.read_csv(table)
+    df = run(config, out_dir=folder)
+    write_config(folder, name, config)
+    return df

@@ -106,6 +106,10 @@ CLAIMS = {
 }
 
 
+#: models whose module has its own ``claims(df)``
+OWN_CLAIMS = ("heavy_tailed", "heavy_tailed_posterior")
+
+
 def write_claims(out_dir, name: str, df: pd.DataFrame) -> None:
     """Write ``<out_dir>/<name>_summary.json`` from ``CLAIMS[name](df)``; no-op if None.
 
@@ -128,13 +132,13 @@ def write_claims(out_dir, name: str, df: pd.DataFrame) -> None:
 
 def summary_from_csv(name: str, path) -> dict:
     """The claim summary of model ``name`` rebuilt from its saved ``<name>.csv`` table (runs
-    made before summaries were written): ``CLAIMS[name]``, or ``heavy_tailed.claims``."""
-    df = pd.read_csv(path)
-    if name == "heavy_tailed":
-        from .heavy_tailed import claims
+    made before summaries were written): ``CLAIMS[name]``, or the model's own ``claims``."""
+    import importlib
 
-        return claims(df)
+    df = pd.read_csv(path)
+    if name in OWN_CLAIMS:
+        return importlib.import_module(f"{__package__}.{name}").claims(df)
     if name not in CLAIMS:
         raise ValueError(f"unknown reference model {name!r}; choose from "
-                         f"{sorted([*CLAIMS, 'heavy_tailed'])}")
+                         f"{sorted([*CLAIMS, *OWN_CLAIMS])}")
     return CLAIMS[name](df)

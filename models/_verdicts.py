@@ -110,14 +110,15 @@ def claim_row(comparison: str, metric: str, baseline: str, method_values, baseli
 
 
 def make_summary(model: str, paper: str, claim: str, measurement: str | None,
-                 rows: list[dict], status: str = "published") -> dict:
+                 rows: list[dict], status: str = "published", setting: str = "") -> dict:
     """The summary dict (:data:`SUMMARY_KEYS`); ``status`` e.g. ``"withdrawn submission"``;
-    ``measurement=None``: :func:`describe` of the rows."""
+    ``measurement=None``: :func:`describe` of the rows; ``setting`` (optional) tells runs
+    of one paper apart in the claims table (e.g. the architectures and estimator)."""
     if not rows:
         raise ValueError(f"{model}: a claim summary needs at least one row")
     return {"model": model, "paper": paper, "status": status, "claim": claim,
             "measurement": describe(rows) if measurement is None else measurement,
-            "rows": rows}
+            "rows": rows, "setting": setting}
 
 
 def describe(rows: list[dict], most: int = 4) -> str:

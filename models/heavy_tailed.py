@@ -488,7 +488,16 @@ def claims(df: pd.DataFrame) -> dict:
         "heavy_tailed", "Xiao et al. 2023",
         "heavy-tailed regularisers (weighted alpha, stable rank, power-law / Frechet priors; "
         "decayed or thresholded) beat weight decay, with heavier-tailed (smaller alpha) layers",
-        f"{describe(acc, most=3)}; {tally('test_accuracy')}; {tally('mean_alpha')}", rows)
+        f"{describe(acc, most=3)}; {tally('test_accuracy')}; {tally('mean_alpha')}", rows,
+        setting=_setting(runs))
+
+
+def _setting(runs: pd.DataFrame) -> str:
+    """``"fc3/lenet5 on digits/mnist1d, estimator hill/ks"``: what this run covered."""
+    def join(col):
+        return "/".join(str(v) for v in runs[col].unique() if v != NO_ESTIMATOR)
+
+    return f"{join('arch')} on {join('dataset')}, estimator {join('estimator') or '-'}"
 
 
 def _claim_rows(part: pd.DataFrame, dataset: str, arch: str, method: str, est: str) -> list:

@@ -161,3 +161,56 @@ def _rows_close(a, b):
             else:
                 assert ra[k] == v, k
     return True
+
+
+@pytest.mark.slow
+def test_replace_block_and_update_readme(tmp_path, out):
+    text = f"# x\n{C.BEGIN}\nold table\n{C.END}\ntail\n"
+    assert C.replace_block(text, "| new |\n") == f"# x\n{C.BEGIN}\n| new |\n{C.END}\ntail\n"
+    with pytest.raises(ValueError, match="claims:begin"):
+        C.replace_block("no markers", "t")
+    with pytest.raises(ValueError, match="claims:begin"):
+        C.replace_block(f"{C.END}\n{C.BEGIN}", "t")
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    assert C.update_readme(readme, out) is True
+    assert C.render_claims(C.load_summaries(out)) in readme.read_text()
+    assert readme.read_text().endswith(f"{C.END}\ntail\n")
+    assert C.update_readme(readme, out) is False  # idempotent
+
+
+def test_setting_is_shown_after_the_paper():
+    row = V.claim_row("a vs b", "acc", "b", [0.9, 0.91, 0.92], [0.89, 0.9, 0.9])
+    with_setting = V.make_summary("m", "P et al.", "c", None, [row], setting="fc3 on digits")
+    plain = V.make_summary("m", "P et al.", "c", None, [row])
+    table = C.render_claims([with_setting, plain])
+    assert "| P et al.; fc3 on digits |" in table and "| P et al. |" in table
+
+
+def test_load_or_run_reuses_only_a_table_made_under_the_same_settings(tmp_path):
+    import dataclasses
+
+    import pandas as pd
+    from bayes_spectral.models._common import load_or_run
+
+    @dataclasses.dataclass
+    class Cfg:
+        seeds: tuple = (0, 1)
+        lr: float = 0.1
+
+    calls = []
+
+    def run(config, out_dir=None):
+        calls.append(config)
+        df = pd.DataFrame({"seed": list(config.seeds),
+                           "acc": [config.lr * s for s in config.seeds]})
+        df.to_csv(out_dir / "m.csv", index=False)
+        return df
+
+    first = load_or_run(run, Cfg(), tmp_path, "m")
+    again = load_or_run(run, Cfg(), tmp_path, "m")
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(again, first)
+    other = load_or_run(run, Cfg(lr=0.2), tmp_path, "m")  # other settings: recomputed
+    assert len(calls) == 2 and other.acc.tolist() == [0.0, 0.2]
+    assert load_or_run(run, Cfg(lr=0.2), tmp_path, "m").equals(other) and len(calls) == 2

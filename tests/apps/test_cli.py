@@ -87,7 +87,9 @@ def test_reproduce_help_lists_the_reference_models():
     assert res.returncode == 0
     from bayes_spectral.models import REFERENCE_MODELS
 
-    assert len(REFERENCE_MODELS) == 5  # one per paper
+    assert len(REFERENCE_MODELS) == 6  # one per paper, plus the posterior reading of Xiao's
+    papers = {text.split(":")[0].split(",")[0] for text in REFERENCE_MODELS.values()}
+    assert len(papers) == 5
     for name in REFERENCE_MODELS:
         assert name in res.stdout
 
@@ -106,6 +108,22 @@ def test_reproduce_small_writes_table_and_plot(tmp_path, capsys):
         by_wd = part.set_index("weight_decay")["effective_rank"]
         assert by_wd[0.1] < 0.5 * by_wd[0.0]
     assert "effective_rank" in capsys.readouterr().out
+    # the settings are recorded next to the table, so a notebook can reuse it (load_or_run)
+    import json
+
+    from bayes_spectral.models import low_rank_weight_decay as lr
+    from bayes_spectral.models._common import config_record, load_or_run
+
+    cfg = lr.Config.small()
+    cfg.seeds = (0,)
+    recorded = json.loads((tmp_path / "low_rank_weight_decay_config.json").read_text())
+    assert recorded == config_record(cfg)
+
+    def must_not_run(config, out_dir=None):
+        raise AssertionError("the saved table should have been reused")
+
+    again = load_or_run(must_not_run, cfg, tmp_path, "low_rank_weight_decay")
+    pd.testing.assert_frame_equal(again, df)
 
 
 def test_unknown_reference_model_is_a_usage_error():

@@ -38,9 +38,14 @@ def test_priors_match_the_map_penalties_by_hand():
 
 
 @pytest.fixture(scope="module")
-def small():
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("posterior")
+
+
+@pytest.fixture(scope="module")
+def small(out):
     cfg = hp.PosteriorConfig.small()
-    return cfg, hp.run(cfg)
+    return cfg, hp.run(cfg, out_dir=out)
 
 
 @pytest.mark.slow
@@ -98,3 +103,37 @@ def test_bad_posterior_config():
         hp.PosteriorConfig(priors=("horseshoe",))
     with pytest.raises(ValueError, match="thin"):
         hp.PosteriorConfig(thin=0)
+
+
+@pytest.mark.slow
+def test_reproduce_summary_pairs_the_seeds_against_the_gaussian(small, out):
+    import json
+
+    from bayes_spectral.models import REFERENCE_MODELS
+    from bayes_spectral.models._model_claims import summary_from_csv
+
+    from bayes_spectral.apps.claims import load_summaries
+
+    assert hp.Config is hp.PosteriorConfig and "heavy_tailed_posterior" in REFERENCE_MODELS
+    _, df = small
+    assert {p.name for p in out.iterdir()} == {
+        "heavy_tailed_posterior.csv", "heavy_tailed_posterior.png",
+        "heavy_tailed_posterior_summary.json"}
+    (summary,) = load_summaries(out)
+    assert summary["paper"] == "Xiao et al. 2023" and "SGHMC posterior, fc3" in summary["setting"]
+    rows = {(r["comparison"], r["metric"]): r for r in summary["rows"]}
+    assert len(rows) == 3 * 2  # powerlaw, frechet x (lpd, accuracy, mean alpha)
+    runs = hp.runs(df).pivot(index="seed", columns="prior", values="lpd")
+    d = runs["powerlaw"] - runs["gaussian"]  # by hand: paired over the two seeds
+    r = rows[("powerlaw posterior", "lpd")]
+    assert r["mean_diff"] == pytest.approx(float(d.mean()), rel=1e-12)
+    assert r["num_seeds"] == 2 and r["sign"] == 1
+    post = df[df.kind == "posterior"]
+    alpha = post.groupby(["prior", "seed"])["alpha_mean"].mean().unstack("prior")
+    r = rows[("frechet posterior", "mean_alpha")]
+    assert r["sign"] == -1
+    assert r["mean_diff"] == pytest.approx(float((alpha.frechet - alpha.gaussian).mean()))
+    # the saved CSV rebuilds the same summary
+    rebuilt = summary_from_csv("heavy_tailed_posterior", out / "heavy_tailed_posterior.csv")
+    saved = json.loads((out / "heavy_tailed_posterior_summary.json").read_text())
+    assert rebuilt["measurement"] == saved["measurement"]
