@@ -143,6 +143,13 @@ def _ww_options(args: argparse.Namespace) -> dict:
     return out
 
 
+def _gram_dtype(args: argparse.Namespace):
+    """``--gram-dtype``: ``None`` (float64, the default) or ``torch.float32``."""
+    import torch
+
+    return torch.float32 if getattr(args, "gram_dtype", "float64") == "float32" else None
+
+
 def _run_analyze(args: argparse.Namespace, model, out: Path | None):
     """``(exit code, dataset or None)``: file errors exit 3, NaN/Inf tensors 5, a resume
     folder or base of other settings 2, nothing analysable 4 (one line each)."""
@@ -160,7 +167,8 @@ def _run_analyze(args: argparse.Namespace, model, out: Path | None):
         return 0, analyze(model, layers=args.layers, conv=args.conv, return_esd=bool(out),
                           base=args.base, max_aspect=args.max_aspect, heads=args.heads,
                           resume=resume, threads=args.threads, strict=args.strict,
-                          device=args.device, **_ww_options(args))
+                          device=args.device, gram_dtype=_gram_dtype(args),
+                          **_ww_options(args))
     except UnreadableFileError as err:
         return _fail(err, EXIT_BAD_FILE), None
     except NonFiniteTensorError as err:
@@ -428,6 +436,10 @@ def _add_analyze_parser(sub) -> None:
                    "the cores not busy with other work)")
     p.add_argument("--device", default="cpu", help="where the Gram matrices and eigvalsh "
                    "run: cpu (default) or cuda (eigenvalues back in float64 on the CPU)")
+    p.add_argument("--gram-dtype", dest="gram_dtype", choices=["float64", "float32"],
+                   default="float64", help="form the Gram matrices in float32 (faster; "
+                   "eigvalsh still float64; tail metrics within ~1e-6, tiny eigenvalues less "
+                   "accurate) or float64 (default)")
     p.add_argument("--strict", action="store_true", help="a tensor holding NaN/Inf stops "
                    "the scan (exit 5, naming file and tensor) instead of being left out")
     p.add_argument("--mp-fit", dest="mp_fit", action="store_true", help="Marchenko-Pastur "

@@ -23,7 +23,14 @@ from .._io import UnreadableFileError
 from ..select import LeftOut, View, WeightRow, parameter_view, weight_layers
 from ..spectra.metrics import metrics_from_esd, rank_settings
 from ..spectra.spectrum import ConvMode, SpectrumMethod, _check_squares, esd
-from .batched import batch_esd, check_device, check_finite_fast, plan_batches
+from .batched import (
+    batch_esd,
+    check_device,
+    check_finite_fast,
+    check_gram_dtype,
+    gram32_esd,
+    plan_batches,
+)
 from .checkpoint_files import (
     CheckpointMismatchError,
     DeltaSource,
@@ -31,7 +38,7 @@ from .checkpoint_files import (
     TensorSource,
     as_source,
 )
-from .lazy_view import config_heads, per_head_rows, source_view
+from .lazy_view import config_head_dim, config_heads, config_kv_heads, per_head_rows, source_view
 from .lora import LoraSource
 from .scan import ResumeStore, torch_threads
 from .scan import progress as progress_bar
@@ -74,6 +81,7 @@ def analyze(
     max_aspect: float | None = None,
     heads: int | None = None,
     per_head: bool = False,
+    kv_heads: int | None = None,
     resume: str | os.PathLike | None = None,
     on_row: Callable[[str, dict[str, float]], None] | None = None,
     progress: bool | None = None,
@@ -81,6 +89,7 @@ def analyze(
     strict: bool = False,
     device: str | torch.device | None = None,
     batch: bool = True,
+    gram_dtype: torch.dtype | None = None,
     **fit_kwargs,
 ) -> xr.Dataset:
     """Spectral metrics of every weight of ``model`` (see ``metrics.py``).
@@ -117,7 +126,12 @@ def analyze(
     matrices (``wte`` / ``lm_head``) count once. ``max_aspect``: matrices with
     ``max(shape) / min(shape)`` above it are left out (very elongated embeddings).
     ``per_head=True``: each Q, K, V row as one row per head (``name[h0]``, ...: the head's
-    ``out / heads`` output features).
+    ``out / heads`` output features); separately stored ``q_proj`` / ``k_proj`` /
+    ``v_proj`` (Llama, Mistral; BERT's ``query`` ...) too, keys and values in ``kv_heads``
+    heads (grouped-query attention; ``None``: the config's ``num_key_value_heads``, else
+    ``out / d`` with ``d`` the query head dim); the head dims are checked against each other
+    and the config's ``head_dim`` (or ``hidden_size / heads``), ``ValueError`` naming the
+    tensor.
 
     Long scans: ``resume`` (a folder, checkpoint paths only) keeps every finished row
     (atomic files) and reads them back instead of recomputing; other settings (each
@@ -142,23 +156,38 @@ def analyze(
     (``ValueError`` when CUDA is not available); ``"cpu"``: on the CPU; ``None`` (default):
     the CPU for files and CPU models, and a model with weights on a GPU analysed there, one
     matrix at a time, as before.
+
+    ``gram_dtype=torch.float32`` (``method="gram"``, ``dtype=torch.float64``): each weight
+    is read in float32 and its Gram matrix ``W^T W`` (smaller side) formed in float32,
+    then upcast to float64 for ``eigvalsh``; eigenvalues float64. Faster (a float32
+    product) and half the memory per matrix; an eigenvalue's relative error is about
+    ``n eps32 ||W||_2^2 / lambda`` (``eps32 = 1.2e-7``, ``n`` the summed dimension), so
+    tiny eigenvalues lose accuracy (``numerical_rank`` uses float32's cut) while the
+    tail quantities (``alpha``, ``alpha_weighted``, ``lambda_max``, log norms,
+    ``stable_rank``) stay within ~1e-6 relative of float64 (measured ~1e-7). ``None``
+    (default) or ``torch.float64``: the Gram matrix in ``dtype``, bit for bit as before.
     :raises ValueError: when no layer could be analysed (the reasons, per layer).
     """
     device = _scan_device(model, device)
     _check_include(model, include)
     check_ww_options(fit_kwargs, min_evals)  # mp_fit, randomize, fit, fix_fingers, max_evals
+    gram32 = check_gram_dtype(gram_dtype, dtype, method)
     settings = dict(layers=layers, split_qkv=split_qkv, split_gates=split_gates, conv=conv,
                     min_evals=min_evals, dtype=str(dtype), schatten=schatten, method=method,
                     max_aspect=max_aspect, heads=heads, per_head=per_head,
                     powerlaw_fit=split_ww_options(fit_kwargs)[1], **ww_settings(fit_kwargs))
+    if gram32:  # only then, so resume folders of earlier scans stay valid
+        settings["gram_dtype"] = "torch.float32"
+    if kv_heads is not None:
+        settings["kv_heads"] = kv_heads
     source, failed = None, []
     if isinstance(model, (str, os.PathLike)) or base is not None:
         source, view = _checkpoint_view(model, base, layers, types, hide, split_qkv,
-                                        split_gates, heads, per_head)
+                                        split_gates, heads, per_head, kv_heads)
     else:
         model, failed = _drop_unreadable(model)
         view = _model_view(model, layers, types, hide, split_qkv, split_gates, heads,
-                           per_head)
+                           per_head, kv_heads)
     kept, skipped, left_out = _split_by_size(view.rows, conv, min_evals, max_aspect)
     kept, skipped, left_out = apply_max_evals(kept, skipped, left_out, conv, fit_kwargs)
     left_out = view.left_out + left_out
@@ -168,7 +197,7 @@ def analyze(
             rows, spectra, kept, more = _layer_metrics(
                 kept, dtype, conv, schatten, method, return_esd, fit_kwargs,
                 store=store, on_row=on_row, bar=progress, strict=strict, device=device,
-                batch=batch)
+                batch=batch, gram32=gram32)
     finally:
         if source is not None:
             source.close()
@@ -229,20 +258,33 @@ def _warn_left_out(left_out: list[LeftOut], min_evals: int) -> None:
 
 
 def _model_view(model, layers, types, hide, split_qkv: bool, split_gates: bool,
-                heads: int | None, per_head: bool = False) -> View:
+                heads: int | None, per_head: bool = False, kv_heads: int | None = None
+                ) -> View:
     """The view of a module or state dict (transformer conventions on; ``heads`` from
     ``model.config`` when not given; ``per_head``: :func:`per_head_rows`)."""
     pattern, names = (layers, None) if isinstance(layers, str) else (None, layers)
-    if heads is None and isinstance(model, nn.Module):
-        heads = config_heads(getattr(model, "config", None) or {})
+    config = (getattr(model, "config", None) or {}) if isinstance(model, nn.Module) else {}
+    if heads is None:
+        heads = config_heads(config)
     view = parameter_view(model, types=types, names=names, pattern=pattern, hide=hide,
                           split_qkv=split_qkv, split_gates=split_gates, what="analyze()",
                           transformer=True, heads=heads)
-    return View(per_head_rows(view.rows, heads), view.left_out) if per_head else view
+    return _per_head(view, per_head, heads, kv_heads, config)
+
+
+def _per_head(view: View, per_head: bool, heads: int | None, kv_heads: int | None,
+              config) -> View:
+    """``view`` with :func:`per_head_rows` (``per_head``), ``kv_heads`` and the head dim
+    from ``config`` when not given."""
+    if not per_head:
+        return view
+    kv_heads = kv_heads if kv_heads is not None else config_kv_heads(config)
+    rows = per_head_rows(view.rows, heads, kv_heads, config_head_dim(config, heads))
+    return View(rows, view.left_out)
 
 
 def _checkpoint_view(model, base, layers, types, hide, split_qkv: bool, split_gates: bool,
-                     heads: int | None, per_head: bool = False
+                     heads: int | None, per_head: bool = False, kv_heads: int | None = None
                      ) -> tuple[TensorSource, View]:
     """The source (``W - W_base`` with ``base``) and its lazily read view."""
     if types is not None or hide:
@@ -255,16 +297,16 @@ def _checkpoint_view(model, base, layers, types, hide, split_qkv: bool, split_ga
                                           "the update B A * scaling; base= is for full "
                                           "fine-tuned checkpoints")
         source = DeltaSource(source, as_source(base))
+    config = source.config or (
+        (getattr(model, "config", None) or {}) if isinstance(model, nn.Module) else {})
     if heads is None:
-        heads = config_heads(source.config) or (
-            config_heads(getattr(model, "config", None) or {}) if isinstance(model, nn.Module)
-            else None)
+        heads = config_heads(config)
     pattern, names = (layers, None) if isinstance(layers, str) else (None, layers)
     view = source_view(source, names=names, pattern=pattern, split_qkv=split_qkv,
                        split_gates=split_gates, heads=heads)
     extra = [LeftOut(n, why) for n, why in source.left_out]
-    rows = per_head_rows(view.rows, heads) if per_head else view.rows
-    return source, View(rows, extra + view.left_out)
+    view = _per_head(view, per_head, heads, kv_heads, config)
+    return source, View(view.rows, extra + view.left_out)
 
 
 def _resume_store(resume, source: TensorSource | None, settings: dict) -> ResumeStore | None:
@@ -323,30 +365,43 @@ def _drop_unreadable(model) -> tuple:
 
 
 def _one_layer(row: WeightRow, dtype: torch.dtype, conv: ConvMode, schatten, method,
-               return_esd: bool, fit_kwargs: dict, device: torch.device | None = _CPU
-               ) -> tuple[dict[str, float], np.ndarray | None]:
+               return_esd: bool, fit_kwargs: dict, device: torch.device | None = _CPU,
+               gram32: bool = False) -> tuple[dict[str, float], np.ndarray | None]:
     """The metrics (floats) and (``return_esd``) the ESD of one row, without autograd; the
-    ESD computed on ``device`` and brought back to the CPU."""
+    ESD computed on ``device`` and brought back to the CPU (``gram32``: the weight in
+    float32, its Gram matrix formed in float32, :func:`~.batched.gram32_esd`)."""
     raw = row.read().detach()
     check_tensor_storage(raw, f"weight of layer {row.name!r}")
-    w = raw.to(dtype)
+    w = raw.to(torch.float32 if gram32 else dtype)
     del raw  # a file's tensor: only the cast copy stays
     with torch.no_grad():
         if device is None:  # a weight on a GPU, analysed where it is
-            evals = esd(w, conv=conv, name=row.name, method=method)
+            evals = _spectrum(w, conv, row.name, method, gram32)
         else:
-            evals = esd(w.to(device), conv=conv, name=row.name, method=method).to("cpu")
-    return _row_from_esd(row, w, evals, conv, schatten, method, return_esd, fit_kwargs)
+            evals = _spectrum(w.to(device), conv, row.name, method, gram32).to("cpu")
+    return _row_from_esd(row, w, evals, conv, schatten, method, return_esd, fit_kwargs,
+                         gram32)
+
+
+def _spectrum(w: torch.Tensor, conv: ConvMode, name: str, method, gram32: bool
+              ) -> torch.Tensor:
+    """The ESD of ``w``: :func:`~.batched.gram32_esd` (``gram32``) or ``esd``."""
+    return (gram32_esd(w, conv=conv, name=name) if gram32
+            else esd(w, conv=conv, name=name, method=method))
 
 
 def _row_from_esd(row: WeightRow, w: torch.Tensor, evals: torch.Tensor, conv: ConvMode,
-                  schatten, method, return_esd: bool, fit_kwargs: dict
+                  schatten, method, return_esd: bool, fit_kwargs: dict, gram32: bool = False
                   ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Metrics and WeightWatcher columns of ``w`` from its (CPU) ESD ``evals``."""
+    """Metrics and WeightWatcher columns of ``w`` from its (CPU) ESD ``evals`` (``gram32``:
+    the numerical-rank cut of a float32 Gram matrix; a randomised ESD from ``w`` in
+    ``evals``' float64)."""
     ww_opts, fit_kwargs = split_ww_options(fit_kwargs)
+    if gram32 and ww_opts.get("randomize", False) is not False:
+        w = w.to(evals.dtype)
     with torch.no_grad():
-        m = metrics_from_esd(evals, schatten=schatten, name=row.name,
-                             **rank_settings(w.shape, conv, method, evals.dtype), **fit_kwargs)
+        rank = rank_settings(w.shape, conv, method, torch.float32 if gram32 else evals.dtype)
+        m = metrics_from_esd(evals, schatten=schatten, name=row.name, **rank, **fit_kwargs)
         out = {k: float(v) for k, v in m.items()}
         out.update(ww_columns(w, out, ww_opts, conv=conv, method=method, name=row.name,
                               evals=evals))
@@ -356,18 +411,21 @@ def _row_from_esd(row: WeightRow, w: torch.Tensor, evals: torch.Tensor, conv: Co
 
 def _batch_rows(rows: list[WeightRow], positions: list[int], dtype: torch.dtype,
                 conv: ConvMode, schatten, method, return_esd: bool, fit_kwargs: dict,
-                device: torch.device | None) -> Iterator[tuple[int, tuple | Exception]]:
+                device: torch.device | None, gram32: bool = False
+                ) -> Iterator[tuple[int, tuple | Exception]]:
     """``(position, (metrics, esd) or the error)`` of each row of one batch of equal 2-D
     shapes: read one after another into one stack, one batched ``eigvalsh``
     (:func:`~bayes_spectral.diagnostics.batched.batch_esd`); a row that fails alone."""
     args = (conv, schatten, method, return_esd, fit_kwargs)
     if len(rows) == 1:
         try:
-            yield positions[0], _one_layer(rows[0], dtype, *args, device=device)
+            yield positions[0], _one_layer(rows[0], dtype, *args, device=device,
+                                           gram32=gram32)
         except _ROW_ERRORS as err:
             yield positions[0], err
         return
-    stack = torch.empty((len(rows), *rows[0].shape), dtype=dtype)
+    stack = torch.empty((len(rows), *rows[0].shape),
+                        dtype=torch.float32 if gram32 else dtype)
     got: list[tuple[WeightRow, int]] = []
     for row, pos in zip(rows, positions, strict=True):
         try:
@@ -382,19 +440,19 @@ def _batch_rows(rows: list[WeightRow], positions: list[int], dtype: torch.dtype,
     stack = stack[: len(got)]
     try:
         with torch.no_grad():
-            evals = batch_esd(stack, method, device)
+            evals = batch_esd(stack, method, device, gram32=gram32)
     except ValueError:  # e.g. one Gram matrix overflows: each row alone names its error
         evals = None
     for i, (row, pos) in enumerate(got):
         try:
             if evals is None:
                 with torch.no_grad():
-                    ev = esd(stack[i].to(device), conv=conv, name=row.name,
-                             method=method).to("cpu")
+                    ev = _spectrum(stack[i].to(device), conv, row.name, method,
+                                   gram32).to("cpu")
             else:
                 ev = evals[i].clone()
                 _check_squares(ev.sqrt(), ev, row.name)
-            yield pos, _row_from_esd(row, stack[i], ev, *args)
+            yield pos, _row_from_esd(row, stack[i], ev, *args, gram32)
         except _ROW_ERRORS as err:
             yield pos, err
 
@@ -403,7 +461,8 @@ def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,
                    conv: ConvMode, schatten: tuple[float, ...], method: SpectrumMethod,
                    return_esd: bool, fit_kwargs: dict, store: ResumeStore | None = None,
                    on_row=None, bar: bool | None = False, strict: bool = False,
-                   device: torch.device | None = _CPU, batch: bool = True
+                   device: torch.device | None = _CPU, batch: bool = True,
+                   gram32: bool = False
                    ) -> tuple[list[dict[str, float]], list[np.ndarray], list[WeightRow],
                               list[tuple[str, str]]]:
     """Per layer, in order: its metrics as floats and (``return_esd``) its ESD, both of
@@ -422,7 +481,7 @@ def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,
         else:
             results[pos] = got
     computed = _computed(kept, todo, dtype, conv, schatten, method,
-                         return_esd or store is not None, fit_kwargs, device, batch)
+                         return_esd or store is not None, fit_kwargs, device, batch, gram32)
     for pos, result in progress_bar(computed, len(todo), bar):
         row = kept[pos]
         if isinstance(result, Exception):
@@ -442,7 +501,7 @@ def _layer_metrics(kept: list[WeightRow], dtype: torch.dtype,
 
 
 def _computed(kept, todo, dtype, conv, schatten, method, keep_esd, fit_kwargs, device,
-              batch: bool) -> Iterator[tuple[int, tuple | Exception]]:
+              batch: bool, gram32: bool = False) -> Iterator[tuple[int, tuple | Exception]]:
     """``(position, result or error)`` of the rows at ``todo``, in order: a row's whole
     batch is computed when the row is reached, the later members' results kept until
     theirs (so resume files and ``on_row`` follow the rows' order)."""
@@ -454,7 +513,8 @@ def _computed(kept, todo, dtype, conv, schatten, method, keep_esd, fit_kwargs, d
         if pos not in pending:
             positions = [todo[i] for i in batch_of[pos]]
             pending.update(_batch_rows([kept[p] for p in positions], positions, dtype, conv,
-                                       schatten, method, keep_esd, fit_kwargs, device))
+                                       schatten, method, keep_esd, fit_kwargs, device,
+                                       gram32))
         yield pos, pending.pop(pos)
 
 

@@ -9,6 +9,13 @@
   dtype. On the CPU torch's batched ``eigvalsh`` runs LAPACK per matrix, so each ESD equals
   the one of :func:`~bayes_spectral.spectra.spectrum.esd` on that matrix alone.
 * :func:`check_device`: ``"cpu"`` or an available CUDA device, else ``ValueError``.
+* ``gram_dtype=torch.float32`` (:func:`check_gram_dtype`, :func:`gram32_esd`): the Gram
+  matrix formed in float32 from the float32 (or half) weight, upcast to float64 for
+  ``eigvalsh``; eigenvalues float64. Each entry of ``G = W^T W`` carries a rounding error
+  of about ``n eps32 ||W||_2^2`` (``n``: the summed dimension), so by Weyl's inequality an
+  eigenvalue moves by at most about that much: relative error ``~ n eps32 lambda_max /
+  lambda``, small for the tail (``alpha``, ``alpha_weighted``, ``lambda_max``, the log
+  norms, ``stable_rank``: ~1e-7 measured), large for the tiny eigenvalues.
 """
 
 from __future__ import annotations
@@ -19,9 +26,16 @@ from collections.abc import Sequence
 import torch
 
 from .._checks import check_weight
-from ..spectra.spectrum import SpectrumMethod, _gram_eigvalsh
+from ..spectra.spectrum import (
+    ConvMode,
+    SpectrumMethod,
+    _check_squares,
+    _gram_eigvalsh,
+    as_matrices,
+)
 
-__all__ = ["batch_esd", "check_device", "check_finite_fast", "plan_batches"]
+__all__ = ["batch_esd", "check_device", "check_finite_fast", "check_gram_dtype",
+           "gram32_eigvalsh", "gram32_esd", "plan_batches"]
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -69,13 +83,57 @@ def check_finite_fast(w: torch.Tensor, name: str) -> None:
         check_weight(w, name)
 
 
+def check_gram_dtype(gram_dtype, dtype: torch.dtype, method: SpectrumMethod) -> bool:
+    """Whether the Gram matrices are formed in float32 (``gram_dtype=torch.float32`` with
+    ``dtype=torch.float64``, ``method="gram"``); ``False`` for ``None`` or ``dtype`` (the
+    Gram matrix in ``dtype``, as without the option); ``ValueError`` otherwise."""
+    if gram_dtype is None or gram_dtype == dtype:
+        return False
+    if gram_dtype != torch.float32 or dtype != torch.float64:
+        raise ValueError(f"analyze(): gram_dtype={gram_dtype!r} with dtype={dtype}: use "
+                         "gram_dtype=torch.float32 (with dtype=torch.float64) or "
+                         "torch.float64 (the default)")
+    if method != "gram":
+        raise ValueError(f"analyze(): gram_dtype=torch.float32 needs method='gram', got "
+                         f"method={method!r}")
+    return True
+
+
+def gram32_eigvalsh(mats: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """Ascending eigenvalues (``>= 0``, float64) of the smaller Gram matrix of each matrix
+    of ``mats`` (``..., m, n``), the product ``W^T W`` (or ``W W^T``) formed in float32 and
+    upcast to float64 for ``eigvalsh`` (module docstring: the error bound)."""
+    w = mats.float()
+    m, n = w.shape[-2:]
+    gram = w.mT @ w if n <= m else w @ w.mT
+    if not bool(torch.isfinite(gram).all()):
+        where = f" (layer {name!r})" if name else ""
+        raise ValueError(f"Gram matrix of weight{where} overflows float32 (entries of W^T W "
+                         "beyond its range); use gram_dtype=torch.float64")
+    return torch.linalg.eigvalsh(gram.double()).clamp_min(0)
+
+
+def gram32_esd(weight: torch.Tensor, conv: ConvMode = "pool",
+               name: str | None = None) -> torch.Tensor:
+    """:func:`~bayes_spectral.spectra.spectrum.esd` (``method="gram"``) of one weight with
+    the Gram matrix formed in float32 (:func:`gram32_eigvalsh`): ascending, float64."""
+    evals = gram32_eigvalsh(as_matrices(weight, conv=conv, name=name), name)
+    _check_squares(evals.sqrt(), evals, name)
+    width = evals.shape[-1]
+    evals = evals.reshape(-1)
+    return torch.sort(evals).values if evals.numel() > width else evals
+
+
 def batch_esd(stack: torch.Tensor, method: SpectrumMethod, device: torch.device,
-              name: str | None = None) -> torch.Tensor:
+              name: str | None = None, gram32: bool = False) -> torch.Tensor:
     """Ascending ESDs ``(B, min(m, n))`` of the (checked, finite) matrices of ``stack``
     computed on ``device`` as :func:`~bayes_spectral.spectra.spectrum.esd` computes them
     (``eigvalsh`` of the smaller Gram matrix, or ``svdvals ** 2``), back on the CPU in
-    ``stack``'s dtype (half precision computed in float32, as there)."""
+    ``stack``'s dtype (half precision computed in float32, as there); ``gram32``: the Gram
+    matrices in float32, the ESDs in float64 (:func:`gram32_eigvalsh`)."""
     mats = stack.to(device)
+    if gram32:
+        return gram32_eigvalsh(mats, name).to("cpu")
     if mats.dtype in (torch.float16, torch.bfloat16):
         mats = mats.float()
     if method == "gram":
