@@ -62,7 +62,7 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoGuide, init_to_value
 
 from . import distributed as bsd
-from .batches import DataSource, as_source, inputs_to
+from .batches import DataSource, as_source, inputs_to, map_inputs
 from .chains import chain_init, run_chains
 from .checkpoint import CHECKPOINT_NAME
 from .checkpoint import save_checkpoint as save_checkpoint  # re-exported (apps.compare)
@@ -139,6 +139,20 @@ def _check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _check_dtype(model: BayesianNetwork, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype``, or (``None``) the model's own: the dtype of its first floating-point
+    parameter or buffer (``torch.get_default_dtype()`` if it has none), so a float64
+    network is fitted in float64, never silently cast to float32."""
+    if dtype is None:
+        floats = (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+        first = next(floats, None)
+        return torch.get_default_dtype() if first is None else first.dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, "
+                         f"torch.float64, ...) or None (the model's), got {dtype!r}")
+    return dtype
+
+
 def _use_distributed(distributed: bool | None, method: str) -> bool:
     """``distributed=None`` means "when a process group is initialised"; checks the rest."""
     if distributed is None:
@@ -167,6 +181,14 @@ def _set_num_data(model: BayesianNetwork, source: DataSource) -> None:
     model.num_data = int(source.num_data)
 
 
+def _in_model_dtype(model: BayesianNetwork, x, y):
+    """``(x, y)`` with floating-point tensors in the model's current dtype (the checks run
+    the network as it is, before ``fit`` moves it to ``dtype``); others kept."""
+    ref = _check_dtype(model, None)
+    return (map_inputs(x, lambda t: t.to(ref) if t.is_floating_point() else t),
+            y.to(ref) if y.is_floating_point() else y)
+
+
 def _prepare_data(model: BayesianNetwork, data, val_data, device: torch.device,
                   dtype: torch.dtype, *, batch_size: int, shuffle: bool):
     """The :class:`~bayes_spectral.bnn.batches.DataSource` of ``data`` (checked: all rows of
@@ -175,12 +197,12 @@ def _prepare_data(model: BayesianNetwork, data, val_data, device: torch.device,
     cast, token ids kept; validation targets stay where they are). Returns
     ``(source, xv, yv)`` (``xv = yv = None`` without validation data)."""
     source = as_source(data, "data", batch_size=batch_size, shuffle=shuffle)
-    model.check_data(*source.rows_to_check(), "data")
+    model.check_data(*_in_model_dtype(model, *source.rows_to_check()), "data")
     _set_num_data(model, source)
     xv = yv = None
     if val_data is not None:
         xv, yv = as_source(val_data, "val_data").materialize()
-        model.check_data(xv, yv, "val_data")
+        model.check_data(*_in_model_dtype(model, xv, yv), "val_data")
     model.to(device=device, dtype=dtype)
     source.to(device, dtype)
     if xv is not None:
@@ -219,7 +241,7 @@ def fit(
     model: BayesianNetwork, data, method: str = "map", guide: AutoGuide | str | None = None, *,
     epochs: int = 10, batch_size: int = 128, shuffle: bool = True, lr: float = 1e-2,
     num_particles: int = 1,
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+    device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0,
     val_data=None, val_samples: int | None = None, monitor: str = "val_nll",
     patience: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1, resume: bool = True, progress: bool = True,
@@ -241,6 +263,10 @@ def fit(
     :param batch_size, shuffle: batches of a pair, Split or dataset: ``batch_size`` rows in
         the order ``torch.randperm(n)`` drawn each epoch (``shuffle=False``: in order). A
         loader keeps its own batches and order.
+
+    :param device, dtype: where and in which floating dtype the model and the data are put;
+        ``dtype=None`` (default): the model's own (a ``net.double()`` stays float64, a
+        float32 network float32); integer inputs (token ids) stay integer.
 
     :param method: ``"map"`` (default guide ``auto_delta``), ``"svi"`` (default
         ``auto_normal``), ``"nuts"`` (full batch; layers without a prior stay fixed), or the
@@ -308,6 +334,7 @@ def fit(
                      num_particles=num_particles, monitor=monitor, patience=patience,
                      val_data=val_data)
     device = _check_device(device)
+    dtype = _check_dtype(model, dtype)
     prior_every = check_every(prior_every)
     if method == "nuts" and prior_every != 1:
         raise ValueError("prior_every applies to MAP/SVI steps; NUTS needs the exact density "

@@ -23,6 +23,7 @@ so the enumerated spike-and-slab indicators stay to ``TraceEnum_ELBO``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 
 import torch
 from pyro import poutine
@@ -53,6 +54,10 @@ __all__ = [
 ]
 
 GuideMaker = Callable[..., AutoGuide]
+
+#: attribute (in the guide's ``__dict__``) holding the :class:`~.param_state.ParamState` of
+#: the ``FitResult`` that owns the guide (set by ``FitResult``; read by :func:`map_values`)
+OWNER_STATE = "_bs_owner_state"
 
 #: guide kind -> maker ``maker(model, **kwargs) -> AutoGuide``
 GUIDES: Registry[GuideMaker] = Registry("guide")
@@ -189,12 +194,17 @@ def make_guide(model: BayesianNetwork, kind: str = "delta", **kwargs) -> AutoGui
 
 
 def map_values(guide, sites: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Point values (median) of a fitted guide, detached: e.g. to start SVI from MAP.
-    Give the ``FitResult`` itself (rather than ``res.guide``) to read its own parameters
-    whatever was fitted since (:meth:`FitResult.point_values`)."""
+    """Point values (median) of a fitted guide, detached clones: e.g. to start SVI from MAP.
+
+    ``guide``: a ``FitResult`` (:meth:`FitResult.point_values`) or its ``res.guide``. A
+    guide that a ``FitResult`` owns is read with that result's parameter snapshot installed
+    (:attr:`OWNER_STATE`), never through Pyro's global param store, so its values do not
+    change with later fits or ``pyro.clear_param_store()``; any other guide is read as it
+    stands (its ``median()``)."""
     if hasattr(guide, "point_values"):
         med = guide.point_values()
     else:
-        with torch.no_grad():
+        state = getattr(guide, "__dict__", {}).get(OWNER_STATE)
+        with state.installed() if state is not None else nullcontext(), torch.no_grad():
             med = guide.median()
     return {k: v.detach().clone() for k, v in med.items() if sites is None or k in sites}

@@ -6,6 +6,9 @@ and every use of it (``predict``, ``evaluate``, ``params``, ``to_module``, guide
 the diagnostics) runs inside :meth:`FitResult.active`, which installs that snapshot and puts
 the previous state back afterwards. So a later ``fit`` (same layer names or not, with or
 without ``pyro.settings.set(module_local_params=True)``) never changes an earlier result.
+The result's guide carries that snapshot (``OWNER_STATE``), so ``map_values(res.guide)``
+reads it as well; calling ``res.guide`` yourself reads it only inside ``res.active()``
+(outside it Pyro's global store, which a later fit replaces).
 
 ``active`` also puts the network in eval mode (:mod:`~.modes`): predictions do not depend on
 the batch, BatchNorm's running statistics are read, never updated; MC-dropout only with
@@ -33,6 +36,7 @@ from torch import nn
 
 from .batches import as_inputs, first_leaf, inputs_to
 from .export import plain_module
+from .guides import OWNER_STATE
 from .modes import eval_mode
 from .network import BayesianNetwork
 from .param_state import ParamState
@@ -62,6 +66,8 @@ class FitResult:
     def __post_init__(self) -> None:
         if self.state is None:
             self.state = ParamState({"model": self.model, "guide": self.guide})
+        if self.guide is not None:  # map_values(res.guide) reads this snapshot (guides.py)
+            self.guide.__dict__[OWNER_STATE] = self.state
 
     @contextmanager
     def active(self, mc_dropout: bool = False) -> Iterator[FitResult]:

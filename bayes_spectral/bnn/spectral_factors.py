@@ -15,17 +15,27 @@ import math
 
 import pyro
 import torch
+from pyro.params.param_store import param_with_module_name
+from pyro.poutine.runtime import effectful
 from torch import nn
+from torch.distributions import constraints
 from torch.nn.utils.parametrizations import orthogonal
 
-__all__ = ["ORTHOGONAL_MAPS", "SpectralFactors", "SpectralWeight"]
+__all__ = ["ORTHOGONAL_MAPS", "SpectralFactors", "SpectralWeight", "register_factors"]
 
 #: the maps of :func:`torch.nn.utils.parametrizations.orthogonal`
 ORTHOGONAL_MAPS = ("cayley", "matrix_exp", "householder")
 
 
 class SpectralFactors(nn.Module):
-    """Orthonormal ``U`` (``m x r``) and ``V`` (``n x r``) of a weight, initialised by SVD."""
+    """Orthonormal ``U`` (``m x r``) and ``V`` (``n x r``) of a weight, initialised by SVD.
+
+    Deterministic: ``orthogonal`` keeps ``U = B Q(A)[:, :r]`` with a fixed orthonormal basis
+    ``B`` (``m x m``) whose first ``r`` columns are the SVD's vectors; torch completes ``B``
+    with a ``randn`` draw, here it is the full SVD's basis (a function of the weight only),
+    and building draws nothing from the global RNG (so a fit with a given seed does not
+    depend on the RNG state when the model was built). The unconstrained tensors are
+    contiguous, so the param store holds the module's own tensors, never a copy."""
 
     def __init__(self, weight: torch.Tensor, orthogonal_map: str = "cayley"):
         super().__init__()
@@ -33,14 +43,11 @@ class SpectralFactors(nn.Module):
         m, n = weight.shape[0], math.prod(weight.shape[1:])
         r = min(m, n)
         with torch.no_grad():
-            u, s, vh = torch.linalg.svd(weight.detach().reshape(m, n), full_matrices=False)
-        self.u = orthogonal(nn.Linear(r, m, bias=False, dtype=weight.dtype),
-                            orthogonal_map=orthogonal_map)
-        self.v = orthogonal(nn.Linear(r, n, bias=False, dtype=weight.dtype),
-                            orthogonal_map=orthogonal_map)
-        with torch.no_grad():
-            self.u.weight = u
-            self.v.weight = vh.transpose(0, 1).contiguous()
+            u, s, vh = torch.linalg.svd(weight.detach().reshape(m, n), full_matrices=True)
+        devices = [weight.device] if weight.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # nn.Linear's init, torch's completion
+            self.u = _orthonormal(u, r, orthogonal_map)
+            self.v = _orthonormal(vh.transpose(0, 1), r, orthogonal_map)
         self.initial_s = s.detach().clone()
 
     def initial_s_like(self) -> torch.Tensor:
@@ -50,6 +57,21 @@ class SpectralFactors(nn.Module):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         """``U diag(s) V^T``, reshaped to the weight's shape."""
         return ((self.u.weight * s) @ self.v.weight.transpose(0, 1)).reshape(self.weight_shape)
+
+
+def _orthonormal(basis: torch.Tensor, r: int, orthogonal_map: str) -> nn.Module:
+    """``orthogonal(Linear(r, k))`` (``k = basis.shape[0]``) whose weight is
+    ``basis[:, :r]``, with the completion ``base = basis`` (the whole orthonormal basis)."""
+    k = basis.shape[0]
+    lin = orthogonal(nn.Linear(r, k, bias=False, dtype=basis.dtype, device=basis.device),
+                     orthogonal_map=orthogonal_map)
+    with torch.no_grad():
+        lin.weight = basis[:, :r].contiguous()
+        param = lin.parametrizations.weight
+        if getattr(param[0], "base", None) is not None:
+            param[0].base.copy_(basis)
+        param.original.data = param.original.data.contiguous()
+    return lin
 
 
 class SpectralWeight(nn.Module):
@@ -67,7 +89,31 @@ class SpectralWeight(nn.Module):
     def forward(self, _unused: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__["_owner"]
         factors = owner._modules[self.factors]
-        # register U, V with Pyro and use the store's tensors (PyroModule's own statement
-        # does not update the module: the store holds a contiguous copy of U's original)
-        pyro.module(owner._pyro_get_fullname(self.factors), factors, update_module_params=True)
+        register_factors(owner._pyro_get_fullname(self.factors), factors)
         return factors(getattr(owner, self.singular_values))
+
+
+def register_factors(name: str, factors: nn.Module) -> None:
+    """Param statements ``<name>$$$<param>`` for the factors' (unconstrained) tensors.
+
+    The module owns them: with global parameters the store's entry is pointed at the
+    module's own tensor (an entry that another network left under the same name is
+    replaced, never adopted: adopting it made a fit start from, or crash on, the previous
+    network's ``U``, ``V``); with module-local parameters only the statements are made (as
+    ``PyroModule`` does for a plain submodule)."""
+    local = pyro.settings.get("module_local_params")
+    store = pyro.get_param_store()
+    for pname, p in factors.named_parameters():
+        full = param_with_module_name(name, pname)
+        if local:
+            effectful(type="param")(lambda *_, _p=p, **__: _p)(
+                full, p, constraint=constraints.real, name=full)
+            continue
+        live = store._params.get(full)
+        if live is not p:
+            if live is not None:
+                store._param_to_name.pop(live, None)
+            store._params[full] = p
+            store._param_to_name[p] = full
+            store._constraints[full] = constraints.real
+        pyro.param(full)

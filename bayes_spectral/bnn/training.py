@@ -25,7 +25,7 @@ from .batches import DataSource, TensorSource
 from .checkpoint import Checkpointer
 from .fingerprint import run_fingerprint
 from .guard import NonFiniteError, guarded_step
-from .guides import make_guide
+from .guides import OWNER_STATE, make_guide
 from .lazy import LazyPriorModel, check_every
 from .modes import eval_mode
 from .network import BayesianNetwork
@@ -49,6 +49,7 @@ def _make_guide(model: BayesianNetwork, guide: AutoGuide | str | None, method: s
         return make_guide(model, "delta" if method == "map" else "normal")
     if isinstance(guide, str):
         return make_guide(model, guide)
+    guide.__dict__.pop(OWNER_STATE, None)  # a result's guide trained again: no longer its
     return guide
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..bnn.batches import as_source, inputs_to, targets_to
 from ..bnn.fit import FitResult
 from .arviz_adapter import InferenceData, inference_data
 from .draws import latent_draws, spectral_draws, weights_from_latent
@@ -42,8 +43,17 @@ def to_inference_data(result: FitResult, data, num_samples: int = 100, seed: int
     """
     model = check_result(result)
     with result.active():  # its own parameters, eval mode (BatchNorm statistics untouched)
-        x, y = as_data(model, data)
+        x, y = as_data(model, _in_model_dtype(model, data))
         return _inference_data(result, model, x, y, num_samples, seed, include_latent)
+
+
+def _in_model_dtype(model, data) -> tuple:
+    """All rows of ``data`` with floating-point tensors on the model's device and in its
+    dtype (a float64 result reads float32 data and the reverse), integer ones kept, before
+    :func:`as_data` checks them by running the network."""
+    x, y = as_source(data, "data").materialize()
+    ref = next(iter(model.parameters()), torch.zeros(()))
+    return inputs_to(x, ref.device, ref.dtype), targets_to(y, ref.device, ref.dtype)
 
 
 def _inference_data(result: FitResult, model, x, y, num_samples: int, seed: int,

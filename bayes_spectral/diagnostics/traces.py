@@ -44,9 +44,10 @@ def as_data(model: BayesianNetwork, data) -> tuple[Inputs, torch.Tensor]:
     :func:`~bayes_spectral.bnn.batches.as_source`), checked by the model and moved to its
     device; floating-point tensors in its dtype, integer ones (token ids, labels) kept."""
     x, y = as_source(data, "data").materialize()
-    model.check_data(x, y, "data")
     ref = _model_like(model)
-    return inputs_to(x, ref.device, ref.dtype), targets_to(y, ref.device, ref.dtype)
+    x, y = inputs_to(x, ref.device, ref.dtype), targets_to(y, ref.device, ref.dtype)
+    model.check_data(x, y, "data")  # after the conversion: float32 data on a float64 model
+    return x, y
 
 
 def guide_trace(result: FitResult, args: tuple):

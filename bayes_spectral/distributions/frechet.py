@@ -26,7 +26,13 @@ class Frechet(TorchDistribution):
         F(x)     = exp(-z^(-a))
         F^-1(u)  = m + s (-log u)^(-1/a)
 
-    ``rsample`` is reparameterised through the inverse CDF. ``mean = m + s Gamma(1 - 1/a)``
+    ``rsample`` is reparameterised through the inverse CDF, computed in log space,
+    ``x = m + exp(log s - log(-log u) / a)`` with ``u`` uniform clamped to
+    ``[tiny, 1 - eps]`` of the dtype (so the largest quantile reached is
+    ``F^-1(1 - eps) ~ m + s eps^(-1/a)``). A quantile beyond the dtype's largest finite
+    number (e.g. ``a = 0.05``, ``s = 1`` in float32: every ``u > F(finfo.max) ~ 0.988``) is
+    returned as ``finfo(dtype).max``, never ``inf`` (its gradient is then zero); ``icdf``
+    does the same. ``mean = m + s Gamma(1 - 1/a)``
     for ``a > 1`` (``inf`` otherwise), ``variance = s^2 (Gamma(1 - 2/a) - Gamma(1 - 1/a)^2)``
     for ``a > 2`` (``inf`` otherwise), ``entropy = 1 + gamma (1 + 1/a) + log(s / a)``.
     In bayes-spectral it is the law of the top eigenvalue ``lambda_max = sigma_max^2``.
@@ -73,13 +79,20 @@ class Frechet(TorchDistribution):
         return torch.where(z > 0, torch.exp(-zpos.pow(-self.concentration)), 0.0)
 
     def icdf(self, value):
-        return self.loc + self.scale * (-torch.log(value)).pow(-1.0 / self.concentration)
+        """``F^-1(u) = m + exp(log s - log(-log u) / a)``, capped at ``finfo.max`` (class
+        docstring): the power ``(-log u)^(-1/a)`` overflows for small ``a`` long before the
+        quantile does."""
+        value = torch.as_tensor(value, dtype=self.scale.dtype, device=self.scale.device)
+        big = torch.finfo(value.dtype).max
+        log_z = -torch.log(-torch.log(value)) / self.concentration
+        log_x = (torch.log(self.scale) + log_z).clamp_max(math.log(big))
+        return (self.loc + torch.exp(log_x)).clamp_max(big)
 
     def rsample(self, sample_shape=()):
         shape = self._extended_shape(torch.Size(sample_shape))
-        tiny = torch.finfo(self.scale.dtype).tiny
+        info = torch.finfo(self.scale.dtype)
         u = torch.rand(shape, dtype=self.scale.dtype, device=self.scale.device)
-        return self.icdf(u.clamp(tiny, 1.0 - torch.finfo(u.dtype).eps))
+        return self.icdf(u.clamp(info.tiny, 1.0 - info.eps))
 
     @property
     def mean(self):
