@@ -118,11 +118,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _check_analyze_numbers(args: argparse.Namespace) -> None:
-    """``--max-aspect`` > 1, ``--heads`` and ``--threads`` >= 1, ``--device`` available
-    (``ValueError`` naming it)."""
+    """``--max-aspect`` > 1, ``--heads``, ``--kv-heads`` and ``--threads`` >= 1, ``--device``
+    available (``ValueError`` naming it)."""
     if args.max_aspect is not None and not args.max_aspect >= 1:
         raise ValueError(f"--max-aspect {args.max_aspect}: must be a number >= 1")
-    for flag, value in (("--heads", args.heads), ("--threads", args.threads)):
+    for flag, value in (("--heads", args.heads), ("--kv-heads", args.kv_heads),
+                        ("--threads", args.threads)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be >= 1")
     from .diagnostics.batched import check_device
@@ -158,6 +159,7 @@ def _run_analyze(args: argparse.Namespace, model, out: Path | None):
     from ._io import UnreadableFileError
     from .diagnostics.analyze import analyze
     from .diagnostics.checkpoint_files import CheckpointMismatchError, NonFiniteTensorError
+    from .diagnostics.lazy_view import HeadsMismatchError
     from .diagnostics.scan import ResumeMismatchError
 
     resume = out / "analyze_resume" if out is not None and not args.example else None
@@ -166,6 +168,7 @@ def _run_analyze(args: argparse.Namespace, model, out: Path | None):
     try:
         return 0, analyze(model, layers=args.layers, conv=args.conv, return_esd=bool(out),
                           base=args.base, max_aspect=args.max_aspect, heads=args.heads,
+                          per_head=args.per_head, kv_heads=args.kv_heads,
                           resume=resume, threads=args.threads, strict=args.strict,
                           device=args.device, gram_dtype=_gram_dtype(args),
                           **_ww_options(args))
@@ -173,7 +176,7 @@ def _run_analyze(args: argparse.Namespace, model, out: Path | None):
         return _fail(err, EXIT_BAD_FILE), None
     except NonFiniteTensorError as err:
         return _fail(err, EXIT_NON_FINITE), None
-    except (ResumeMismatchError, CheckpointMismatchError) as err:
+    except (ResumeMismatchError, CheckpointMismatchError, HeadsMismatchError) as err:
         return _fail(err, EXIT_USAGE), None
     except ValueError as err:
         return _fail(err, EXIT_NO_LAYERS), None
@@ -432,6 +435,11 @@ def _add_analyze_parser(sub) -> None:
                    help="leave out matrices with max(shape)/min(shape) above this")
     p.add_argument("--heads", type=int, default=None, help="attention heads (to split "
                    "query_key_value; read from config.json when there)")
+    p.add_argument("--per-head", dest="per_head", action="store_true", help="one row per "
+                   "attention head of every Q, K, V matrix (fused or separate projections)")
+    p.add_argument("--kv-heads", dest="kv_heads", type=int, default=None, help="key/value "
+                   "heads of grouped-query attention for --per-head (read from config.json "
+                   "when there)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: "
                    "the cores not busy with other work)")
     p.add_argument("--device", default="cpu", help="where the Gram matrices and eigvalsh "

@@ -19,8 +19,8 @@ from .._view_rows import effective_value
 from ..select import View, WeightRow, parameter_view
 from .checkpoint_files import TensorSource, tie_groups
 
-__all__ = ["SEPARATE_QKV", "config_head_dim", "config_heads", "config_kv_heads",
-           "per_head_rows", "source_view"]
+__all__ = ["HeadsMismatchError", "SEPARATE_QKV", "config_head_dim", "config_heads",
+           "config_kv_heads", "per_head_rows", "source_view"]
 
 _HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 _KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -136,11 +136,16 @@ def _slice_of(row: WeightRow, index):
     return lambda: row.read()[index]
 
 
+class HeadsMismatchError(ValueError):
+    """The head settings (``heads``, ``kv_heads``, the config's ``head_dim``) do not fit a
+    tensor: a wrong setting, which the CLI reports as a usage error (exit 2)."""
+
+
 def _divide(row: WeightRow, out: int, n: int, what: str) -> int:
     """``out / n`` (the head dim), ``ValueError`` naming the tensor when not whole."""
     if out % n:
-        raise ValueError(f"per_head: {row.param_name} has {out} output features, not a "
-                         f"multiple of {what}={n}")
+        raise HeadsMismatchError(f"per_head: {row.param_name} has {out} output features, "
+                                 f"not a multiple of {what}={n}")
     return out // n
 
 
@@ -154,9 +159,9 @@ def _query_head_dims(rows: list[WeightRow], heads: int, head_dim: int | None
         if role and role[1] == "q":
             dims[role[0]] = d = _divide(row, row.shape[0], heads, "heads")
             if head_dim is not None and d != head_dim:
-                raise ValueError(f"per_head: {row.param_name} has head dim {d} ({row.shape[0]}"
-                                 f" output features / heads={heads}), the config states "
-                                 f"head_dim={head_dim}")
+                raise HeadsMismatchError(
+                    f"per_head: {row.param_name} has head dim {d} ({row.shape[0]} output "
+                    f"features / heads={heads}), the config states head_dim={head_dim}")
     return dims
 
 
@@ -179,7 +184,7 @@ def _separate_heads(row: WeightRow, role: tuple[str, str], heads: int,
     for ref, source in ((q_dims.get(parent), "the query projection's"),
                         (head_dim, "the config's")):
         if ref is not None and d != ref:
-            raise ValueError(
+            raise HeadsMismatchError(
                 f"per_head: {row.param_name} ({out} output features / {what}={n}) has head "
                 f"dim {d}, {source} head dim is {ref}"
                 + (f" (head_dim={head_dim})" if source == "the config's" else "")
@@ -197,8 +202,8 @@ def per_head_rows(rows: list[WeightRow], heads: int | None, kv_heads: int | None
     rows as they are. ``ValueError`` naming the tensor when ``heads`` is unknown, does not
     divide a row, or the head dims disagree (with each other or ``head_dim``)."""
     if not heads:
-        raise ValueError("per_head=True needs the number of heads (heads=, or a config "
-                         "that states it)")
+        raise HeadsMismatchError("per_head=True needs the number of heads (heads=, or a "
+                                 "config that states it)")
     q_dims = _query_head_dims(rows, heads, head_dim)
     out: list[WeightRow] = []
     for row in rows:
@@ -208,8 +213,8 @@ def per_head_rows(rows: list[WeightRow], heads: int | None, kv_heads: int | None
         elif row.kind in ("AttnQ", "AttnK", "AttnV"):
             dim = 1 if isinstance(row.index, tuple) else 0
             if row.shape[dim] % heads:
-                raise ValueError(f"per_head: {row.name} has {row.shape[dim]} output "
-                                 f"features, not a multiple of heads={heads}")
+                raise HeadsMismatchError(f"per_head: {row.name} has {row.shape[dim]} "
+                                         f"output features, not a multiple of heads={heads}")
             out += _split_heads(row, heads, row.shape[dim] // heads)
         else:
             out.append(row)

@@ -151,3 +151,32 @@ def test_per_head_gqa_module_with_config():
     assert list(a.layer.values) == list(b.layer.values)
     assert f"{ATTN.format(0, 'k')}[h1]" in a.layer.values
     np.testing.assert_array_equal(a.esd.values, b.esd.values)
+
+
+def test_cli_per_head_and_kv_heads(tmp_path, capsys):
+    """``bayes-spectral analyze DIR --per-head [--kv-heads K]``: the same rows as the API;
+    a head count that does not divide the tensor is a usage error naming it (exit 2)."""
+    from bayes_spectral import cli
+
+    sd = gqa_state()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file(sd, str(folder / "model.safetensors"))
+    out = tmp_path / "out"
+    code = cli.main(["analyze", str(folder), "--per-head", "--heads", str(HEADS),
+                     "--kv-heads", str(KV_HEADS), "--threads", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    import pandas as pd
+
+    table = pd.read_csv(out / "analysis.csv")
+    assert sorted(table.layer) == sorted(expected_names())
+    api = quiet(folder, per_head=True, heads=HEADS, kv_heads=KV_HEADS)
+    got = table.set_index("layer").loc[list(api.layer.values), "alpha"].to_numpy()
+    np.testing.assert_allclose(got, api.alpha.values, rtol=1e-12)
+    capsys.readouterr()
+    code = cli.main(["analyze", str(folder), "--per-head", "--heads", str(HEADS),
+                     "--kv-heads", "3", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and ATTN.format(0, "k") in err and len(err.splitlines()) == 1
+    assert cli.main(["analyze", str(folder), "--per-head", "--kv-heads", "0"]) == cli.EXIT_USAGE
+    assert "--kv-heads 0" in capsys.readouterr().err
