@@ -125,6 +125,19 @@ def sampler_step(bn, method: str, x, y, lr: float = 1e-3, keep: bool = True):
     return step
 
 
+def map_plus_noise(map_step, net: nn.Module):
+    """The floor of any sampler step, timed in the same run: the MAP step plus one
+    ``torch.randn`` of every weight matrix's shape (the Gaussian noise SGLD/SGHMC draw for
+    the latent weights, nothing else)."""
+    shapes = [m.weight.shape for m in net.modules() if isinstance(m, nn.Linear)]
+
+    def step():
+        map_step()
+        for shape in shapes:
+            torch.randn(shape)
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
@@ -217,6 +230,7 @@ def mlp_table(args) -> None:
     configs["sghmc_nodraw"] = sampler_step(
         bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), "sghmc", x, y,
         keep=False)
+    configs["map_noise"] = map_plus_noise(svi_step("delta", tracked=True), mlp())
     try:
         from bayes_spectral import penalties
     except ImportError:
@@ -235,7 +249,7 @@ def mlp_table(args) -> None:
         configs["regularizer"] = reg_loop
     if args.samplers_only:
         keep = ("plain", "tracked_loop", "map_tracked", "sgld_tracked", "sghmc_tracked",
-                "sghmc_nodraw")
+                "sghmc_nodraw", "map_noise")
         configs = {k: v for k, v in configs.items() if k in keep}
     times = interleaved(configs, args.steps, args.repeats)
     t_plain = statistics.median(times["plain"])
@@ -257,6 +271,9 @@ def mlp_table(args) -> None:
         ("sghmc (Frechet, tracked)", "plain step", "sghmc_tracked", "plain", "<= 1.3*"),
         ("sghmc, no draw kept (thin > 1)", "MAP step", "sghmc_nodraw", "map_tracked",
          "<= 1.05"),
+        ("MAP step + randn of the weights", "MAP step", "map_noise", "map_tracked", "floor"),
+        ("sghmc, no draw kept (thin > 1)", "MAP + randn floor", "sghmc_nodraw", "map_noise",
+         "-"),
         ("svi/auto_normal (power law, tracked)", "plain step", "svi_tracked_pl", "plain",
          "<= 2"),
         ("svi/auto_normal (i.i.d. Normal prior)", "plain step", "svi_gauss", "plain", "floor"),

@@ -103,14 +103,8 @@ def gram32_eigvalsh(mats: torch.Tensor, name: str | None = None) -> torch.Tensor
     """Ascending eigenvalues (``>= 0``, float64) of the smaller Gram matrix of each matrix
     of ``mats`` (``..., m, n``), the product ``W^T W`` (or ``W W^T``) formed in float32 and
     upcast to float64 for ``eigvalsh`` (module docstring: the error bound)."""
-    w = mats.float()
-    m, n = w.shape[-2:]
-    gram = w.mT @ w if n <= m else w @ w.mT
-    if not bool(torch.isfinite(gram).all()):
-        where = f" (layer {name!r})" if name else ""
-        raise ValueError(f"Gram matrix of weight{where} overflows float32 (entries of W^T W "
-                         "beyond its range); use gram_dtype=torch.float64")
-    return torch.linalg.eigvalsh(gram.double()).clamp_min(0)
+    return _gram_eigvalsh(mats.float(), name, eig_dtype=torch.float64,
+                          hint="use gram_dtype=torch.float64").flip(-1)
 
 
 def gram32_esd(weight: torch.Tensor, conv: ConvMode = "pool",

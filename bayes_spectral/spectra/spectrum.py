@@ -69,14 +69,17 @@ def as_matrices(
     return weight.reshape(out_ch, in_ch, k).permute(2, 0, 1)
 
 
-def _gram_eigvalsh(mats: torch.Tensor, name: str | None = None) -> torch.Tensor:
-    """Descending eigenvalues of the smaller Gram matrix (``W^T W`` or ``W W^T``), >= 0."""
+def _gram_eigvalsh(mats: torch.Tensor, name: str | None = None, eig_dtype=None,
+                   hint: str = "pass weight.double() or use method='svd'") -> torch.Tensor:
+    """Descending eigenvalues of the smaller Gram matrix (``W^T W`` or ``W W^T``), >= 0:
+    the product in ``mats``' dtype, ``eigvalsh`` in ``eig_dtype`` (default the same)."""
     m, n = mats.shape[-2:]
     gram = mats.mT @ mats if n <= m else mats @ mats.mT
     if not bool(torch.isfinite(gram).all()):
         where = f" (layer {name!r})" if name else ""
         raise ValueError(f"Gram matrix of weight{where} overflows {gram.dtype} (entries of "
-                         "W^T W beyond its range); pass weight.double() or use method='svd'")
+                         f"W^T W beyond its range); {hint}")
+    gram = gram if eig_dtype is None else gram.to(eig_dtype)
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
