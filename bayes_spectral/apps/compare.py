@@ -61,6 +61,7 @@ from ..bnn.predict import evaluate
 from ..data import DATASETS, Split
 from ..diagnostics.analyze import analyze
 from ..diagnostics.arviz_adapter import posterior_of
+from ..diagnostics.draws import weights_from_latent
 from ..diagnostics.inference_data import to_inference_data
 from ..diagnostics.loo import GOOD_K, MIN_PSIS_DRAWS, importance_elpd, mcmc_loo
 from ..diagnostics.netcdf import load_netcdf, save_netcdf
@@ -480,11 +481,14 @@ def _sampler_outputs(res, split: Split):
 
 def _last_draw_weights(res) -> dict[str, torch.Tensor]:
     """Weights of the last draw of chain 0 of a sampler fit, per prior layer (the point
-    fit's place in ``weights``: one typical posterior draw, not a mean)."""
-    bn = res.model
+    fit's place in ``weights``: one typical posterior draw, not a mean), spectral layers
+    with that draw's own ``U``, ``V`` (``res.free_draws``)."""
+    def last(draws):
+        return None if not draws else {k: v[:1, -1:] for k, v in draws.items()}
+
     with res.active():
-        return {layer: bn.weight_of(layer, res.samples[site][0, -1]).detach().cpu()
-                for layer, site in bn.prior_sites.items()}
+        w = weights_from_latent(res.model, last(res.samples), last(res.free_draws))
+    return {layer: v[0, 0].cpu() for layer, v in w.items()}
 
 
 def _train_baseline_run(split: Split, cfg: CompareConfig, method: str, seed: int) -> dict:

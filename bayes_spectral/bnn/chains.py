@@ -13,6 +13,7 @@ from __future__ import annotations
 import pyro
 import torch
 
+from .free_state import drop_constant
 from .guides import auto_delta
 from .modes import eval_mode, train_mode
 from .network import BayesianNetwork
@@ -79,7 +80,9 @@ def run_chains(model: BayesianNetwork, source, cfg: SamplerConfig, *, lr: float,
         collector.finish_chain(run)
         if stopped:
             break
+    samples, free = collector.draws()
+    free = drop_constant(model, free)  # what never moved: the result's snapshot holds it
     return FitResult(model=model, method=cfg.method, guide=run.guide,
-                     history=collector.history(), samples=collector.samples(),
+                     history=collector.history(), samples=samples, free_draws=free,
                      epochs_run=run.epoch, checkpoint=run.checkpointer.path,
                      draw_steps=collector.chain_steps[0])

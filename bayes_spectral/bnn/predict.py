@@ -10,6 +10,10 @@ samples) and returns the likelihood's predictive
 NLL, ECE, entropy, mutual information and Brier score; regression Gaussian-mixture NLL,
 RMSE and the coverage of the central 50% / 90% intervals. The formulas are in
 :mod:`~bayes_spectral.bnn.metrics` (whose functions are re-exported here).
+
+Sampler draws come with their free state (``free=``, :mod:`~.free_state`: the parameters
+without a prior and the buffers of that draw's chain at that step): the model is then run one
+draw at a time with that draw's free state installed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from pyro.infer import Predictive
 
 from .batches import num_rows, take_rows
+from .free_state import installed_free
 from .likelihoods import LIKELIHOODS, Likelihood
 from .metrics import (
     ClassificationMetrics,
@@ -79,20 +84,39 @@ def evaluate(pred, y, likelihood: str | Likelihood | None = None,
 
 
 def predictive_probs(model, x, *, guide=None, samples: Mapping[str, torch.Tensor] | None = None,
-                     num_samples: int = 32, batch_size: int = 4096) -> Any:
+                     num_samples: int = 32, batch_size: int = 4096,
+                     free: Mapping[str, torch.Tensor] | None = None) -> Any:
     """The likelihood's predictive under the posterior (module docstring): class
     probabilities ``(S, n, C)`` or a ``GaussianPredictive`` ``(S, n, ...)``; a user
     likelihood without :meth:`~Likelihood.predictive`: the outputs ``(S, n, ...)``.
 
     ``guide``: ``num_samples`` guide draws, taken once and shared by every batch of
     ``batch_size`` rows (so a point's prediction does not depend on its batch); ``samples``:
-    posterior draws ``{site: (..., *event)}`` (e.g. NUTS ``(chains, draws, ...)``).
+    posterior draws ``{site: (..., *event)}`` (e.g. NUTS ``(chains, draws, ...)``);
+    ``free``: with ``samples``, each draw's free state ``{name: (..., *shape)}`` (the same
+    leading draw dims, e.g. a sampler's ``res.free_draws``), installed draw by draw.
     """
     if (guide is None) == (samples is None):
         raise ValueError("give exactly one of guide= or samples=")
-    law: Likelihood = model.observation
+    if free and samples is None:
+        raise ValueError("free= (a sampler's free state per draw) needs samples=")
     draws = _guide_draws(model, guide, x, num_samples) if guide is not None else \
         _flat_samples(model, samples)
+    if not free:
+        return _predictive(model, x, draws, batch_size)
+    flat = _flat_free(model, samples, free)
+    parts = []
+    for i in range(next(iter(draws.values())).shape[0]):
+        with installed_free(model, {k: v[i] for k, v in flat.items()}):
+            parts.append(_predictive(model, x, {k: v[i:i + 1] for k, v in draws.items()},
+                                     batch_size))
+    return _concat(parts, dim=0)
+
+
+def _predictive(model, x, draws: dict[str, torch.Tensor], batch_size: int) -> Any:
+    """The likelihood's predictive of the latent ``draws`` ``(S, *event)``, ``batch_size``
+    rows of ``x`` at a time."""
+    law: Likelihood = model.observation
     sites = ["_RETURN", *law.parameter_sites(model)]
     pred = Predictive(model, posterior_samples=draws, return_sites=sites)
     parts = []
@@ -101,6 +125,16 @@ def predictive_probs(model, x, *, guide=None, samples: Mapping[str, torch.Tensor
             out = pred(take_rows(x, slice(i, i + batch_size)))
             parts.append(law.predictive(model, out.pop("_RETURN"), out))
     return _concat(parts)
+
+
+def _flat_free(model, samples: Mapping[str, torch.Tensor],
+               free: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``free`` with its leading draw dims (those of ``samples``) flattened into one."""
+    site = next(k for k in samples if k in model.latent_sites)
+    init = model._initial.get(site)
+    lead = samples[site].dim() - (0 if init is None else init.dim())
+    n = samples[site].shape[:lead].numel()
+    return {k: v.detach().reshape(n, *v.shape[lead:]) for k, v in free.items()}
 
 
 def _guide_draws(model, guide, x, num_samples: int) -> dict[str, torch.Tensor]:
@@ -123,9 +157,9 @@ def _flat_samples(model, samples: Mapping[str, torch.Tensor],
     return out
 
 
-def _concat(parts: list) -> Any:
-    """Batches of predictives joined along the point dim (1)."""
+def _concat(parts: list, dim: int = 1) -> Any:
+    """Predictives joined along ``dim`` (1: batches of points; 0: draws)."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(parts, dim=1)
-    return type(first)(*(torch.cat(fields, dim=1) for fields in zip(*parts, strict=True)))
+        return torch.cat(parts, dim=dim)
+    return type(first)(*(torch.cat(fields, dim=dim) for fields in zip(*parts, strict=True)))

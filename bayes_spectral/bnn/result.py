@@ -17,8 +17,15 @@ the batch, BatchNorm's running statistics are read, never updated; MC-dropout on
 Using the weights: ``bn.net`` holds ``PyroSample`` sites, so calling it directly draws the
 prior layers' weights from the prior (after a fit this warns). ``res.to_module()`` is the
 plain ``nn.Module`` with the fitted point weights (MAP; SVI: the guide's median, i.e. the
-posterior mean of a Normal guide; NUTS: the mean of the draws) and
+posterior mean of a Normal guide; NUTS and samplers: the mean of the draws) and
 ``res.sample_modules(k)`` gives ``k`` modules with posterior draws.
+
+Sampler results (SGLD / SGHMC) also hold ``free_draws``: per kept draw, the network's free
+state (:mod:`~.free_state`: parameters without a prior, buffers) of that draw's chain at that
+step. ``predict``, ``evaluate``, ``sample_modules`` and the diagnostics evaluate each draw
+with its own free state; the snapshot ``state`` (``params()``, and ``to_module()``'s
+parameters and buffers other than the prior weights) holds the *last chain's final* values,
+so ``to_module()`` is the mean of the draws' prior weights with the last chain's end state.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from torch import nn
 
 from .batches import as_inputs, first_leaf, inputs_to
 from .export import plain_module
+from .free_state import installed_free
 from .guides import OWNER_STATE
 from .modes import eval_mode
 from .network import BayesianNetwork
@@ -48,7 +56,8 @@ __all__ = ["FitResult", "warn_on_bare_calls"]
 @dataclass
 class FitResult:
     """What :func:`fit` returns. ``samples``: NUTS or SG-MCMC draws ``{site: (chains,
-    draws, ...)}`` (constrained values).
+    draws, ...)}`` (constrained values). ``free_draws``: samplers only, the free state of
+    each draw ``{name: (chains, draws, *shape)}`` (module docstring; ``None``: none).
     ``state``: the parameter snapshot (taken when the result is made)."""
 
     model: BayesianNetwork
@@ -61,6 +70,7 @@ class FitResult:
     best_epoch: int | None = None
     checkpoint: str | None = None
     draw_steps: list[int] | None = None  # samplers: the kept steps (1-based, per chain)
+    free_draws: dict[str, torch.Tensor] | None = None  # samplers: free state per draw
     state: ParamState | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,7 +115,9 @@ class FitResult:
             if self.samples is not None:
                 dev = first_leaf(x).device  # draws kept on the CPU (samplers)
                 samples = {k: v.to(dev) for k, v in self.samples.items()}
-                return predictive_probs(self.model, x, samples=samples)
+                free = None if not self.free_draws else \
+                    {k: v.to(dev) for k, v in self.free_draws.items()}
+                return predictive_probs(self.model, x, samples=samples, free=free)
             if num_samples is None:
                 num_samples = 1 if self.method == "map" and not mc_dropout else 32
             return predictive_probs(self.model, x, guide=self.guide, num_samples=num_samples)
@@ -134,7 +146,9 @@ class FitResult:
     def to_module(self) -> nn.Module:
         """A plain ``nn.Module`` (a copy of the user's network, no Pyro) carrying the point
         weights of :meth:`point_values` and the fitted values of every other parameter and
-        buffer, in eval mode. For MAP its forward equals :meth:`predict`'s (logits)."""
+        buffer, in eval mode. For MAP its forward equals :meth:`predict`'s (logits). Samplers:
+        the mean of the draws with the last chain's final free state (parameters without a
+        prior, buffers); :meth:`sample_modules` gives draws with their own."""
         values = self.point_values()
         with self.active():
             return plain_module(self.model, values)
@@ -147,15 +161,26 @@ class FitResult:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         draws = self._draws(int(k), seed)
         with self.active():
-            return [plain_module(self.model, d) for d in draws]
+            return [self._plain(d) for d in draws]
+
+    def _plain(self, draw: dict[str, torch.Tensor]) -> nn.Module:
+        """:func:`plain_module` of one draw (its free state, ``_free``, installed first)."""
+        free = draw.pop("_free", None)
+        with installed_free(self.model, free):
+            return plain_module(self.model, draw)
 
     def _draws(self, k: int, seed: int) -> list[dict[str, torch.Tensor]]:
         sites = self.model.latent_sites
         if self.samples is not None:
             flat = {s: self.samples[s].reshape(-1, *self.samples[s].shape[2:]) for s in sites}
             n = next(iter(flat.values())).shape[0]
-            idx = torch.linspace(0, n - 1, k).round().long()
-            return [{s: v[i] for s, v in flat.items()} for i in idx.tolist()]
+            idx = torch.linspace(0, n - 1, k).round().long().tolist()
+            out = [{s: v[i] for s, v in flat.items()} for i in idx]
+            if self.free_draws:
+                free = {name: v.reshape(n, *v.shape[2:]) for name, v in self.free_draws.items()}
+                for d, i in zip(out, idx, strict=True):
+                    d["_free"] = {name: v[i] for name, v in free.items()}
+            return out
         if self.method == "map":
             warnings.warn("a MAP result holds one draw (its point): sample_modules returns "
                           f"{k} identical modules", UserWarning, stacklevel=3)

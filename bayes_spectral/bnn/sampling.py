@@ -24,8 +24,18 @@ initial values with multiplicative jitter ``init_jitter`` (chain 0 unjittered), 
 network's other parameters and buffers restarted. ``res.samples`` is
 ``{site: (num_chains, num_draws, *shape)}`` like NUTS'. Parameters without a prior are not
 sampled: they follow the drift without noise (``free_params="drift"``, the default; or stay
-at the chain's start with ``free_params="fixed"``, as NUTS keeps them), and the result keeps
-the last chain's values.
+at the chain's start with ``free_params="fixed"``, as NUTS keeps them).
+
+Free state per draw: with every kept draw the collector also records the network's *free
+state* (:mod:`~bayes_spectral.bnn.free_state`): the parameters without a prior (with
+``"drift"``; with ``"fixed"`` they are the start in every chain, so not recorded) and the
+buffers (always: BatchNorm's running statistics move with every training-mode pass, so they
+differ between chains even with ``"fixed"``). They travel with the draws (same buffer,
+chunks, files as ``free:<name>`` entries, checkpoints) and become ``res.free_draws`` ``{name:
+(num_chains, num_draws, *shape)}`` (``None`` when there is nothing to record); predictions and
+the log-likelihood evaluate draw ``s`` of chain ``c`` with them. Memory per draw: the free
+state's size (biases and BatchNorm: small; spectral ``U``, ``V``: about a weight matrix
+each, i.e. more than the sampled singular values).
 
 Checkpoints hold, besides the MAP loop's state, the sampler's state (step counters,
 momenta, preconditioners: the optimiser state), the chain index, the draws so far (or the
@@ -48,9 +58,14 @@ from pyro.distributions import constraints
 from torch.distributions import biject_to
 
 from .._io import atomic_path
+from .free_state import free_tensors
 from .samplers import SAMPLERS, in_sampling_phase
 
-__all__ = ["DrawCollector", "JacobianLoss", "SamplerConfig", "SamplerOptim", "steps_per_epoch"]
+#: prefix of the free-state entries among the collector's draws (buffers, chunk files)
+FREE = "free:"
+
+__all__ = ["FREE", "DrawCollector", "JacobianLoss", "SamplerConfig", "SamplerOptim",
+           "steps_per_epoch"]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -135,7 +150,8 @@ class SamplerConfig:
                "precondition": bool(self.precondition), "init_jitter": self.init_jitter,
                "num_chains": self.num_chains, "draw_chunk": self.draw_chunk,
                "draws_dir": None if self.draws_dir is None else os.fspath(self.draws_dir),
-               "free_params": self.free_params}
+               "free_params": self.free_params,
+               "free_state": "per draw"}  # draws carry the free state (older: refused)
         if self.cycles is not None:
             out["epochs"] = int(epochs)
         return out
@@ -275,9 +291,8 @@ class DrawCollector:
         self.eligible += 1
         if self.eligible % cfg.thin:
             return
-        store = pyro.get_param_store()
         with torch.no_grad():
-            values = {s: store[n] for s, n in self._names().items()}
+            values = self._values()
             if self.buffer is None:  # a fresh buffer per chunk (the CPU keeps it as is)
                 self.buffer = {s: v.new_empty((cfg.draw_chunk, *v.shape))
                                for s, v in values.items()}
@@ -287,6 +302,14 @@ class DrawCollector:
         self.draw_steps.append(run.step)
         if self.held >= cfg.draw_chunk:
             self.flush()
+
+    def _values(self) -> dict[str, torch.Tensor]:
+        """The latent sites' constrained values and the free state (``FREE`` + name)."""
+        store, names = pyro.get_param_store(), self._names()
+        values = {s: store[n] for s, n in names.items()}
+        free = free_tensors(self.model, names.values(), params=self.cfg.free_params == "drift")
+        values.update({FREE + n: t for n, t in free.items()})
+        return values
 
     def _held(self) -> dict[str, torch.Tensor]:
         """The held draws on the CPU: the buffer itself when it is full and on the CPU (no
@@ -353,9 +376,21 @@ class DrawCollector:
 
         return load_file(os.path.join(os.fspath(self.cfg.draws_dir), chunk))
 
+    def draws(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """``(samples, free_draws)``: ``{site: (chains, draws, *shape)}`` and the free state
+        ``{name: (chains, draws, *shape)}`` (``None``: nothing recorded), on the CPU."""
+        joined = self._stacked()
+        samples = {k: v for k, v in joined.items() if not k.startswith(FREE)}
+        free = {k[len(FREE):]: v for k, v in joined.items() if k.startswith(FREE)}
+        return samples, free or None
+
     def samples(self) -> dict[str, torch.Tensor]:
-        """``{site: (chains, draws, *shape)}`` on the CPU; chains cut to the shortest one
-        (a callback's stop) and chains without draws left out."""
+        """The sampled sites of :meth:`draws`."""
+        return self.draws()[0]
+
+    def _stacked(self) -> dict[str, torch.Tensor]:
+        """Every recorded entry ``(chains, draws, *shape)`` on the CPU; chains cut to the
+        shortest one (a callback's stop) and chains without draws left out."""
         per_chain: dict[int, list[dict]] = {}
         for c, chunk in self.chunks:
             per_chain.setdefault(c, []).append(self._read(chunk))

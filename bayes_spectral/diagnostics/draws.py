@@ -21,6 +21,7 @@ import torch
 import xarray as xr
 
 from ..bnn.fit import FitResult
+from ..bnn.free_state import installed_free
 from ..bnn.network import BayesianNetwork
 from ..spectra.metrics import metrics_from_esd
 from ..spectra.spectrum import effective_rank, stable_rank
@@ -197,9 +198,12 @@ def _guide_draws(result: FitResult, sites, num_samples: int, seed: int,
 
 
 def weights_from_latent(model: BayesianNetwork, latent: Mapping[str, torch.Tensor],
+                        free: Mapping[str, torch.Tensor] | None = None,
                         ) -> dict[str, torch.Tensor]:
     """Weights ``{layer: (chain, draw, *shape)}`` of latent draws; spectrally
-    parameterised layers through ``model.weight_of`` (``U diag(s) V^T``)."""
+    parameterised layers through ``model.weight_of`` (``U diag(s) V^T``), with each draw's
+    ``U``, ``V`` from ``free`` (a sampler's ``free_draws`` ``{name: (chain, draw, ...)}``)
+    when given, else the model's current ones."""
     out = {}
     with torch.no_grad():
         for name, site in model.prior_sites.items():
@@ -207,11 +211,21 @@ def weights_from_latent(model: BayesianNetwork, latent: Mapping[str, torch.Tenso
             if name in model.spectral_layers:
                 c, d = v.shape[:2]
                 flat = v.reshape(c * d, *v.shape[2:])
-                w = torch.stack([model.weight_of(name, s) for s in flat])
+                w = torch.stack([_spectral_weight(model, name, s, free, i)
+                                 for i, s in enumerate(flat)])
                 out[name] = w.reshape(c, d, *w.shape[1:]).detach()
             else:
                 out[name] = v.detach()
     return out
+
+
+def _spectral_weight(model: BayesianNetwork, name: str, s: torch.Tensor,
+                     free: Mapping[str, torch.Tensor] | None, i: int) -> torch.Tensor:
+    """``U diag(s) V^T`` of layer ``name`` with flat draw ``i``'s free state installed."""
+    one = None if not free else \
+        {k: v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])[i] for k, v in free.items()}
+    with installed_free(model, one):
+        return model.weight_of(name, s).clone()
 
 
 def weight_draws(result: FitResult, num_samples: int = 100, seed: int = 0,
@@ -226,4 +240,4 @@ def weight_draws(result: FitResult, num_samples: int = 100, seed: int = 0,
     model = check_result(result)
     latent = latent_draws(result, num_samples, seed)
     with result.active():
-        return weights_from_latent(model, latent)
+        return weights_from_latent(model, latent, result.free_draws)

@@ -16,9 +16,10 @@ import xarray as xr
 
 from ..bnn.batches import as_source, inputs_to, targets_to
 from ..bnn.fit import FitResult
+from ..bnn.free_state import installed_free
 from .arviz_adapter import InferenceData, inference_data
 from .draws import latent_draws, spectral_draws, weights_from_latent
-from .traces import as_data, check_result, pointwise_log_likelihood
+from .traces import as_data, check_result, pointwise_log_likelihood, trace_draw
 
 __all__ = ["to_inference_data"]
 
@@ -60,15 +61,34 @@ def _inference_data(result: FitResult, model, x, y, num_samples: int, seed: int,
                     include_latent: bool) -> InferenceData:
     """:func:`to_inference_data` with the result's parameters installed."""
     latent = latent_draws(result, num_samples, seed, (x, y))
-    posterior = spectral_draws(weights_from_latent(model, latent))
+    free = result.free_draws if result.samples is not None else None
+    posterior = spectral_draws(weights_from_latent(model, latent, free))
     if include_latent:
         _add_latent(posterior, latent)
     posterior.attrs.update(inference_method=result.method)
-    loglik = pointwise_log_likelihood(model, latent, x, y).cpu().to(torch.float64).numpy()
+    loglik = _pointwise(model, latent, free, x, y).cpu().to(torch.float64).numpy()
     obs_id = np.arange(loglik.shape[-1])
     return inference_data(posterior=posterior,
                           log_likelihood=_log_likelihood_group(loglik, obs_id),
                           observed_data=_observed_group(y, obs_id))
+
+
+def _pointwise(model, latent: Mapping[str, torch.Tensor],
+               free: Mapping[str, torch.Tensor] | None, x, y) -> torch.Tensor:
+    """``log p(y_i | x_i, theta_{c,d})`` ``(chain, draw, n)``; with a sampler's ``free``
+    state each draw runs with its own (parameters without a prior, buffers)."""
+    if not free:
+        return pointwise_log_likelihood(model, latent, x, y)
+    first = next(iter(latent.values()))
+    c, d = first.shape[:2]
+    flat = {k: v.reshape(c * d, *v.shape[2:]) for k, v in latent.items()}
+    flat_free = {k: v.reshape(c * d, *v.shape[2:]) for k, v in free.items()}
+    rows = []
+    with torch.no_grad():
+        for i in range(c * d):
+            with installed_free(model, {k: v[i] for k, v in flat_free.items()}):
+                rows.append(trace_draw(model, {k: v[i] for k, v in flat.items()}, x, y)[0])
+    return torch.stack(rows).reshape(c, d, -1)
 
 
 def _add_latent(posterior: xr.Dataset, latent: Mapping[str, torch.Tensor]) -> None:

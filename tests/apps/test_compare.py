@@ -335,3 +335,29 @@ def test_quick_compare_with_the_real_sampler_writes_rows_and_loo(tmp_path, small
     again = C.compare(cfg, out_dir=tmp_path, progress=None)
     pd.testing.assert_frame_equal(again["table"], t)
     assert "gaussian" in again["posteriors"]["sghmc"]
+
+
+def test_last_draw_weights_of_a_spectral_sampler_fit_use_that_draws_u_v():
+    """compare's per-draw weights of a spectral sampler fit: chain 0's last ``s`` with chain
+    0's own ``U``, ``V`` (``res.free_draws``), equal to ``weight_draws``; the chain's
+    singular values with the last chain's ``U``, ``V`` (the old formula) differ."""
+    import torch
+    from torch import nn
+
+    from bayes_spectral.diagnostics.draws import weight_draws
+    from bayes_spectral.distributions import PowerLawSpectrum
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    bn = bs.bayesian(net, {nn.Linear: lambda s: PowerLawSpectrum(2.0, 0.5, s)}, num_data=40,
+                     spectral=True)
+    res = bs.fit(bn, (x, y), "sghmc", lr=0.01, epochs=4, batch_size=20, num_chains=2,
+                 burn_in=2, thin=1, seed=0, progress=False)
+    got = C._last_draw_weights(res)
+    want = weight_draws(res)
+    for layer, site in bn.prior_sites.items():
+        torch.testing.assert_close(got[layer], want[layer][0, -1].cpu(), rtol=0, atol=0)
+        with res.active():
+            old = bn.weight_of(layer, res.samples[site][0, -1]).detach().cpu()
+        assert (old - got[layer]).abs().max() > 1e-4, layer
