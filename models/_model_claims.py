@@ -65,17 +65,23 @@ def diagonal_weight_norm_claims(df: pd.DataFrame) -> dict:
         None, rows)
 
 
-def deep_matrix_factorization_claims(df: pd.DataFrame) -> dict:
-    n = df.num_measurements.max()
-    part = df[df.num_measurements == n]
-    note = "fewer measurements loosen 'tracks'; the paper's claim is asymptotic in n"
+def deep_matrix_factorization_claims(df: pd.DataFrame, tol: float = 0.05) -> dict:
+    """Per depth and per number of measurements ``n`` where the nuclear-norm solution has
+    not recovered the target (its mean recovery error > ``tol``): only there does "tracks
+    the nuclear-norm solution" differ from "recovers the target"."""
+    nuc = df[df.method == "nuclear"].groupby("num_measurements").recovery_error.mean()
+    sizes = sorted(nuc[nuc > tol].index) or [df.num_measurements.min()]
+    note = (f"at n >= {max(sizes) + 1} every method recovers the target, so the implicit "
+            "bias is invisible there; the paper's claim is asymptotic in the dimension")
     rows = []
-    for depth in sorted(d for d in part.depth.unique() if d > 0):
-        at = part[part.depth == depth]
-        a, b = _pair(at, at.method == "flatness", at.method == "weight_decay",
-                     "dist_to_nuclear")
-        rows.append(claim_row(f"n {n}, depth {depth}: flatness vs wd", "dist_to_nuclear",
-                              "weight decay", a, b, sign=-1, note=note))
+    for n in sizes:
+        part = df[df.num_measurements == n]
+        for depth in sorted(d for d in part.depth.unique() if d > 0):
+            at = part[part.depth == depth]
+            a, b = _pair(at, at.method == "flatness", at.method == "weight_decay",
+                         "dist_to_nuclear")
+            rows.append(claim_row(f"n {n}, depth {depth}: flatness vs wd", "dist_to_nuclear",
+                                  "weight decay", a, b, sign=-1, note=note))
     return make_summary(
         "deep_matrix_factorization", "Gatmiry et al. 2023",
         "flatness (Hessian trace) tracks the nuclear-norm solution at every depth, weight "

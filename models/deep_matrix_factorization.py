@@ -89,9 +89,8 @@ _WD = WeightDecay(coef=2.0)  # coef/2 ||W||_F^2 = ||W||_F^2
 class Config:
     """Settings of :func:`run`.
 
-    The default is the full-size study; from per-step timings (about 1-9 ms per Adam step
-    on a loaded 2-core machine) it takes roughly 15-20 minutes. It has not been run end to
-    end yet, only ``small()`` has.
+    The default is the full-size study (5 seeds; ``results/deep_matrix_factorization``:
+    about 8 minutes of one core per 2 seeds on the loaded 2-core machine).
     """
 
     dim: int = 10
@@ -102,7 +101,7 @@ class Config:
     steps: int = 4000
     lr: float = 1e-2
     init_scale: float = 1.0
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     num_threads: int | None = 1
 
     @classmethod

@@ -155,3 +155,36 @@ def test_every_test_file_the_readme_cites_exists():
     assert "tests/test_readme.py" in cited and "tests/spectra/test_powerlaw.py" in cited
     missing = [path for path in cited if not (ROOT / path).is_file()]
     assert not missing, f"README.md cites test files that do not exist: {missing}"
+
+
+# ------------------------------------------------------------- the claims table (issue 22)
+def test_claims_table_is_generated_from_the_full_size_results():
+    """The README's claims table is `make claims`' rendering of results/*_summary.json, and
+    each summary is what its model's own claim builder gives from the saved CSV table, so
+    neither the table nor the summaries are typed by hand."""
+    import json
+
+    from bayes_spectral.models._model_claims import summary_from_csv
+    from bayes_spectral.models._verdicts import _null_nan
+
+    from bayes_spectral.apps.claims import BEGIN, END, load_summaries, render_claims
+
+    results = ROOT / "results"
+    block = TEXT[TEXT.index(BEGIN) + len(BEGIN):TEXT.index(END)]
+    summaries = load_summaries(results)
+    assert block.strip("\n") == render_claims(summaries).strip("\n")
+    assert {s["paper"] for s in summaries} >= {
+        "Chen et al. 2024", "Chou et al. 2024", "Gatmiry et al. 2023", "Xiao et al. 2023",
+        "Yoshida & Miyato 2017"}
+    for path in sorted(results.rglob("*_summary.json")):
+        name = path.name.removesuffix("_summary.json")
+        saved = json.loads(path.read_text())
+        rebuilt = json.loads(json.dumps(_null_nan(summary_from_csv(name, path.with_name(
+            f"{name}.csv")))))
+        assert rebuilt["measurement"] == saved["measurement"], path
+        assert [r["verdict"] for r in rebuilt["rows"]] == [r["verdict"] for r in saved["rows"]]
+        for ra, rb in zip(rebuilt["rows"], saved["rows"], strict=True):
+            for key in ("mean_diff", "ci_low", "ci_high"):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-9, abs=1e-12), (path, key)
+        # full-size runs: at least 3 seeds in every comparison
+        assert min(r["num_seeds"] for r in saved["rows"]) >= 3, path

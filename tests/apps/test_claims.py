@@ -214,3 +214,30 @@ def test_load_or_run_reuses_only_a_table_made_under_the_same_settings(tmp_path):
     other = load_or_run(run, Cfg(lr=0.2), tmp_path, "m")  # other settings: recomputed
     assert len(calls) == 2 and other.acc.tolist() == [0.0, 0.2]
     assert load_or_run(run, Cfg(lr=0.2), tmp_path, "m").equals(other) and len(calls) == 2
+
+
+def test_matrix_factorization_claim_rows_only_where_nuclear_misses_the_target():
+    """Gatmiry et al.: the flatness-vs-weight-decay rows are taken at the n where the
+    nuclear-norm solution has not recovered the target (there "tracks the nuclear-norm
+    solution" means something); paired differences by hand."""
+    import pandas as pd
+    from bayes_spectral.models._model_claims import deep_matrix_factorization_claims
+
+    rows = []
+    for n, nuc_err in ((20, 0.6), (30, 0.3), (45, 0.001)):
+        for seed in range(3):
+            rows.append(dict(num_measurements=n, seed=seed, method="nuclear", depth=0,
+                             recovery_error=nuc_err, dist_to_nuclear=0.0))
+            for depth in (2, 3):
+                rows += [dict(num_measurements=n, seed=seed, method="flatness", depth=depth,
+                              recovery_error=0.1, dist_to_nuclear=0.1 + 0.01 * seed),
+                         dict(num_measurements=n, seed=seed, method="weight_decay",
+                              depth=depth, recovery_error=0.1,
+                              dist_to_nuclear=0.3 + 0.02 * seed * depth)]
+    summary = deep_matrix_factorization_claims(pd.DataFrame(rows))
+    assert [r["comparison"] for r in summary["rows"]] == [
+        "n 20, depth 2: flatness vs wd", "n 20, depth 3: flatness vs wd",
+        "n 30, depth 2: flatness vs wd", "n 30, depth 3: flatness vs wd"]
+    r = summary["rows"][1]  # depth 3: d_s = (0.1 + 0.01 s) - (0.3 + 0.06 s)
+    assert r["mean_diff"] == pytest.approx(np.mean([-0.2 - 0.05 * s for s in range(3)]))
+    assert r["verdict"] == "reproduced" and "n >= 31" in r["would_change"]
