@@ -257,6 +257,7 @@ class DrawCollector:
         self.draw_steps: list[int] = []
         self.chain_steps: list[list[int]] = []
         self.histories: list[dict] = []
+        self.free_names: tuple[str, ...] | None = None  # fixed at the first kept draw
 
     # -- what start_run takes -----------------------------------------------------------
     def _names(self) -> dict[str, str]:
@@ -304,11 +305,20 @@ class DrawCollector:
             self.flush()
 
     def _values(self) -> dict[str, torch.Tensor]:
-        """The latent sites' constrained values and the free state (``FREE`` + name)."""
+        """The latent sites' constrained values and the free state (``FREE`` + name); the
+        free names are those of the first kept draw (param-store entries that appear later,
+        e.g. another model's in a user's loop, are not this chain's state)."""
         store, names = pyro.get_param_store(), self._names()
         values = {s: store[n] for s, n in names.items()}
         free = free_tensors(self.model, names.values(), params=self.cfg.free_params == "drift")
-        values.update({FREE + n: t for n, t in free.items()})
+        if self.free_names is None:
+            self.free_names = tuple(free)
+        missing = [n for n in self.free_names if n not in free]
+        if missing:
+            raise ValueError(f"sampler: the free state lost {missing[:3]} since the first "
+                             "kept draw (a parameter removed from the network or the param "
+                             "store during the run)")
+        values.update({FREE + n: free[n] for n in self.free_names})
         return values
 
     def _held(self) -> dict[str, torch.Tensor]:

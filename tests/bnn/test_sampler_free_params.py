@@ -264,3 +264,20 @@ def test_spectral_factors_are_per_draw_in_weights_and_predict():
         h = torch.tanh(F.linear(x[:8], w, d["net.0.bias"]))
         want = torch.softmax(F.linear(h, d["net.2.weight"], d["net.2.bias"]), -1)
         torch.testing.assert_close(probs[c * draws + s], want, atol=TOL, rtol=0)
+
+
+def test_a_param_store_entry_added_during_the_run_is_not_free_state():
+    """The free names are fixed at the first kept draw: an unrelated param-store entry that
+    appears later (another model's, from a callback here) is neither recorded nor a crash
+    (it raised KeyError when the next chunk's keys differed from the buffer's)."""
+    import pyro
+
+    def foreign(info):
+        if info["epoch"] == 2:
+            pyro.param("someone_elses.weight", torch.zeros(3))
+
+    res, _ = _fit("mlp", callbacks=[foreign], draw_chunk=2)
+    assert res.free_draws is not None and "someone_elses.weight" not in res.free_draws
+    want = {k: v[0, 0] for k, v in _fit("mlp", draw_chunk=2)[0].free_draws.items()}
+    for k, v in want.items():
+        torch.testing.assert_close(res.free_draws[k][0, 0], v, rtol=0, atol=0)
