@@ -213,27 +213,12 @@ def test_fast_hill_in_place_makes_no_host_sync_between_refreshes():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _train(seed, penalty, epochs=6):
-    """MLP 64-64-10 on digits, Adam 1e-2, batch 64, the penalty through ``accumulate_grad``
-    (as ``test_fast_mode._train``); returns the test accuracy."""
-    from bayes_spectral.data import load_digits
+def _train(seed, penalty):
+    """Test accuracy of the digits MLP 64-64-10 trained with ``penalty`` through
+    ``accumulate_grad``: ``test_fast_mode._train`` (one training loop for both files)."""
+    from test_fast_mode import _train as train
 
-    d = load_digits()
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    reg = P.Regularizer(model, penalty, log=False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(d.x_train), generator=gen)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(d.x_train[idx]), d.y_train[idx]).backward()
-            reg.accumulate_grad()
-            opt.step()
-    with torch.no_grad():
-        return float((model(d.x_test).argmax(1) == d.y_test).double().mean())
+    return train(seed, penalty)
 
 
 @pytest.mark.slow
