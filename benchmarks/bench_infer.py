@@ -77,23 +77,44 @@ from bayes_spectral.spectra.spectrum import PowerIteration
 
 N = 60000
 ALPHA, TAU = 2.0, 0.5
+DEVICE = torch.device("cpu")  # --device (the MLP table; the five models stay on the CPU)
 
 
 def mlp() -> nn.Module:
-    return make_mlp(784, (512, 512), 10, seed=0, named=False)
+    return make_mlp(784, (512, 512), 10, seed=0, named=False).to(DEVICE)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a wall-clock interval holds the steps it times."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def _warm(steps_by_name: dict) -> dict:
+    """Three warm-up calls of each configuration; one that raises is reported and dropped
+    (on a device, a configuration that cannot run there is a finding, not a crash)."""
+    kept = {}
+    for name, fn in steps_by_name.items():
+        try:
+            for _ in range(3):
+                fn()
+            kept[name] = fn
+        except Exception as err:  # noqa: BLE001 - reported, the other rows still run
+            print(f"{name}: failed on {DEVICE}: {type(err).__name__}: {err}", flush=True)
+    return kept
 
 
 def interleaved(steps_by_name: dict, steps: int, repeats: int) -> dict[str, list[float]]:
     """Per-step times, the configurations interleaved round by round (drift hits all)."""
-    for fn in steps_by_name.values():
-        for _ in range(3):  # warm-up
-            fn()
+    steps_by_name = _warm(steps_by_name)
     out: dict[str, list[float]] = {k: [] for k in steps_by_name}
     for _ in range(repeats):
         for name, fn in steps_by_name.items():
+            _sync()
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
+            _sync()
             out[name].append((time.perf_counter() - t0) / steps)
     return out
 
@@ -109,7 +130,7 @@ def sampler_step(bn, method: str, x, y, lr: float = 1e-3, keep: bool = True):
     now and then: memory)."""
     cfg = SamplerConfig(method, burn_in=0, draw_chunk=8, num_chains=1)
     cfg.check(epochs=10**9, steps=1)
-    col = DrawCollector(bn, cfg, epochs=10**9, steps=1, device=torch.device("cpu"))
+    col = DrawCollector(bn, cfg, epochs=10**9, steps=1, device=DEVICE)
     guide = bs.make_guide(bn, "delta")
     guide._pyro_name = f"AutoDelta_{method}"  # its own param-store names (not the MAP rows')
     svi = pyro.infer.SVI(bn, guide, col.optim(lr), **col.loss(pyro.infer.Trace_ELBO(), guide))
@@ -134,7 +155,7 @@ def map_plus_noise(map_step, net: nn.Module):
     def step():
         map_step()
         for shape in shapes:
-            torch.randn(shape)
+            torch.randn(shape, device=DEVICE)
     return step
 
 
@@ -143,6 +164,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="device of the MLP table (cuda: times synchronise the GPU)")
     ap.add_argument("--quick", action="store_true",
                     help="3 steps x 3 rounds (about a minute on 2 cores)")
     ap.add_argument("--no-models", dest="models", action="store_false",
@@ -154,6 +177,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.repeats = 3, 3
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     mlp_table(args)
     if args.models:
         models_table(args)
@@ -162,8 +187,8 @@ def main() -> None:
 def mlp_table(args) -> None:
     """The MLP 784-512-512-10 rows (module docstring)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(128, 784, generator=g)
-    y = torch.randint(0, 10, (128,), generator=g)
+    x = torch.rand(128, 784, generator=g).to(DEVICE)
+    y = torch.randint(0, 10, (128,), generator=g).to(DEVICE)
     pyro.enable_validation(False)
 
     def prior(shape):
@@ -207,7 +232,7 @@ def mlp_table(args) -> None:
         opt_t.step()
 
     def gaussian(shape):  # i.i.d. Normal(0, 0.1) weights: SVI with no spectral work at all
-        return dist.Normal(torch.zeros(shape), 0.1).to_event(len(shape))
+        return dist.Normal(torch.zeros(shape, device=DEVICE), 0.1).to_event(len(shape))
 
     def svi_step(guide_kind, spectral=False, tracked=False, law=None):
         pyro.clear_param_store()
@@ -284,7 +309,7 @@ def mlp_table(args) -> None:
     ]
     rows = [(name, ref, ratio_of(times, num, den), target)
             for name, ref, num, den, target in spec if den in times and num in times]
-    print(f"threads {args.threads}; per-step reference times (this run): "
+    print(f"device {DEVICE}, threads {args.threads}; per-step reference times (this run): "
           f"plain {t_plain * 1e3:.1f} ms, "
           f"penalty loop {t_pen * 1e3:.1f} ms")
     print(f"{'step':38s} {'over':18s} {'ratio':>7s} {'target':>7s}")

@@ -125,6 +125,22 @@ def test_mean_and_covariance_match_exact_posterior(method, lr, friction):
     assert np.all(rel_bias < 0.1), rel_bias
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,lr,friction", [("sgld", 0.03, 0.1), ("sghmc", 0.004, 0.1)])
+def test_sampler_on_cuda_matches_exact_posterior(method, lr, friction):
+    """The same check on the GPU (``device="cuda"``: the model, the data, the prior's
+    tensors and the sampler's noise there; the draws come back to the host): a sampler
+    that drew its noise on the wrong device or with the wrong scale fails it as on the CPU."""
+    x, y = _blr_data(d=4)
+    bn = _blr(x)
+    res = bs.fit(bn, (x, y), method, lr=lr, epochs=1100, burn_in=100, batch_size=100,
+                 num_chains=2, friction=friction, seed=1, progress=False, device="cuda")
+    assert next(bn.parameters()).device.type == "cuda"
+    rel_bias = _check_against_exact(res, method, x, y, lr, friction)
+    assert np.all(rel_bias < 0.1), rel_bias
+
+
 @pytest.mark.slow
 def test_variance_scales_with_temperature():
     """At temperature T the stationary law is exp(-U/T): for a Gaussian posterior the
