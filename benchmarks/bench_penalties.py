@@ -87,7 +87,7 @@ class _ProductsFloor(P.Penalty):
     def weight_penalty(self, weight, name=None):
         w = weight.detach().reshape(1, weight.shape[0], -1)
         z = torch.ones(1, min(w.shape[1:]), self.probes, dtype=w.dtype, device=w.device)
-        chebyshev_moments(w, z, self.degree, torch.tensor(2.0, dtype=w.dtype))
+        chebyshev_moments(w, z, self.degree, torch.tensor(2.0, dtype=w.dtype, device=w.device))
         return weight.new_zeros(())
 
 

@@ -59,15 +59,16 @@ def test_penalty_gradient_on_cuda_equals_cpu(name, every):
 def test_lazy_skipped_calls_make_no_host_sync():
     model = net().cuda()
     reg = P.Regularizer(model, P.WeightedAlpha(1e-2, tracked=True), log=False, every=4)
-    reg.accumulate_grad()  # the due call may sync (tracker decisions)
+    reg.accumulate_grad()  # call 0, due: may sync (tracker decisions, logging off)
     torch.cuda.synchronize()
+    loss = torch.zeros((), device="cuda", dtype=torch.float64)
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            reg.accumulate_grad()
-            reg()
+    try:  # calls 1, 2, 3: the skipped ones, through each entry point (every call counts)
+        skipped = [reg.accumulate_grad(), reg(), reg.loss(loss)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert all(float(v) == 0.0 for v in skipped)
+    assert reg.calls % reg.every == 0  # call 4 is due again (the window had 3 skipped calls)
 
 
 def test_map_fit_on_cuda_runs_and_to_module_equals_predict():

@@ -104,6 +104,9 @@ class BayesianNetwork(PyroModule):
         self.weight_layer_names: list[str] = []
         self._priors: dict[str, dist.Distribution] = {}
         self._initial: dict[str, torch.Tensor] = {}
+        # follows .to(device, dtype) even when every weight is latent and no parameter is
+        # left to say where the model lives (not in the state_dict)
+        self.register_buffer("_device_like", torch.zeros(()), persistent=False)
         self._tail_penalties: dict[str, Any] = {}  # tracked power-law and fast layers
         self.output_fn: Callable[[Any], torch.Tensor] | None = None  # set by bayesian()
         self.noise_value: float | None = None
@@ -160,13 +163,12 @@ class BayesianNetwork(PyroModule):
     def initial_values(self) -> dict[str, torch.Tensor]:
         """Site -> the module's weights at :func:`bayesian` time (or their singular values).
 
-        On the current device/dtype of the model's parameters.
+        On the current device/dtype of the model's parameters (of the model itself when
+        every weight is latent and no parameter is left).
         """
-        ref = next(iter(self.parameters()), None)
-        out = {}
-        for site, value in self._initial.items():
-            out[site] = value if ref is None else value.to(device=ref.device, dtype=ref.dtype)
-        return out
+        ref = next(iter(self.parameters()), self._device_like)
+        return {site: value.to(device=ref.device, dtype=ref.dtype)
+                for site, value in self._initial.items()}
 
     def renew_tracking(self) -> None:
         """Start the tail trackers of tracked power-law layers (and the fast penalties of

@@ -361,5 +361,10 @@ def test_svi_predictive_does_not_depend_on_the_batch():
     whole = bs.predictive_probs(bn, x, guide=res.guide, num_samples=6)
     torch.manual_seed(3)
     parts = bs.predictive_probs(bn, x, guide=res.guide, num_samples=6, batch_size=7)
-    assert torch.equal(whole.loc, parts.loc) and torch.equal(whole.scale, parts.scale)
-    assert float(whole.scale[:, 0].std()) > 0  # six different noise draws
+    # the same draws: equal to float32 round-off (a product over 7 rows and over 30 rounds
+    # differently on some BLAS kernels: not bit-equal on the H200 machine's CPU); a batch
+    # drawing its own weights or noise would differ by the posterior spread (> 1e-3 here)
+    torch.testing.assert_close(parts.loc, whole.loc, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(parts.scale, whole.scale, rtol=1e-6, atol=1e-6)
+    assert float(whole.scale[:, 0].std()) > 1e-3  # six different noise draws
+    assert float(whole.loc[:, 0].std()) > 1e-2  # six different weight draws

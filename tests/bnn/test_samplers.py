@@ -125,6 +125,23 @@ def test_mean_and_covariance_match_exact_posterior(method, lr, friction):
     assert np.all(rel_bias < 0.1), rel_bias
 
 
+@pytest.mark.parametrize("method", ["sgld", "map", "svi"])
+def test_a_model_with_every_weight_latent_follows_the_fit_dtype(method):
+    """Bayesian linear regression has no parameter left once its weight is latent (no bias,
+    fixed noise): the chains' and guides' starting values must still follow ``fit``'s
+    device/dtype (they stayed float32 on the CPU, and a ``device="cuda"`` sampler fit
+    failed with "mat2 is on cpu" on the GPU)."""
+    x, y = _blr_data(d=3)
+    bn = _blr(x)
+    assert not list(bn.parameters())
+    res = bs.fit(bn, (x, y), method, lr=1e-3, epochs=2, batch_size=50, seed=0,
+                 progress=False, dtype=torch.float64)
+    assert bn.initial_values()[SITE].dtype == torch.float64
+    draws = res.samples[SITE] if res.samples else pyro.param(
+        next(k for k in pyro.get_param_store() if SITE in k))
+    assert draws.dtype == torch.float64, draws.dtype
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,lr,friction", [("sgld", 0.03, 0.1), ("sghmc", 0.004, 0.1)])
