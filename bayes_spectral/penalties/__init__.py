@@ -5,8 +5,9 @@ scalar tensor. Modules (one job each): ``norms`` (weight decay, L1, nuclear / Sc
 stable rank), ``spectral_norm`` (Yoshida & Miyato), ``tail`` (weighted alpha and the
 power-law / Frechet prior penalties, exact or tracked), ``hessian`` (Hutchinson and the
 deep-linear closed form), ``schedules`` (decayed / thresholded wrappers) and
-``regularizer`` (select layers of a model, log per-layer values); ``registry`` names
-penalty factories ``coef -> Penalty | None`` (``PENALTIES``; users register theirs).
+``regularizer`` (select layers of a model, log per-layer values, checkpoint the
+penalties' state); ``state`` (that state as safetensors' tensors plus JSON); ``registry``
+names penalty factories ``coef -> Penalty | None`` (``PENALTIES``; users register theirs).
 
 MAP equivalence: the prior penalties are exactly ``-log p`` of the penalty measure of
 ``bayes_spectral.distributions.PowerLawSpectrum`` / ``FrechetTopEigenvalue`` (shared
@@ -22,6 +23,7 @@ from .registry import BUILTIN_PENALTIES, PENALTIES
 from .regularizer import Regularizer
 from .schedules import Decayed, Thresholded
 from .spectral_norm import SpectralNorm
+from .state import flatten_state, unflatten_state
 from .tail import FrechetPrior, PowerLawPrior, WeightedAlpha
 
 __all__ = [
@@ -41,5 +43,7 @@ __all__ = [
     "WeightDecay",
     "WeightedAlpha",
     "deep_linear_hessian_trace",
+    "flatten_state",
     "hutchinson_trace",
+    "unflatten_state",
 ]

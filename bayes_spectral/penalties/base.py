@@ -11,7 +11,8 @@ from torch import nn
 from .._checks import check_weight
 from ..select import LeftOut, View, WeightRow, parameter_view
 
-__all__ = ["Penalty", "check_finite", "min_evals_of", "penalty_rows", "weight_layers_of"]
+__all__ = ["Penalty", "check_finite", "layer_states", "min_evals_of", "penalty_rows",
+           "weight_layers_of"]
 
 #: row kinds a default selection leaves out (no matrix rule: e.g. a 3-D position table)
 NO_MATRIX_RULE = ("ParamNd",)
@@ -79,6 +80,26 @@ def penalty_rows(model: nn.Module, penalty: Penalty, *,
     return View(rows, view.left_out + [LeftOut(r.name, why) for r, why in small])
 
 
+def layer_states(state: dict, owner: str, parts: tuple[str, ...]) -> dict[str, dict]:
+    """``state["layers"]`` (``{layer: {part: ...}}``, ``{}`` if absent), checked: a dict of
+    dicts whose keys are among ``parts``; ValueError naming ``owner`` and the layer."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{owner}: a penalty state is a dict, got {type(state).__name__}")
+    layers = state.get("layers", {})
+    if not isinstance(layers, dict):
+        raise ValueError(f"{owner}: state['layers'] must map layer names to dicts, got "
+                         f"{type(layers).__name__}")
+    for name, st in layers.items():
+        if not isinstance(st, dict):
+            raise ValueError(f"{owner}: the state of layer {name!r} is a "
+                             f"{type(st).__name__}, not a dict")
+        unknown = sorted(set(st) - set(parts))
+        if unknown:
+            raise ValueError(f"{owner}: the state of layer {name!r} holds {unknown}, this "
+                             f"penalty keeps {list(parts)}")
+    return layers
+
+
 def check_finite(value: torch.Tensor, name: str | None, what: str) -> torch.Tensor:
     """Raise a ValueError naming the layer if a penalty value is NaN or Inf."""
     if not bool(torch.isfinite(value).all()):
@@ -100,6 +121,27 @@ class Penalty:
     """
 
     label = "penalty"
+    #: whether the penalty keeps state between calls that a resumed run needs (trackers,
+    #: power-iteration vectors, fast-mode blocks): see :meth:`state_dict`
+    stateful = False
+
+    def state_dict(self) -> dict:
+        """The state kept between calls, as tensors and plain data (``{}``: none), for
+        checkpoints (``torch.save`` / ``torch.load(weights_only=True)``). A wrapper's holds
+        its own state only (:meth:`Regularizer.state_dict` walks the ``inner`` chain).
+        A custom penalty that keeps state overrides this, :meth:`check_state` and
+        :meth:`load_state_dict`, and sets ``stateful``."""
+        return {}
+
+    def check_state(self, state: dict) -> None:
+        """Raise a ValueError if ``state`` cannot be this penalty's :meth:`state_dict`
+        (changes nothing)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (checked first: a refused state changes nothing)."""
+        self.check_state(state)
 
     def weight_penalty(self, weight: torch.Tensor, name: str | None = None) -> torch.Tensor:
         raise NotImplementedError

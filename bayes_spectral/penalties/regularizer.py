@@ -57,7 +57,18 @@ class Regularizer:
     0.89-1.01 of the exact path's (weight decay, spectral norm with 30 power iterations).
     A warm-started tracker (spectral norm's one power iteration, tracked tails) advances
     once per window, so it is less converged: spectral norm ``n_iter=1`` measured 0.4-0.9.
-    The state of stateful penalties (trackers) is not in :meth:`state_dict`.
+
+    Checkpoints: :meth:`state_dict` holds the counter, the selected layers' shapes and the
+    state of every penalty in the wrapper chain (:meth:`penalties`; index 0 the penalty
+    given, then its ``inner`` ones): tail trackers (``tracked=True``), spectral norm's
+    power-iteration vectors, the fast modes' warm-started blocks, weighted alpha's Hill
+    refresh counters / held ``xmin`` and the probe generators, keyed by layer name; tensors
+    and plain data only (``torch.save`` / ``torch.load(weights_only=True)``; safetensors
+    through :func:`bayes_spectral.penalties.state.flatten_state`). Saved with the model and
+    optimiser and loaded into freshly built objects (:meth:`load_state_dict`, which refuses
+    a state of other layers, shapes or penalties, naming them), the resumed run equals the
+    uninterrupted one bit for bit on the same device (``tests/penalties/
+    test_regularizer_state.py``). ``history`` is not saved.
     """
 
     def __init__(self, model: nn.Module, penalty: Penalty, *,
@@ -86,13 +97,104 @@ class Regularizer:
     def set_epoch(self, epoch: int) -> None:
         self.penalty.set_epoch(epoch)
 
+    def penalties(self) -> list[Penalty]:
+        """The penalty and, through wrappers (``inner``), every penalty it wraps: index
+        ``i`` of :meth:`state_dict`'s ``penalties``."""
+        out, p = [], self.penalty
+        while isinstance(p, Penalty):
+            out.append(p)
+            p = getattr(p, "inner", None)
+        return out
+
     def state_dict(self) -> dict:
-        """``{"calls": c}``: the lazy counter (the penalty's own state is not included)."""
-        return {"calls": self.calls}
+        """Everything a resumed run needs, as tensors and plain data (no pickled object):
+        ``calls`` (the lazy counter), ``layers`` (``{name: shape}`` of the selected rows)
+        and ``penalties``, one ``{"type": class name, "state": penalty.state_dict()}`` per
+        entry of :meth:`penalties` (tail trackers, power-iteration vectors, fast-mode
+        blocks, refresh counters and probe generators, keyed by layer name). Copies: later
+        calls do not change it. ``history`` is a log and is not included."""
+        return {"calls": self.calls,
+                "layers": {n: list(row.shape) for n, row in self.layers.items()},
+                "penalties": [{"type": type(p).__name__, "state": p.state_dict()}
+                              for p in self.penalties()]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the counter of :meth:`state_dict`."""
+        """Restore :meth:`state_dict` into this Regularizer and its penalties.
+
+        Checked in full before anything changes: a state of another penalty list (type by
+        index), of other layers (selected names) or shapes, or of another penalty mode is
+        a ValueError naming what differs. A counter-only state (``{"calls": c}``) is
+        accepted when no penalty keeps state, and refused otherwise (the trackers would
+        restart: not the uninterrupted run).
+        """
+        if not isinstance(state, dict) or "calls" not in state:
+            raise ValueError("Regularizer.load_state_dict: expected the dict of "
+                             f"Regularizer.state_dict() (with 'calls'), got {state!r:.80}")
+        chain = self.penalties()
+        if "penalties" not in state:
+            stateful = [f"{type(p).__name__} (penalty {i})" for i, p in enumerate(chain)
+                        if p.stateful]
+            if stateful:
+                raise ValueError(
+                    f"Regularizer.load_state_dict: {stateful[0]} keeps state between calls "
+                    "(trackers, power-iteration vectors, fast-mode blocks), but the state holds "
+                    "no penalty state (only the call counter): resuming without it is not the "
+                    "uninterrupted run; save Regularizer.state_dict() with its penalties")
+            self.calls = int(state["calls"])
+            return
+        entries = self._checked_entries(state["penalties"], chain)
+        self._check_layers(state.get("layers"))
+        for i, (p, st) in enumerate(zip(chain, entries, strict=True)):
+            try:
+                p.check_state(st)
+            except ValueError as err:
+                raise ValueError(f"Regularizer.load_state_dict: penalty {i} "
+                                 f"({type(p).__name__}): {err}") from err
+        for p, st in zip(chain, entries, strict=True):
+            p.load_state_dict(st)
         self.calls = int(state["calls"])
+
+    @staticmethod
+    def _checked_entries(entries, chain: list[Penalty]) -> list[dict]:
+        """The penalties' states of ``entries``; a ValueError naming the first index whose
+        type differs from ``chain``'s."""
+        ok = isinstance(entries, list) and all(
+            isinstance(e, dict) and "type" in e and "state" in e for e in entries)
+        if not ok:
+            raise ValueError("Regularizer.load_state_dict: state['penalties'] must be a list "
+                             "of {'type', 'state'} dicts")
+        saved = [e["type"] for e in entries]
+        here = [type(p).__name__ for p in chain]
+        if saved != here:
+            pairs = zip(saved, here, strict=False)  # the shorter list ends the comparison
+            i = next((j for j, (a, b) in enumerate(pairs) if a != b), min(len(saved), len(here)))
+            a = saved[i] if i < len(saved) else "absent"
+            b = here[i] if i < len(here) else "absent"
+            raise ValueError(f"Regularizer.load_state_dict: the state belongs to another "
+                             f"penalty list: penalty {i} is {a} in the state, {b} here "
+                             f"(state: {saved}, this Regularizer: {here})")
+        return [e["state"] for e in entries]
+
+    def _check_layers(self, layers) -> None:
+        """A ValueError listing every layer of the state that is not selected here, every
+        selected layer missing from it and every shape that differs."""
+        if not isinstance(layers, dict):
+            raise ValueError("Regularizer.load_state_dict: state['layers'] must map layer "
+                             f"names to shapes, got {type(layers).__name__}")
+        problems = []
+        for n, shape in layers.items():
+            row = self.layers.get(n)
+            if row is None:
+                problems.append(f"layer {n!r} is in the state but not selected here "
+                                f"(selected: {list(self.layers)})")
+            elif tuple(shape) != tuple(row.shape):
+                problems.append(f"layer {n!r}: the state is for shape {tuple(shape)}, this "
+                                f"model's is {tuple(row.shape)}")
+        problems += [f"layer {n!r} is selected here but not in the state" for n in self.layers
+                     if n not in layers]
+        if problems:
+            raise ValueError("Regularizer.load_state_dict: the state belongs to other layers: "
+                             + "; ".join(problems))
 
     def _due(self) -> bool:
         """Advance the call counter; whether this call evaluates the penalty (Python

@@ -58,6 +58,20 @@ class Decayed(_Wrapper):
         self.epoch = int(epoch)
         super().set_epoch(epoch)
 
+    def state_dict(self) -> dict:
+        """``{"epoch": e}`` (the inner penalty's state is its own)."""
+        return {"epoch": self.epoch}
+
+    def check_state(self, state: dict) -> None:
+        epoch = state.get("epoch") if isinstance(state, dict) else None
+        if set(state or {}) != {"epoch"} or isinstance(epoch, bool) \
+                or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"Decayed: expected the state {{'epoch': int >= 0}}, got {state!r}")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
+        self.epoch = int(state["epoch"])
+
     def factor(self, epoch: int | None = None) -> float:
         """The multiplier at ``epoch`` (default: the current one); 0 below ``floor``."""
         j = (self.epoch if epoch is None else int(epoch)) // self.every

@@ -8,7 +8,7 @@ import torch
 
 from .._checks import check_positive
 from ..spectra.spectrum import PowerIteration
-from .base import Penalty
+from .base import Penalty, layer_states
 
 __all__ = ["SpectralNorm"]
 
@@ -20,7 +20,8 @@ class SpectralNorm(Penalty):
     (:class:`~bayes_spectral.spectra.spectrum.PowerIteration`), so the estimate converges over
     training at the cost of two matrix-vector products. Conv kernels are reshaped to
     ``out x (in*kh*kw)`` (Yoshida & Miyato). The gradient is ``coef * sigma u v^T``.
-    State is keyed by the layer name; :meth:`state_dict` exposes it for checkpoints.
+    State is keyed by the layer name; :meth:`state_dict` / :meth:`load_state_dict` carry it
+    through checkpoints.
     """
 
     label = "spectral norm"
@@ -60,5 +61,29 @@ class SpectralNorm(Penalty):
     def weight_penalty(self, weight, name=None):
         return 0.5 * self.coef * self.sigma(weight, name).square()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: it.u.clone() for k, it in self._iters.items()}
+    stateful = True
+
+    def state_dict(self) -> dict:
+        """``{"layers": {layer: {"u": left vector}}}`` (copies)."""
+        return {"layers": {k: {"u": it.u.detach().clone()} for k, it in self._iters.items()}}
+
+    def check_state(self, state: dict) -> None:
+        self._restored(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (checked first: a refused state changes nothing)."""
+        self._iters = self._restored(state)
+
+    def _restored(self, state: dict) -> dict[str, PowerIteration]:
+        """The power iterations of ``state`` (built without touching the global RNG)."""
+        out = {}
+        for key, st in layer_states(state, "SpectralNorm", ("u",)).items():
+            u = st.get("u")
+            if not isinstance(u, torch.Tensor) or u.dim() != 1 or not u.is_floating_point():
+                raise ValueError(f"SpectralNorm: the state of layer {key!r} needs a 1-D "
+                                 f"floating 'u', got {u!r:.60}")
+            gen = torch.Generator().manual_seed(self.seed)
+            it = PowerIteration((u.shape[0], 1), n_iter=self.n_iter, generator=gen)
+            it.u = u.detach().clone()
+            out[key] = it
+        return out

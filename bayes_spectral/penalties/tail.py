@@ -82,7 +82,7 @@ from ..spectra.spectrum import ConvMode, as_matrices, esd
 from ..spectra.stochastic import spectral_sum
 from ..spectra.subspace import TopEigen
 from ..spectra.tracking import TailTracker, tail_size
-from .base import Penalty
+from .base import Penalty, layer_states
 
 __all__ = ["WeightedAlpha", "PowerLawPrior", "FrechetPrior"]
 
@@ -137,10 +137,80 @@ class _TailPenalty(Penalty):
         self._pooled_need: dict[str, int] = {}
         self._tops: dict[str, TopEigen] = {}
         self._gens: dict[torch.device, torch.Generator] = {}
+        self._pending_gens: dict[str, torch.Tensor] = {}  # loaded, applied at first use
 
     def tracker(self, name: str) -> TailTracker:
         """The :class:`TailTracker` of layer ``name`` (tracked mode)."""
         return self._trackers[name]
+
+    #: the parts of a layer's state (``state_dict()["layers"][name]``)
+    _PARTS = ("tracker", "need", "top")
+
+    @property
+    def stateful(self) -> bool:
+        return self.mode != "exact"
+
+    def state_dict(self) -> dict:
+        """``{"mode", "layers": {layer: parts}, "generators": {device: state}}``, as tensors
+        and plain data (copies). Parts: ``tracker`` (the :class:`TailTracker` state),
+        ``need`` (pooled eigenvalues used), ``top`` (the fast mode's warm-started block,
+        :class:`TopEigen`), and for weighted alpha's fast mode ``hill`` (refresh counters,
+        held ``xmin`` and eigenvector); ``generators``: the probe generators' states
+        (``torch.Generator.get_state``), keyed by device."""
+        layers: dict[str, dict] = {}
+        for key, tr in self._trackers.items():
+            layers.setdefault(key, {})["tracker"] = tr.state_dict()
+        for key, need in self._pooled_need.items():
+            layers.setdefault(key, {})["need"] = int(need)
+        for key, top in self._tops.items():
+            layers.setdefault(key, {})["top"] = top.state_dict()
+        gens = {d: t.clone() for d, t in self._pending_gens.items()}
+        gens.update({str(d): g.get_state() for d, g in self._gens.items()})
+        return {"mode": self.mode, "layers": layers, "generators": gens}
+
+    def check_state(self, state: dict) -> None:
+        self._restored(state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (checked first: a refused state changes nothing). A
+        generator's state is applied when the penalty first draws probes on that device."""
+        vars(self).update(self._restored(state))
+        self._gens = {}
+
+    def _restored(self, state: dict) -> dict:
+        """The attributes :meth:`load_state_dict` sets, built from ``state`` (checked)."""
+        label = type(self).__name__
+        mode = state.get("mode") if isinstance(state, dict) else None
+        if mode != self.mode:
+            raise ValueError(f"{label}: the state is for mode {mode!r}, this penalty's mode is "
+                             f"{self.mode!r}")
+        out = {"_trackers": {}, "_pooled_need": {}, "_tops": {}}
+        for key, st in layer_states(state, label, self._PARTS).items():
+            if "tracker" in st:
+                tr = TailTracker(refresh_every=self.refresh_every, tol=self.tol)
+                try:
+                    tr.load_state_dict(st["tracker"])
+                except (ValueError, TypeError, KeyError, AttributeError) as err:
+                    raise ValueError(f"{label}: the tracker state of layer {key!r}: {err}") \
+                        from err
+                out["_trackers"][key] = tr
+            if "need" in st:
+                out["_pooled_need"][key] = int(st["need"])
+            if "top" in st:
+                top = TopEigen(self.block, self.power_iters, seed=self.seed)
+                try:
+                    top.load_state_dict(st["top"])
+                except (ValueError, AttributeError) as err:
+                    raise ValueError(f"{label}: layer {key!r}: {err} (block={self.block})") \
+                        from err
+                out["_tops"][key] = top
+        gens = state.get("generators", {})
+        if not isinstance(gens, dict) or not all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in gens.values()):
+            raise ValueError(f"{label}: state['generators'] must map devices to the byte "
+                             "tensors of torch.Generator.get_state()")
+        out["_pending_gens"] = {str(d): t.detach().cpu().clone() for d, t in gens.items()}
+        return out
 
     def _check_size(self, N, name):
         if N < self.min_evals:
@@ -219,6 +289,9 @@ class _TailPenalty(Penalty):
         gen = self._gens.get(device)
         if gen is None:
             gen = self._gens[device] = torch.Generator(device=device).manual_seed(self.seed)
+            saved = self._pending_gens.pop(str(device), None)
+            if saved is not None:  # loaded by load_state_dict
+                gen.set_state(saved)
         return gen
 
     def _fast(self, weight, mats, N, name):
@@ -372,8 +445,40 @@ class WeightedAlpha(_TailPenalty):
         self.fit_kwargs = fit_kwargs
         self.min_evals = max(2, int(fit_kwargs.get("min_tail", 2)))
 
+    _PARTS = ("tracker", "need", "top", "hill")
+
     def _log_max(self, lam_max):
         return _LOGS[self.log][0](lam_max)
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        for key, st in self._hill.items():
+            if st.get("vec") is None:  # no refresh yet: nothing held
+                continue
+            out["layers"].setdefault(key, {})["hill"] = {
+                "calls": st["calls"], "refreshes": st["refreshes"],
+                "xmin": st["xmin"].detach().clone(), "vec": st["vec"].detach().clone(),
+                "slice": st["slice"], "shape": list(st["where"][0])}
+        return out
+
+    def _restored(self, state: dict) -> dict:
+        out = super()._restored(state)
+        out["_hill"] = {}
+        for key, st in state.get("layers", {}).items():
+            hill = st.get("hill")
+            if hill is None:
+                continue
+            try:
+                xmin, vec = hill["xmin"].detach().clone(), hill["vec"].detach().clone()
+                out["_hill"][key] = {
+                    "calls": int(hill["calls"]), "refreshes": int(hill["refreshes"]),
+                    "xmin": xmin, "vec": vec, "slice": int(hill["slice"]),
+                    "where": (tuple(int(n) for n in hill["shape"]), xmin.device, xmin.dtype)}
+            except (KeyError, TypeError, AttributeError, ValueError) as err:
+                raise ValueError(f"WeightedAlpha: the fast-mode state of layer {key!r} needs "
+                                 "calls, refreshes, xmin, vec, slice and shape "
+                                 f"({type(err).__name__}: {err})") from err
+        return out
 
     def fast_state(self, name: str) -> dict:
         """Fast mode, layer ``name``: ``{"calls", "refreshes", "xmin"}`` (``xmin`` a

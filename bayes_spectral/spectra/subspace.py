@@ -98,6 +98,20 @@ class TopEigen:
         self.seed = int(seed)
         self.V: torch.Tensor | None = None
 
+    def state_dict(self) -> dict:
+        """``{"V": block}`` (a copy), ``{}`` before the first call."""
+        return {} if self.V is None else {"V": self.V.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (``{}``: start afresh at the next call). A block of
+        another width than ``min(k, n)`` is a ValueError; one of another shape or device
+        than the next call's weights is replaced by a fresh start there."""
+        V = state.get("V")
+        if V is not None and (V.dim() != 3 or V.shape[-1] != min(self.k, V.shape[-2])):
+            raise ValueError(f"TopEigen.load_state_dict: a block of shape {tuple(V.shape)}, "
+                             f"expected (B, n, min(k={self.k}, n))")
+        self.V = None if V is None else V.detach().clone()
+
     def _start(self, mats: torch.Tensor) -> torch.Tensor:
         B, _, n = mats.shape
         gen = torch.Generator().manual_seed(self.seed)

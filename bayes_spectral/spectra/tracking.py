@@ -78,7 +78,12 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["TailTracker", "TailEstimate", "tail_size"]
+__all__ = ["REASONS", "TailTracker", "TailEstimate", "tail_size"]
+
+#: why a call decomposed fully (``TailTracker.last_reason``); its index in ``state_dict``
+REASONS = ("init", "shape", "k", "period", "wide", "drift")
+_STATE_NUMBERS = ("k", "need", "boost", "since", "num_calls", "num_refreshes", "num_iters",
+                  "last_residual", "last_reason")
 
 
 def tail_size(need: int, dim: int, margin: int | None = None) -> int:
@@ -217,6 +222,45 @@ class TailTracker:
     def reset(self) -> None:
         """Forget the tracked subspace (the next call decomposes fully)."""
         self.V = self.X = self.P = None
+
+    def state_dict(self) -> dict:
+        """The tracking state as tensors and plain numbers: the block ``V``, the last call's
+        Ritz vectors ``X`` and their motion ``P`` (each left out while ``None``), the block
+        sizes ``k`` / ``need``, the margin ``boost``, ``since`` (calls since the last full
+        decomposition) and the statistics (``last_reason`` as its index in
+        :data:`REASONS`, ``-1`` for ``None``). The settings (``refresh_every``, ``tol``, ...)
+        are the constructor's, not state."""
+        out = {"k": self.k, "need": self.need, "boost": self.boost, "since": self._since,
+               "num_calls": self.num_calls, "num_refreshes": self.num_refreshes,
+               "num_iters": self.num_iters, "last_residual": float(self.last_residual),
+               "last_reason": -1 if self.last_reason is None
+               else REASONS.index(self.last_reason)}
+        for name in ("V", "X", "P"):
+            t = getattr(self, name)
+            if t is not None:
+                out[name] = t.detach().clone()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the tensors are copied; a block on another device
+        than the next call's weight is decomposed afresh, ``last_reason == "shape"``)."""
+        missing = [k for k in _STATE_NUMBERS if k not in state]
+        if missing:
+            raise ValueError(f"TailTracker.load_state_dict: the state lacks {missing} (not "
+                             "a TailTracker.state_dict())")
+        reason = int(state["last_reason"])
+        if not -1 <= reason < len(REASONS):
+            raise ValueError(f"TailTracker.load_state_dict: last_reason index {reason} is "
+                             f"not in [-1, {len(REASONS)})")
+        self.k, self.need, self.boost = int(state["k"]), int(state["need"]), int(state["boost"])
+        self._since = int(state["since"])
+        self.num_calls, self.num_refreshes = int(state["num_calls"]), int(state["num_refreshes"])
+        self.num_iters = int(state["num_iters"])
+        self.last_residual = float(state["last_residual"])
+        self.last_reason = None if reason < 0 else REASONS[reason]
+        for name in ("V", "X", "P"):
+            t = state.get(name)
+            setattr(self, name, None if t is None else t.detach().clone())
 
     @staticmethod
     def _orient(mats: torch.Tensor) -> torch.Tensor:

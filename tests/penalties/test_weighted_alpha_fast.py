@@ -140,7 +140,7 @@ def test_refresh_every_n_calls_reads_the_new_xmin():
 def test_lazy_regularizer_counts_only_evaluated_calls():
     """``every=3``: 12 calls evaluate the penalty 4 times (calls 0, 3, 6, 9); with
     ``refresh=2`` each layer refreshes at its evaluations 0 and 2; the lazy counter is in
-    the Regularizer's state_dict, the penalty's refresh counter is not."""
+    the Regularizer's state_dict, and so (issue 20) is the penalty's refresh counter."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 32)).double()
     pen = _fast(refresh=2)
@@ -148,13 +148,14 @@ def test_lazy_regularizer_counts_only_evaluated_calls():
     for _ in range(12):
         model.zero_grad(set_to_none=True)
         reg.accumulate_grad()
-    assert reg.state_dict() == {"calls": 12}
+    assert reg.state_dict()["calls"] == 12
     for name in ("0", "2"):
         st = pen.fast_state(name)
         assert (st["calls"], st["refreshes"]) == (4, 2), (name, st)
     other = P.Regularizer(model, _fast(refresh=2), log=False, every=3)
     other.load_state_dict(reg.state_dict())
     assert other.calls == 12
+    assert all(other.penalty.fast_state(n)["refreshes"] == 2 for n in ("0", "2"))
 
 
 def test_in_place_gradient_equals_autograd_of_the_call():
