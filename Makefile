@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test lint bench clean results claims
+.PHONY: run test lint bench clean results claims device-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ results: $(VENV)/.installed
 claims: $(VENV)/.installed
 	$(PY) -c "from bayes_spectral.apps.claims import update_readme as u; u('README.md', 'results')"
 	$(VENV)/bin/bayes-spectral claims --from results --detail --out results/claims.md
+
+# the pure-Python packages the lent CUDA machine (Python 3.12, no registry) lacks, as wheels
+# for benchmarks/device_run.sh (carry .whl)
+DEVICE_WHEELS := arviz==0.23.4 pyro-ppl==1.9.2 pyro-api==0.1.2 xarray-einstats==0.9.1 \
+                 h5netcdf==1.8.2 mnist1d==0.0.2.post1 powerlaw==2.0.0 weightwatcher==0.7.7 \
+                 platformdirs matplotlib-inline
+device-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(DEVICE_WHEELS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,7 +7,9 @@ benchmark with its quick settings, ``--device cuda`` where it has the flag (the 
 as they are and say so), each under a time limit, so the whole check takes a few minutes.
 Without CUDA it prints one line and exits 0. The exit status is that of the tests.
 
-Run: ``PYTHONPATH=. python benchmarks/gpu_check.py [--limit 240] [--skip-benchmarks]``.
+Run: ``PYTHONPATH=. python benchmarks/gpu_check.py [--limit 240] [--skip-benchmarks]``; on the
+lent machine, ``benchmarks/device_run.sh`` does the set-up (``make device-wheels`` here), this
+check and the test suite in one call.
 """
 
 from __future__ import annotations
