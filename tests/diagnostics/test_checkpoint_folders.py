@@ -153,8 +153,11 @@ def test_folder_rows_split_qkv_and_tied_once(folder):
             assert float(ds[m].sel(layer=name)) == pytest.approx(float(ref[m]), rel=1e-12)
 
 
-def test_weightwatcher_on_linear_layers_holding_the_split_matrices(folder):
+def test_weightwatcher_on_linear_layers_holding_the_split_matrices(folder, monkeypatch):
     ww = pytest.importorskip("weightwatcher")
+    from weightwatcher_numerics import pin_cpu_numerics
+
+    pin_cpu_numerics(monkeypatch)  # WW with CUDA reads weights as float16: see that module
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     mats = matrices(gpt2_state(0))
     model = nn.Module()

@@ -10,6 +10,13 @@ Differences by design, each stated and checked below:
   "small N" rule; we keep the KS rule of DESIGN.md for every N.
 * WeightWatcher drops ``lambda <= 1e-5`` (absolute) before fitting; we drop eigenvalues
   below the numerical-rank cut (relative), so scaling W never changes our alpha.
+
+WeightWatcher imported where CUDA is available reads every weight as float16 and takes a
+float32 GPU SVD (3e-5 to 5e-4 relative on these columns); every test here pins its CPU
+branch (float64 SVD, the same spectrum as ours to ~1e-14 relative: the tolerances below
+have 1e6x room and still fail for alpha with n - 1, another KS step or xmin one position
+off), see tests/weightwatcher_numerics.py; its CUDA numbers are checked in
+test_weightwatcher_cuda_branch.py.
 """
 
 import logging
@@ -20,11 +27,18 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from weightwatcher_numerics import pin_cpu_numerics
 
 import bayes_spectral as bs
 
 ww = pytest.importorskip("weightwatcher")
 logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _weightwatcher_cpu_numerics(monkeypatch):
+    """WeightWatcher with CUDA reads weights as float16 (tests/weightwatcher_numerics.py)."""
+    pin_cpu_numerics(monkeypatch)
 
 METRICS = ["alpha", "alpha_weighted", "stable_rank", "log_norm", "log_spectral_norm",
            "log_alpha_norm"]

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from weightwatcher_numerics import pin_cpu_numerics
 
 import bayes_spectral as bs
 
 ww = pytest.importorskip("weightwatcher")
 logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _weightwatcher_cpu_numerics(monkeypatch):
+    """WeightWatcher with CUDA reads weights as float16 (tests/weightwatcher_numerics.py)."""
+    pin_cpu_numerics(monkeypatch)
 
 
 def ww_details(model, **kw):

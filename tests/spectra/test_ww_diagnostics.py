@@ -29,9 +29,16 @@ ww = pytest.importorskip("weightwatcher")
 powerlaw = pytest.importorskip("powerlaw")
 from weightwatcher import RMT_Util  # noqa: E402
 from weightwatcher.WW_powerlaw import WWFit  # noqa: E402
+from weightwatcher_numerics import pin_cpu_numerics  # noqa: E402
 
 logging.getLogger("weightwatcher").setLevel(logging.ERROR)
 logging.getLogger("RMT_Util").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _weightwatcher_cpu_numerics(monkeypatch):
+    """WeightWatcher with CUDA reads weights as float16 (tests/weightwatcher_numerics.py)."""
+    pin_cpu_numerics(monkeypatch)
 
 
 def spiked(seed, n=150, m=60, spikes=3, scale=6.0):
