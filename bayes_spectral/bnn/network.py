@@ -105,8 +105,10 @@ class BayesianNetwork(PyroModule):
         self._priors: dict[str, dist.Distribution] = {}
         self._initial: dict[str, torch.Tensor] = {}
         # follows .to(device, dtype) even when every weight is latent and no parameter is
-        # left to say where the model lives (not in the state_dict)
-        self.register_buffer("_device_like", torch.zeros(()), persistent=False)
+        # left to say where the model lives (not in the state_dict); starts as the net's
+        like = next((p for p in net.parameters() if p.is_floating_point()), torch.zeros(()))
+        self.register_buffer("_device_like", torch.zeros((), device=like.device,
+                                                         dtype=like.dtype), persistent=False)
         self._tail_penalties: dict[str, Any] = {}  # tracked power-law and fast layers
         self.output_fn: Callable[[Any], torch.Tensor] | None = None  # set by bayesian()
         self.noise_value: float | None = None

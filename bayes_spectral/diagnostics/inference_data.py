@@ -8,6 +8,7 @@ itself is built by :mod:`bayes_spectral.diagnostics.arviz_adapter`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,6 +20,7 @@ from ..bnn.fit import FitResult
 from ..bnn.free_state import installed_free
 from .arviz_adapter import InferenceData, inference_data
 from .draws import latent_draws, spectral_draws, weights_from_latent
+from .loo import tied_tail_points
 from .traces import as_data, check_result, pointwise_log_likelihood, trace_draw
 
 __all__ = ["to_inference_data"]
@@ -29,9 +31,12 @@ def to_inference_data(result: FitResult, data, num_samples: int = 100, seed: int
     """``InferenceData`` of a fit: ``posterior`` (spectral variables of
     :func:`spectral_draws`; with ``include_latent`` also the raw latent sites, dims
     ``<site>_dim_k``), ``log_likelihood`` (var ``y``, dims ``chain, draw, obs_id``:
-    ``log p(y_i | x_i, theta)``, unscaled) and ``observed_data`` (var ``y``). ``data``: any
-    form :func:`~bayes_spectral.fit` takes (a pair, a ``Split``, a ``Dataset``, a
-    ``DataLoader``), read whole in its order; token ids and other integer inputs kept.
+    ``log p(y_i | x_i, theta)``, unscaled, evaluated in float64 from the network output so
+    that confidently predicted points do not round to ties, see
+    :func:`~bayes_spectral.diagnostics.traces.float64_log_likelihood`) and ``observed_data``
+    (var ``y``). ``data``: any form :func:`~bayes_spectral.fit` takes (a pair, a ``Split``,
+    a ``Dataset``, a ``DataLoader``), read whole in its order; token ids and other integer
+    inputs kept.
 
     Draws as in :func:`weight_draws` (NUTS ``C x S``, SVI ``1 x num_samples``, MAP ``1 x 1``
     with a warning that it holds one draw). Runs with the result's own parameters in eval
@@ -67,10 +72,24 @@ def _inference_data(result: FitResult, model, x, y, num_samples: int, seed: int,
         _add_latent(posterior, latent)
     posterior.attrs.update(inference_method=result.method)
     loglik = _pointwise(model, latent, free, x, y).cpu().to(torch.float64).numpy()
+    _warn_tied_tails(loglik)
     obs_id = np.arange(loglik.shape[-1])
     return inference_data(posterior=posterior,
                           log_likelihood=_log_likelihood_group(loglik, obs_id),
                           observed_data=_observed_group(y, obs_id))
+
+
+def _warn_tied_tails(loglik: np.ndarray) -> None:
+    """Warn when some points have the same log-likelihood in all draws of their PSIS tail
+    (:func:`~bayes_spectral.diagnostics.loo.tied_tail_points`)."""
+    tied = tied_tail_points(loglik)
+    if tied.size:
+        warnings.warn(
+            f"{tied.size} points (obs_id {tied[:5].tolist()}{' ...' if tied.size > 5 else ''}) "
+            "have the same log-likelihood in all draws of their PSIS tail (e.g. a ReLU net "
+            "with every hidden unit off for them): PSIS-LOO gives them k = inf (ArviZ 0.2x, "
+            "diagnostics.loo.mcmc_loo) and ArviZ 1.x's az.loo / az.compare raise 'All tail "
+            "values are the same'", UserWarning, stacklevel=4)
 
 
 def _pointwise(model, latent: Mapping[str, torch.Tensor],

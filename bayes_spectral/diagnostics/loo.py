@@ -20,7 +20,7 @@ from .arviz_adapter import MIN_PSIS_DRAWS, psislw
 from .traces import as_data, check_result, guide_trace, trace_draw
 
 __all__ = ["GOOD_K", "MIN_PSIS_DRAWS", "ImportanceELPD", "PsisLoo", "importance_elpd",
-           "mcmc_loo"]
+           "mcmc_loo", "tied_tail_points"]
 
 #: Pareto k above which a PSIS estimate is unreliable (Vehtari et al. 2024)
 GOOD_K = 0.7
@@ -76,7 +76,10 @@ def mcmc_loo(log_lik) -> PsisLoo:
     Ratios ``r_is = -log p(y_i | theta_s)`` smoothed by ``arviz_adapter.psislw``
     (``r_eff = 1``) into normalised ``lw_is``; ``elpd_i = log sum_s exp(lw_is + ll_is)``,
     ``elpd = sum_i elpd_i``, ``se = sqrt(n var_i elpd_i)``, ``p_loo = sum_i lppd_i - elpd``
-    with ``lppd_i = log mean_s exp(ll_is)``.
+    with ``lppd_i = log mean_s exp(ll_is)``. A point whose largest ratios all tie (the same
+    likelihood in those draws, e.g. a ReLU net with every hidden unit off for it) has no
+    Pareto fit: ``k = inf`` and unsmoothed weights, under either ArviZ (as ArviZ 0.2x's
+    ``psislw`` and R's ``loo``; ArviZ 1.x's ``az.loo`` raises "All tail values are the same").
     """
     ll = _pooled_log_lik(log_lik)  # (n, S)
     s = ll.shape[1]
@@ -94,6 +97,19 @@ def mcmc_loo(log_lik) -> PsisLoo:
                    pareto_k=pareto_k, khat_max=float(pareto_k.max()),
                    frac_good=float(np.mean(pareto_k <= GOOD_K)), good_k=good_k,
                    num_samples=s)
+
+
+def tied_tail_points(log_lik) -> np.ndarray:
+    """Indices of the points whose PSIS tail is all ties: the ``M = ceil(min(S / 5, 3
+    sqrt S))`` largest ratios ``-log p(y_i | theta_s)`` (its ``M`` lowest log-likelihoods)
+    are equal. ``log_lik`` as for :func:`mcmc_loo`; none below ``MIN_PSIS_DRAWS`` draws."""
+    ll = _pooled_log_lik(log_lik)  # (n, S)
+    s = ll.shape[1]
+    if s < MIN_PSIS_DRAWS:
+        return np.zeros(0, dtype=np.int64)
+    m = math.ceil(min(s / 5, 3 * math.sqrt(s)))
+    low = np.sort(ll, axis=1)[:, :m]
+    return np.flatnonzero(low[:, -1] == low[:, 0])
 
 
 def _pooled_log_lik(log_lik) -> np.ndarray:

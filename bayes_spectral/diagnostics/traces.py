@@ -5,7 +5,8 @@ importance-weighted LOO.
 * :func:`as_data`: all rows ``(x, y)`` of any data form ``fit`` takes, checked and moved
   to the model (integer inputs kept);
 * :func:`guide_trace`: one guide draw and its ``log q``;
-* :func:`trace_draw`: ``log p(y_i | theta)`` per point and ``log p(theta)`` of one draw;
+* :func:`trace_draw`: ``log p(y_i | theta)`` per point (float64,
+  :func:`float64_log_likelihood`) and ``log p(theta)`` of one draw;
 * :func:`pointwise_log_likelihood`: ``log p(y_i | x_i, theta_{c,d})`` over all draws.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 
@@ -20,7 +22,8 @@ from ..bnn.batches import Inputs, as_source, inputs_to, targets_to
 from ..bnn.fit import FitResult
 from ..bnn.network import BayesianNetwork
 
-__all__ = ["as_data", "check_result", "guide_trace", "pointwise_log_likelihood", "trace_draw"]
+__all__ = ["as_data", "categorical_log_prob", "check_result", "float64_log_likelihood",
+           "guide_trace", "pointwise_log_likelihood", "trace_draw"]
 
 
 def check_result(result) -> BayesianNetwork:
@@ -60,14 +63,61 @@ def guide_trace(result: FitResult, args: tuple):
 
 
 def trace_draw(model: BayesianNetwork, values: Mapping[str, torch.Tensor], x, y):
-    """``(log p(y_i | theta) for each i, log p(theta))`` with the latent sites fixed."""
+    """``(log p(y_i | theta) for each i, log p(theta))`` with the latent sites fixed; the
+    pointwise term in float64 (:func:`float64_log_likelihood`)."""
     with poutine.trace() as tr, poutine.condition(data=dict(values)):
-        model(x, y)
-    obs = tr.trace.nodes["obs"]
-    loglik = obs["fn"].log_prob(obs["value"])  # unscaled by the data plate's N / B
+        out = model(x, y)
+    loglik = float64_log_likelihood(model, tr.trace, out, y)  # unscaled by the plate's N / B
     logprior = sum(tr.trace.nodes[s]["fn"].log_prob(tr.trace.nodes[s]["value"]).sum()
                    for s in model.latent_sites)
-    return loglik.detach(), torch.as_tensor(logprior).detach()
+    return loglik, torch.as_tensor(logprior).detach()
+
+
+def float64_log_likelihood(model: BayesianNetwork, trace, out: torch.Tensor,
+                           y: torch.Tensor) -> torch.Tensor:
+    """``log p(y_i | theta)`` ``(n,)`` in float64 from the traced network output ``out``:
+    the observation law rebuilt on ``out`` and its parameters (read with the traced sample
+    values, e.g. a learned noise's draw) cast to float64 (on the CPU for MPS, which lacks
+    it); a categorical law through :func:`categorical_log_prob`. A float32 law rounds
+    ``log p`` of a confidently predicted point to exactly 0 in every draw, and PSIS then
+    sees a tail of ties."""
+    law = model.observation
+    drawn = {name: node["value"] for name, node in trace.nodes.items()
+             if node["type"] == "sample" and name != "obs"}
+    with poutine.block(), poutine.condition(data=drawn):  # e.g. the learned noise's draw
+        params = law.parameters(model)
+    dev = out.device if out.device.type != "mps" else torch.device("cpu")
+    out64 = out.detach().to(dev, torch.float64)
+    params64 = _to_float64(params, dev)
+    target = law.prepare_target(y.detach().to(dev), out64)
+    fn = law.law(out64, params64)
+    if type(fn) in (torch.distributions.Categorical, dist.Categorical):
+        return categorical_log_prob(fn.logits, target)
+    return fn.log_prob(target).detach()
+
+
+def categorical_log_prob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[y]`` without cancellation: ``-log1p(sum_{j != y} exp(x_j -
+    x_y))`` where ``y`` is the argmax (exact down to ``~1e-308``, where ``x_y - logsumexp x``
+    is exactly 0 beyond a margin of ~37 in float64), ``x_y - logsumexp x`` elsewhere."""
+    xy = logits.gather(-1, y.long().unsqueeze(-1))
+    others = torch.exp(logits - xy).scatter(-1, y.long().unsqueeze(-1), 0.0).sum(-1)
+    top = xy.squeeze(-1) >= logits.amax(-1)
+    plain = xy.squeeze(-1) - torch.logsumexp(logits, -1)
+    return torch.where(top, -torch.log1p(torch.where(top, others, 0.0)), plain)
+
+
+def _to_float64(params, device: torch.device):
+    """Floating tensors in ``params`` (a tensor, a tuple/list/dict of them, or anything
+    else, kept) as float64 on ``device``."""
+    if isinstance(params, torch.Tensor):
+        return params.detach().to(device, torch.float64) if params.is_floating_point() \
+            else params.to(device)
+    if isinstance(params, (tuple, list)):
+        return type(params)(_to_float64(p, device) for p in params)
+    if isinstance(params, dict):
+        return {k: _to_float64(v, device) for k, v in params.items()}
+    return params
 
 
 def pointwise_log_likelihood(model: BayesianNetwork, latent: Mapping[str, torch.Tensor],
