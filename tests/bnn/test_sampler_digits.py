@@ -1,41 +1,63 @@
 """SGHMC at real size (issue 19, "Real-size behaviour"): the digits MLP 64-64-10 with the
 spectral prior ``gaussian`` (registry: ``GaussianSpectrum(0.5)``, penalty measure, on both
-weight matrices; biases without prior), 1438 training points, mini-batches of 256.
+weight matrices; biases without prior), 1438 training points, full-batch gradients.
 
 One MAP fit (20 epochs of Adam, lr 3e-3, batches of 64) and one SGHMC run from it:
 ``CHAINS = 4`` chains started at the MAP weights (chains 1-3 jittered 10 %), constant step
-(no cycles) ``lr = 0.2`` (``eta = lr / N``), friction 0.05 (near critical damping of the
-prior's directions: ``2 sqrt(eta) / 0.5 = 0.047``), ``EPOCHS = 500`` epochs of 6 steps per
-chain, the first ``BURN_IN = 100`` discarded, every 8th step kept (300 draws per chain).
-Targets (stated in the issue):
+(no cycles) ``lr = 0.1`` (``eta = lr / N``), friction 0.05, full batches (``BATCH = 1438``:
+one step per epoch, no gradient noise), ``EPOCHS = 6000`` steps per chain, the first
+``BURN_IN = 1200`` discarded, every 16th step kept (300 draws per chain). Targets (stated in
+the issue):
 
 * R-hat < 1.05 for ``lambda_max`` and ``stable_rank`` of both layers (ArviZ rank-normalised
-  split R-hat over the 4 chains) after these 500 epochs (3000 steps) per chain;
-* PSIS-LOO Pareto k <= 0.7 on >= 95 % of the training points;
+  split R-hat over the 4 chains) after these 6000 steps per chain;
+* PSIS-LOO Pareto k <= 0.7 on >= 95 % of the training points: NOT reached (below);
 * held-out accuracy at least MAP's, within ``ACC_TOL = 0.01`` (3.6 of the 359 test digits:
   the two accuracies are single runs on one test set, and a CPU with other vector
-  instructions changes 3000 sampler steps enough to move a digit or two).
+  instructions changes the sampler's steps enough to move a digit or two).
 
-Measured (2026-11-30, one core, 90-360 s on a loaded machine), after sampler results
-record each draw's own biases (``res.free_draws``): R-hat 1.034 / 1.013 (``lambda_max``
-fc1 / fc2), 1.016 / 1.027 (``stable_rank``); accuracy 0.9777 against MAP's 0.9638; Pareto
-k <= 0.7 on 52.9 % of the training points (largest k 1.38). Before that fix (every chain's
-draws evaluated with the last chain's biases) the same draws gave accuracy 0.9666 and a k
-share of 0.9 %; with sampler seeds 1, 2, 10 the largest R-hat was 1.045, 1.041, 1.042. The
-chains sit at ``lambda_max`` 63-65 (fc1) and 33-34 (fc2), close to the prior's own values
-(``0.25 (8 + 8)^2 = 64``, ``0.25 (8 + 3.2)^2 = 31``): the data leave the spectra
-prior-dominated.
+Measured with ``benchmarks/loo_floor.py`` (2026-11-30; same model, prior, data, MAP start;
+share of points with k <= 0.7 on the float64 log-likelihood, no k = inf; S kept draws):
 
-The Pareto-k target is NOT reached and stays ``xfail(strict=True)``. The model has 4810
-parameters for 1438 points (LOO's "flexible model" case, where high k is expected).
-Earlier settings that reached 73 % (4 cycles of 40 epochs, 43 draws per chain, the
-exploration halves without noise) did so because their draws had not left the MAP's
-neighbourhood: their R-hat was 1.57-1.73 and ``lambda_max`` still climbing (fc1 42 -> 55
-over the run). The ``spike_and_slab`` prior (slab 1) is wider still: fc1's ``lambda_max``
-sits near its prior value 256. Only a cold posterior reached the share (``temperature=
-0.1``: 99.2 %, accuracy 0.9582 < MAP, measured before the fix), and it is not the posterior
-PSIS-LOO's weights ``1 / p(y_i | theta)`` assume. The sampler itself is checked
-against NUTS in ``test_sampler_vs_nuts.py``.
+==========================================  =====  =======  =====  =====  =====  ======
+setting                                       S    k share  k max  p_loo  R-hat   acc
+==========================================  =====  =======  =====  =====  =====  ======
+NUTS (Pyro, 2 chains x 300 after 200)         600   0.846    1.18   70.4  1.003  0.9805
+SGHMC full batch, lr 0.1 (this test)         1200   0.846    1.12   72.7  1.022  0.9777
+SGHMC full batch, lr 0.2, 3000 steps         1200   0.859    1.31   71.9  1.042  0.9777
+SGHMC full batch, lr 0.05, 12000 steps       1200   0.878    1.16   71.3  1.034  0.9777
+SGHMC full batch, lr 0.1, 12000 steps        2700   0.909    1.11   74.3  1.016  0.9777
+SGHMC batch 256, lr 0.05, 12000 steps        1200   0.813    1.15   86.4  1.041  0.9805
+SGHMC batch 256, lr 0.2 (the old settings)   1200   0.529    1.38  183.0  1.034  0.9777
+==========================================  =====  =======  =====  =====  =====  ======
+
+Two causes kept the share at 52.9 %. (1) Mini-batch gradient noise: SGHMC does not correct
+it (``beta_hat = 0``); the batch gradient's noise, covariance ``V = N^2 / B (1 - (B - 1) /
+(N - 1)) C`` (``C`` the per-example gradients' covariance), inflates the stationary
+variance along a direction ``u`` by ``1 + r(u)``, ``r(u) = eta u^T V u / (2 a)``; at the
+posterior draws ``r`` is 28-46 along the top eigen-direction of ``V`` for ``B = 256``,
+``lr = 0.2`` (largest diagonal entry 1.5-3), so ``p_loo`` was 2.6 times NUTS'. Chen et
+al.'s correction cannot remove noise larger than the injected one (and a diagonal estimate
+would not see it); ``lr = 0.05`` still leaves ``p_loo`` 23 % high. Full batches remove it
+and cost about what 6 steps of 256 do here (the step is dominated by the prior's SVDs and
+Pyro's overhead). (2) The number of draws: the share of k-hat <= 0.7 is a Monte Carlo
+estimate that rises with S for the same posterior: NUTS 0.79 / 0.85 at S = 300 / 600;
+full-batch SGHMC (lr 0.1) 0.85 / 0.90 / 0.91 at 1200 / 2400 / 2700, (lr 0.2, three chains)
+0.85 / 0.88 / 0.91 / 0.93 at 900 / 1800 / 3600 / 4275. The exact posterior's points are
+mostly below 0.7 but the tail fit of a few hundred draws is too noisy to show it; about
+0.05 per doubling of S puts 95 % near 6000-8000 well-spread draws, beyond this test's time
+(about 8 ms per full-batch step on a loaded core). ``test_psis_loo_pareto_k`` stays
+``xfail(strict=True)``; what the test asserts instead is that SGHMC shows the exact
+posterior's LOO behaviour: share within ``K_TOL = 0.06`` of NUTS' 0.846 (SGHMC's 1200
+autocorrelated draws count about as NUTS' 600: the rows above) and ``p_loo`` within
+``P_LOO_RTOL = 15 %`` of NUTS' 70.4. The old settings fail it (share 0.529).
+
+``lr = 0.1`` rather than 0.2: over 4 x 12000 full-batch steps at ``lr = 0.2`` one chain
+made an excursion (fc1's ``lambda_max`` 62 -> 664 and back within ~300 steps, ``p_loo``
+72 -> 129), none at 0.1. The cold posterior (``temperature=0.1``) reached 99.2 % before,
+but it is not the posterior PSIS-LOO's weights ``1 / p(y_i | theta)`` assume. The sampler
+itself is checked against NUTS on a small net in ``test_sampler_vs_nuts.py`` and the
+noise inflation on Bayesian linear regression in ``test_sampler_minibatch_noise.py``.
 """
 
 from __future__ import annotations
@@ -54,10 +76,13 @@ from bayes_spectral.distributions import PRIORS
 pytestmark = pytest.mark.slow
 
 PRIOR = "gaussian"
-CHAINS, EPOCHS, BURN_IN, THIN, LR, FRICTION, BATCH = 4, 500, 100, 8, 0.2, 0.05, 256
-DRAWS = (EPOCHS - BURN_IN) * 6 // THIN  # 6 = ceil(1438 / 256) steps per epoch
+CHAINS, EPOCHS, BURN_IN, THIN, LR, FRICTION, BATCH = 4, 6000, 1200, 16, 0.1, 0.05, 1438
+DRAWS = (EPOCHS - BURN_IN) // THIN  # full batch: one step per epoch
 RHAT_MAX, K_GOOD, K_SHARE = 1.05, 0.7, 0.95
 ACC_TOL = 0.01
+#: NUTS on the same posterior (module docstring): share of k <= 0.7 and p_loo
+K_NUTS, P_LOO_NUTS = 0.846, 70.4
+K_TOL, P_LOO_RTOL = 0.06, 0.15
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +121,17 @@ def test_rhat_of_spectral_statistics(fitted):
     assert max(rhat.values()) < RHAT_MAX, rhat
 
 
-@pytest.mark.xfail(strict=True, reason="not reached: Pareto k <= 0.7 on 52.9 % of the "
-                   "training points, largest k 1.38 (see module docstring)")
+def test_psis_loo_matches_the_exact_posterior(fitted):
+    """The share of k <= 0.7 and ``p_loo`` are NUTS' on the same posterior (docstring)."""
+    loo = mcmc_loo(fitted["idata"])
+    assert np.isfinite(loo.elpd)
+    assert abs(loo.frac_good - K_NUTS) <= K_TOL, (loo.frac_good, loo.khat_max)
+    assert abs(loo.p_loo - P_LOO_NUTS) <= P_LOO_RTOL * P_LOO_NUTS, loo.p_loo
+
+
+@pytest.mark.xfail(strict=True, reason="not reached with 1200 draws: k <= 0.7 on about 85 % "
+                   "of the points, as NUTS' 600 draws (84.6 %); the share rises with the "
+                   "number of draws (module docstring)")
 def test_psis_loo_pareto_k(fitted):
     loo = mcmc_loo(fitted["idata"])
     assert loo.frac_good >= K_SHARE, (loo.frac_good, loo.khat_max)
-    assert np.isfinite(loo.elpd)
