@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test lint bench clean results claims device-wheels
+.PHONY: run test lint bench clean results claims device-wheels test-long
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(VENV)/.installed
 # notebooks run with their small settings (BAYES_SPECTRAL_SMALL=1) so none of them rots
 test: lint
 	BAYES_SPECTRAL_SMALL=1 $(PY) -m pytest -n 2 -q -ra --nbmake tests notebooks
+
+# the issue-size SG-MCMC check (32000 draws on digits: about 30 min of one core; not in CI)
+test-long: $(VENV)/.installed
+	BAYES_SPECTRAL_LONG=1 $(PY) -m pytest -q -ra tests/bnn/test_sampler_digits.py
 
 bench: $(VENV)/.installed
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done

@@ -27,6 +27,7 @@ SGHMC full batch, lr 0.1 (this test)         1200   0.846    1.12   72.7  1.022 
 SGHMC full batch, lr 0.2, 3000 steps         1200   0.859    1.31   71.9  1.042  0.9777
 SGHMC full batch, lr 0.05, 12000 steps       1200   0.878    1.16   71.3  1.034  0.9777
 SGHMC full batch, lr 0.1, 12000 steps        2700   0.909    1.11   74.3  1.016  0.9777
+SGHMC full batch, lr 0.1, 33200 steps, th. 4 32000   0.978    0.92   77.1  1.008  0.9777
 SGHMC batch 256, lr 0.05, 12000 steps        1200   0.813    1.15   86.4  1.041  0.9805
 SGHMC batch 256, lr 0.2 (the old settings)   1200   0.529    1.38  183.0  1.034  0.9777
 ==========================================  =====  =======  =====  =====  =====  ======
@@ -46,11 +47,16 @@ full-batch SGHMC (lr 0.1) 0.85 / 0.90 / 0.91 at 1200 / 2400 / 2700, (lr 0.2, thr
 0.85 / 0.88 / 0.91 / 0.93 at 900 / 1800 / 3600 / 4275. The exact posterior's points are
 mostly below 0.7 but the tail fit of a few hundred draws is too noisy to show it; about
 0.05 per doubling of S puts 95 % near 6000-8000 well-spread draws, beyond this test's time
-(about 8 ms per full-batch step on a loaded core). ``test_psis_loo_pareto_k`` stays
-``xfail(strict=True)``; what the test asserts instead is that SGHMC shows the exact
-posterior's LOO behaviour: share within ``K_TOL = 0.06`` of NUTS' 0.846 (SGHMC's 1200
-autocorrelated draws count about as NUTS' 600: the rows above) and ``p_loo`` within
-``P_LOO_RTOL = 15 %`` of NUTS' 70.4. The old settings fail it (share 0.529).
+(about 8 ms per full-batch step on a loaded core). Measured on one run of 4 x 33200
+full-batch steps at ``lr = 0.1`` (every 4th kept; 1070 s of one core): the share from the
+first ``s`` draws of each chain is 0.864 / 0.894 / 0.908 / 0.938 / 0.978 at S = 1200 /
+2400 / 4800 / 8000 / 32000 (every 16th: 0.876 / 0.910 / 0.932 / 0.946 at 1200 / 2400 /
+4800 / 8000), with R-hat 1.008 and accuracy 0.9777: the target is met at 32000 draws.
+``BAYES_SPECTRAL_LONG=1`` (``make test-long``) runs exactly that and asserts it; in CI
+``test_psis_loo_pareto_k`` stays ``xfail(strict=True)``; what the test asserts instead is
+that SGHMC shows the exact posterior's LOO behaviour: share within ``K_TOL = 0.06`` of
+NUTS' 0.846 (SGHMC's 1200 autocorrelated draws count about as NUTS' 600: the rows above)
+and ``p_loo`` within ``P_LOO_RTOL = 15 %`` of NUTS' 70.4. The old settings fail it (share 0.529).
 
 ``lr = 0.1`` rather than 0.2: over 4 x 12000 full-batch steps at ``lr = 0.2`` one chain
 made an excursion (fc1's ``lambda_max`` 62 -> 664 and back within ~300 steps, ``p_loo``
@@ -61,6 +67,8 @@ noise inflation on Bayesian linear regression in ``test_sampler_minibatch_noise.
 """
 
 from __future__ import annotations
+
+import os
 
 import arviz as az
 import numpy as np
@@ -76,7 +84,12 @@ from bayes_spectral.distributions import PRIORS
 pytestmark = pytest.mark.slow
 
 PRIOR = "gaussian"
-CHAINS, EPOCHS, BURN_IN, THIN, LR, FRICTION, BATCH = 4, 6000, 1200, 16, 0.1, 0.05, 1438
+#: ``BAYES_SPECTRAL_LONG=1`` (``make test-long``: about 30 min of one core, not in CI): the
+#: same chains run 33200 steps each, every 4th kept (32000 draws), which reaches the issue's
+#: 95 % Pareto-k target (measured 97.8 %, module docstring)
+LONG = os.environ.get("BAYES_SPECTRAL_LONG") == "1"
+EPOCHS, BURN_IN, THIN = (33200, 1200, 4) if LONG else (6000, 1200, 16)
+CHAINS, LR, FRICTION, BATCH = 4, 0.1, 0.05, 1438
 DRAWS = (EPOCHS - BURN_IN) // THIN  # full batch: one step per epoch
 RHAT_MAX, K_GOOD, K_SHARE = 1.05, 0.7, 0.95
 ACC_TOL = 0.01
@@ -123,15 +136,17 @@ def test_rhat_of_spectral_statistics(fitted):
 
 def test_psis_loo_matches_the_exact_posterior(fitted):
     """The share of k <= 0.7 and ``p_loo`` are NUTS' on the same posterior (docstring)."""
+    if LONG:
+        pytest.skip("the NUTS reference holds for 600 draws; the long run checks the target")
     loo = mcmc_loo(fitted["idata"])
     assert np.isfinite(loo.elpd)
     assert abs(loo.frac_good - K_NUTS) <= K_TOL, (loo.frac_good, loo.khat_max)
     assert abs(loo.p_loo - P_LOO_NUTS) <= P_LOO_RTOL * P_LOO_NUTS, loo.p_loo
 
 
-@pytest.mark.xfail(strict=True, reason="not reached with 1200 draws: k <= 0.7 on about 85 % "
-                   "of the points, as NUTS' 600 draws (84.6 %); the share rises with the "
-                   "number of draws (module docstring)")
+@pytest.mark.xfail(not LONG, strict=True, reason="not reached with 1200 draws: k <= 0.7 on "
+                   "about 85 % of the points, as NUTS' 600 draws (84.6 %); the share rises "
+                   "with the number of draws: 97.8 % with 32000 (make test-long)")
 def test_psis_loo_pareto_k(fitted):
     loo = mcmc_loo(fitted["idata"])
     assert loo.frac_good >= K_SHARE, (loo.frac_good, loo.khat_max)
