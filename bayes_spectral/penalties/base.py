@@ -10,9 +10,10 @@ from torch import nn
 
 from .._checks import check_weight
 from ..select import LeftOut, View, WeightRow, parameter_view
+from ..spectra.subspace import TopEigen
 
 __all__ = ["Penalty", "check_finite", "layer_states", "min_evals_of", "penalty_rows",
-           "weight_layers_of"]
+           "restored_top_eigen", "weight_layers_of"]
 
 #: row kinds a default selection leaves out (no matrix rule: e.g. a 3-D position table)
 NO_MATRIX_RULE = ("ParamNd",)
@@ -100,6 +101,18 @@ def layer_states(state: dict, owner: str, parts: tuple[str, ...]) -> dict[str, d
     return layers
 
 
+def restored_top_eigen(state: dict, owner: str, layer: str, *, block: int, power_iters: int,
+                       seed: int) -> TopEigen:
+    """A :class:`TopEigen` (``block`` columns) holding ``state``, its ``state_dict``; a
+    ValueError naming ``owner``, the layer and the block width when it cannot."""
+    top = TopEigen(block, power_iters, seed=seed)
+    try:
+        top.load_state_dict(state)
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{owner}: layer {layer!r}: {err} (block={block})") from err
+    return top
+
+
 def check_finite(value: torch.Tensor, name: str | None, what: str) -> torch.Tensor:
     """Raise a ValueError naming the layer if a penalty value is NaN or Inf."""
     if not bool(torch.isfinite(value).all()):
@@ -129,19 +142,26 @@ class Penalty:
         """The state kept between calls, as tensors and plain data (``{}``: none), for
         checkpoints (``torch.save`` / ``torch.load(weights_only=True)``). A wrapper's holds
         its own state only (:meth:`Regularizer.state_dict` walks the ``inner`` chain).
-        A custom penalty that keeps state overrides this, :meth:`check_state` and
-        :meth:`load_state_dict`, and sets ``stateful``."""
+        A custom penalty that keeps state overrides this and :meth:`_restored`, and sets
+        ``stateful``."""
         return {}
 
     def check_state(self, state: dict) -> None:
         """Raise a ValueError if ``state`` cannot be this penalty's :meth:`state_dict`
         (changes nothing)."""
-        if state:
-            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+        self._restored(state)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (checked first: a refused state changes nothing)."""
-        self.check_state(state)
+        """Restore :meth:`state_dict` (checked in full first: a refused state changes
+        nothing)."""
+        vars(self).update(self._restored(state))
+
+    def _restored(self, state: dict) -> dict:
+        """The attributes :meth:`load_state_dict` sets from ``state``, built and checked
+        without touching ``self`` (a ValueError naming what is wrong)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+        return {}
 
     def weight_penalty(self, weight: torch.Tensor, name: str | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from .._checks import check_positive
 from ..spectra.spectrum import ConvMode, as_matrices, esd, singular_values
 from ..spectra.spectrum import stable_rank as _stable_rank
 from ..spectra.subspace import TopEigen
-from .base import Penalty, layer_states
+from .base import Penalty, layer_states, restored_top_eigen
 
 __all__ = ["WeightDecay", "L1", "SchattenNorm", "NuclearNorm", "StableRank"]
 
@@ -133,24 +133,11 @@ class StableRank(Penalty):
         """Fast mode: ``{"layers": {layer: {"top": block}}}`` (:class:`TopEigen` state)."""
         return {"layers": {k: {"top": t.state_dict()} for k, t in self._tops.items()}}
 
-    def check_state(self, state: dict) -> None:
-        self._restored(state)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (checked first: a refused state changes nothing)."""
-        self._tops = self._restored(state)
-
-    def _restored(self, state: dict) -> dict[str, TopEigen]:
-        out = {}
-        for key, st in layer_states(state, "StableRank", ("top",)).items():
-            top = TopEigen(self.block, self.power_iters, seed=self.seed)
-            try:
-                top.load_state_dict(st.get("top", {}))
-            except (ValueError, AttributeError) as err:
-                raise ValueError(f"StableRank: layer {key!r}: {err} (block={self.block})") \
-                    from err
-            out[key] = top
-        return out
+    def _restored(self, state: dict) -> dict:
+        return {"_tops": {key: restored_top_eigen(st.get("top", {}), "StableRank", key,
+                                                  block=self.block,
+                                                  power_iters=self.power_iters, seed=self.seed)
+                          for key, st in layer_states(state, "StableRank", ("top",)).items()}}
 
     def weight_penalty(self, weight, name=None):
         if self.mode == "fast":

@@ -62,15 +62,12 @@ class Decayed(_Wrapper):
         """``{"epoch": e}`` (the inner penalty's state is its own)."""
         return {"epoch": self.epoch}
 
-    def check_state(self, state: dict) -> None:
+    def _restored(self, state: dict) -> dict:
         epoch = state.get("epoch") if isinstance(state, dict) else None
         if set(state or {}) != {"epoch"} or isinstance(epoch, bool) \
                 or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"Decayed: expected the state {{'epoch': int >= 0}}, got {state!r}")
-
-    def load_state_dict(self, state: dict) -> None:
-        self.check_state(state)
-        self.epoch = int(state["epoch"])
+        return {"epoch": int(epoch)}
 
     def factor(self, epoch: int | None = None) -> float:
         """The multiplier at ``epoch`` (default: the current one); 0 below ``floor``."""

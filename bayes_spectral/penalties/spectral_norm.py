@@ -67,16 +67,10 @@ class SpectralNorm(Penalty):
         """``{"layers": {layer: {"u": left vector}}}`` (copies)."""
         return {"layers": {k: {"u": it.u.detach().clone()} for k, it in self._iters.items()}}
 
-    def check_state(self, state: dict) -> None:
-        self._restored(state)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (checked first: a refused state changes nothing)."""
-        self._iters = self._restored(state)
-
-    def _restored(self, state: dict) -> dict[str, PowerIteration]:
-        """The power iterations of ``state`` (built without touching the global RNG)."""
-        out = {}
+    def _restored(self, state: dict) -> dict:
+        """``{"_iters": the power iterations of state}`` (built without touching the
+        global RNG)."""
+        out: dict[str, PowerIteration] = {}
         for key, st in layer_states(state, "SpectralNorm", ("u",)).items():
             u = st.get("u")
             if not isinstance(u, torch.Tensor) or u.dim() != 1 or not u.is_floating_point():
@@ -86,4 +80,4 @@ class SpectralNorm(Penalty):
             it = PowerIteration((u.shape[0], 1), n_iter=self.n_iter, generator=gen)
             it.u = u.detach().clone()
             out[key] = it
-        return out
+        return {"_iters": out}

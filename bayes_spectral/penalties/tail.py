@@ -82,7 +82,7 @@ from ..spectra.spectrum import ConvMode, as_matrices, esd
 from ..spectra.stochastic import spectral_sum
 from ..spectra.subspace import TopEigen
 from ..spectra.tracking import TailTracker, tail_size
-from .base import Penalty, layer_states
+from .base import Penalty, layer_states, restored_top_eigen
 
 __all__ = ["WeightedAlpha", "PowerLawPrior", "FrechetPrior"]
 
@@ -168,23 +168,15 @@ class _TailPenalty(Penalty):
         gens.update({str(d): g.get_state() for d, g in self._gens.items()})
         return {"mode": self.mode, "layers": layers, "generators": gens}
 
-    def check_state(self, state: dict) -> None:
-        self._restored(state)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (checked first: a refused state changes nothing). A
-        generator's state is applied when the penalty first draws probes on that device."""
-        vars(self).update(self._restored(state))
-        self._gens = {}
-
     def _restored(self, state: dict) -> dict:
-        """The attributes :meth:`load_state_dict` sets, built from ``state`` (checked)."""
+        """The attributes :meth:`load_state_dict` sets, built from ``state`` (checked); a
+        generator's state is applied when the penalty first draws probes on that device."""
         label = type(self).__name__
         mode = state.get("mode") if isinstance(state, dict) else None
         if mode != self.mode:
             raise ValueError(f"{label}: the state is for mode {mode!r}, this penalty's mode is "
                              f"{self.mode!r}")
-        out = {"_trackers": {}, "_pooled_need": {}, "_tops": {}}
+        out = {"_trackers": {}, "_pooled_need": {}, "_tops": {}, "_gens": {}}
         for key, st in layer_states(state, label, self._PARTS).items():
             if "tracker" in st:
                 tr = TailTracker(refresh_every=self.refresh_every, tol=self.tol)
@@ -197,13 +189,9 @@ class _TailPenalty(Penalty):
             if "need" in st:
                 out["_pooled_need"][key] = int(st["need"])
             if "top" in st:
-                top = TopEigen(self.block, self.power_iters, seed=self.seed)
-                try:
-                    top.load_state_dict(st["top"])
-                except (ValueError, AttributeError) as err:
-                    raise ValueError(f"{label}: layer {key!r}: {err} (block={self.block})") \
-                        from err
-                out["_tops"][key] = top
+                out["_tops"][key] = restored_top_eigen(
+                    st["top"], label, key, block=self.block, power_iters=self.power_iters,
+                    seed=self.seed)
         gens = state.get("generators", {})
         if not isinstance(gens, dict) or not all(
                 isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in gens.values()):
