@@ -137,12 +137,17 @@ def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out.reshape(lw.shape), k.reshape(lw.shape[:-1])
 
 
+def psis_tail_length(num_draws: int) -> int:
+    """The draws PSIS fits its Pareto tail to: ``M = ceil(min(S/5, 3 sqrt(S)))``."""
+    return int(np.ceil(min(num_draws / 5, 3 * np.sqrt(num_draws))))
+
+
 def _psis_row(lw: np.ndarray) -> tuple[np.ndarray, float]:
     """One row of :func:`psislw` under ArviZ >= 1 (``arviz_stats`` ``_ps_tail``)."""
     from arviz_stats.base import array_stats
 
     n = lw.size
-    m = int(np.ceil(min(n / 5, 3 * np.sqrt(n))))
+    m = psis_tail_length(n)
     try:
         if m < 5:
             raise ValueError("tail shorter than 5 draws")

@@ -16,7 +16,7 @@ import torch
 
 from ..bnn.fit import FitResult
 from ..bnn.network import BayesianNetwork
-from .arviz_adapter import MIN_PSIS_DRAWS, psislw
+from .arviz_adapter import MIN_PSIS_DRAWS, psis_tail_length, psislw
 from .traces import as_data, check_result, guide_trace, trace_draw
 
 __all__ = ["GOOD_K", "MIN_PSIS_DRAWS", "ImportanceELPD", "PsisLoo", "importance_elpd",
@@ -100,15 +100,15 @@ def mcmc_loo(log_lik) -> PsisLoo:
 
 
 def tied_tail_points(log_lik) -> np.ndarray:
-    """Indices of the points whose PSIS tail is all ties: the ``M = ceil(min(S / 5, 3
-    sqrt S))`` largest ratios ``-log p(y_i | theta_s)`` (its ``M`` lowest log-likelihoods)
-    are equal. ``log_lik`` as for :func:`mcmc_loo`; none below ``MIN_PSIS_DRAWS`` draws."""
+    """Indices of the points whose PSIS tail is all ties: the ``M``
+    (:func:`~bayes_spectral.diagnostics.arviz_adapter.psis_tail_length`) largest ratios
+    ``-log p(y_i | theta_s)`` (its ``M`` lowest log-likelihoods) are equal. ``log_lik`` as
+    for :func:`mcmc_loo`; none below ``MIN_PSIS_DRAWS`` draws."""
     ll = _pooled_log_lik(log_lik)  # (n, S)
     s = ll.shape[1]
     if s < MIN_PSIS_DRAWS:
         return np.zeros(0, dtype=np.int64)
-    m = math.ceil(min(s / 5, 3 * math.sqrt(s)))
-    low = np.sort(ll, axis=1)[:, :m]
+    low = np.sort(ll, axis=1)[:, :psis_tail_length(s)]
     return np.flatnonzero(low[:, -1] == low[:, 0])
 
 
