@@ -24,8 +24,8 @@ import math
 import arviz as az
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
+from test_samplers import sghmc_stationary_cov  # a sibling test module (same folder)
 
 from bayes_spectral.bnn import samplers
 
@@ -71,9 +71,7 @@ def _chain(batch: int, seed: int) -> np.ndarray:
 def _lyapunov(noise_cov: np.ndarray) -> np.ndarray:
     """Stationary covariance of theta for ``v' = (1 - a) v - eta P theta + n``,
     ``theta' = theta + v'``, ``n ~ N(0, noise_cov)``."""
-    eta, a, eye = LR / N, FRICTION, np.eye(D)
-    trans = np.block([[eye - eta * PREC, (1 - a) * eye], [-eta * PREC, (1 - a) * eye]])
-    return scipy.linalg.solve_discrete_lyapunov(trans, np.kron(np.ones((2, 2)), noise_cov))[:D, :D]
+    return sghmc_stationary_cov(PREC, LR / N, FRICTION, noise_cov)
 
 
 def _expected_q(cov: np.ndarray, batch: int, draws: int = 4000) -> np.ndarray:

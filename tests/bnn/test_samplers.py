@@ -67,10 +67,17 @@ def _stationary_cov(method, prec, eta, friction, temperature):
     if method == "sgld":
         a, q = eye - eta * prec, 2 * eta * temperature * eye
         return scipy.linalg.solve_discrete_lyapunov(a, q)
-    # v' = (1-f) v - eta P theta + xi;  theta' = theta + v'
+    return sghmc_stationary_cov(prec, eta, friction, 2 * friction * eta * temperature * eye)
+
+
+def sghmc_stationary_cov(prec, eta, friction, noise_cov):
+    """The stationary covariance of theta for SGHMC on the quadratic potential with
+    precision ``prec``: ``v' = (1 - f) v - eta P theta + n``, ``theta' = theta + v'``,
+    ``n ~ N(0, noise_cov)`` (also used by test_sampler_minibatch_noise.py)."""
+    d = prec.shape[0]
+    eye = np.eye(d)
     a = np.block([[eye - eta * prec, (1 - friction) * eye], [-eta * prec, (1 - friction) * eye]])
-    q = np.zeros((2 * d, 2 * d))
-    q[:, :] = np.kron(np.ones((2, 2)), 2 * friction * eta * temperature * eye)
+    q = np.kron(np.ones((2, 2)), noise_cov)
     return scipy.linalg.solve_discrete_lyapunov(a, q)[:d, :d]
 
 
