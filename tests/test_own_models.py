@@ -246,6 +246,59 @@ def test_regularizer_reaches_every_row(case):
         assert all(len(h) == 4 for h in reg.history.values())
 
 
+STATEFUL = {"frechet_tracked": lambda: penalties.FrechetPrior(2.0, 1.0, 0.5, coef=1e-3,
+                                                                tracked=True),
+            "spectral_norm": lambda: penalties.SpectralNorm(coef=1e-2)}
+
+
+def _penalised_steps(case: Case, make_pen, steps: int, state=None):
+    """``steps`` Adam steps of the case's model with a stateful penalty through
+    ``Regularizer.loss``, from fresh objects (restored from ``state`` when given); returns
+    the losses and a checkpoint (model, optimiser, regulariser, RNG: dropout draws)."""
+    model = _model(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rows with too few eigenvalues left out
+        reg = penalties.Regularizer(model, make_pen(), log=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        reg.load_state_dict(state["reg"])
+        torch.set_rng_state(state["rng"])
+    train, _ = case.data()
+    x, y = train[0][:64], train[1][:64]
+    loss_fn = (nn.functional.cross_entropy if case.likelihood == "categorical"
+               else lambda out, t: nn.functional.mse_loss(out.squeeze(-1), t))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = reg.loss(loss_fn(model(x), y))
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().clone())
+    return losses, {"model": model.state_dict(), "optim": opt.state_dict(),
+                    "reg": reg.state_dict(), "rng": torch.get_rng_state()}
+
+
+@pytest.mark.parametrize("pen", sorted(STATEFUL))
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_regularizer_checkpoint_resumes_bit_for_bit(case, pen, tmp_path):
+    """3 steps, a checkpoint through a real file (``torch.load(weights_only=True)``), 3 more
+    in fresh objects: the uninterrupted 6 steps bit for bit, BatchNorm statistics, attention
+    and recurrent rows included (the trackers' and power iterations' state comes back)."""
+    torch.manual_seed(0)
+    full, end = _penalised_steps(case, STATEFUL[pen], 6)
+    torch.manual_seed(0)
+    first, saved = _penalised_steps(case, STATEFUL[pen], 3)
+    torch.save(saved, tmp_path / "ckpt.pt")
+    rest, resumed = _penalised_steps(case, STATEFUL[pen], 3,
+                                     torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(full, first + rest, strict=True)), \
+        (full, first + rest)
+    for k, v in end["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
 def _params_of(model: nn.Module, reg) -> dict[str, torch.Tensor]:
     """The parameter behind each selected row (``row.param_name``)."""
     params = dict(model.named_parameters())
