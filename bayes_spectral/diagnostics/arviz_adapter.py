@@ -126,15 +126,41 @@ def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``M = ceil(min(S/5, 3 sqrt(S)))`` draws is smoothed by ``arviz_stats``' Pareto-tail fit,
     so both generations agree for ``M >= 6`` (``S >= 26``); where no Pareto fit exists
     (``M < 5`` in 0.2x; ``M < 6`` or a constant tail in >= 1) the row keeps its unsmoothed
-    normalised weights and ``k = inf``."""
-    if not _TREE:
-        return az.psislw(log_weights)
+    normalised weights and ``k = inf``. So does a row whose smoothing fails: ArviZ 0.2x's
+    GPD fit of the tail ``exp(x_s) - exp(x_cut)`` divides by a tail value that rounds to 0
+    when the tail's log weights agree to ~1e-16 (a confidently fitted point, ``|log p|``
+    below ~1e-12 in the tail draws), returning ``sigma = nan``, NaN weights and a bogus
+    ``k``; such rows get ``lw_s = x_s - log sum_t exp(x_t)``, ``k = inf`` (ArviZ 1.x keeps
+    the same raw weights with ``k = nan``). ``ValueError`` on NaN or ``+inf`` log weights."""
     lw = np.asarray(log_weights, dtype=float)
+    if np.isnan(lw).any() or np.isposinf(lw).any():
+        raise ValueError(f"psislw(): log weights of shape {lw.shape} contain NaN or +inf")
+    if not _TREE:
+        return _unsmoothed_where_failed(lw, *_az_psislw(lw))
     rows = lw.reshape(-1, lw.shape[-1])
     out, k = np.empty_like(rows), np.empty(rows.shape[0])
     for i, row in enumerate(rows):
         out[i], k[i] = _psis_row(row)
     return out.reshape(lw.shape), k.reshape(lw.shape[:-1])
+
+
+def _az_psislw(lw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ArviZ 0.2x ``az.psislw`` without the warnings of a failed GPD fit (handled after)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out, k = az.psislw(lw)
+    return np.asarray(out, dtype=float), np.asarray(k, dtype=float)
+
+
+def _unsmoothed_where_failed(lw: np.ndarray, out: np.ndarray, k: np.ndarray,
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``out`` with a NaN or ``+inf`` weight -> ``lw - logsumexp(lw)``, ``k = inf``."""
+    failed = np.any(np.isnan(out) | np.isposinf(out), axis=-1)
+    if failed.any():
+        out, k = out.copy(), k.copy()
+        raw = lw[failed]
+        out[failed] = raw - np.logaddexp.reduce(raw, axis=-1, keepdims=True)
+        k[failed] = np.inf
+    return out, k
 
 
 def psis_tail_length(num_draws: int) -> int:

@@ -80,6 +80,10 @@ def mcmc_loo(log_lik) -> PsisLoo:
     likelihood in those draws, e.g. a ReLU net with every hidden unit off for it) has no
     Pareto fit: ``k = inf`` and unsmoothed weights, under either ArviZ (as ArviZ 0.2x's
     ``psislw`` and R's ``loo``; ArviZ 1.x's ``az.loo`` raises "All tail values are the same").
+    So does a point whose tail ratios agree to ~1e-16 (a confidently fitted point, ``|log p|``
+    below ~1e-12 in most tail draws: ArviZ 0.2x's GPD fit fails, its ``az.loo`` gives NaN):
+    raw weights give ``elpd_i = log S - log sum_s exp(-ll_is)``. Heavy tails (``k`` up to
+    ~10 and beyond) are smoothed and their ``k`` kept; ``k > 0.7`` marks them unreliable.
     """
     ll = _pooled_log_lik(log_lik)  # (n, S)
     s = ll.shape[1]

@@ -7,6 +7,7 @@ import warnings
 import pyro
 import pytest
 import torch
+from resume_helpers import Interrupt, stop_after
 from torch import nn
 
 import bayes_spectral as bs
@@ -198,15 +199,8 @@ def test_resume_equals_uninterrupted_run_with_module_local_params(param_mode, tm
 
     full = run("a")
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(info):
-        if info["epoch"] == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run("b", [stop_after_two])
+        run("b", [stop_after(2)])
     resumed = run("b")
     assert resumed.history == full.history
     a, b = full.params(), resumed.params()

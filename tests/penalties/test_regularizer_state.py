@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from resume_helpers import Interrupt, stop_after
 from torch import nn
 
 import bayes_spectral as bs
@@ -308,16 +309,9 @@ def test_fit_tracked_priors_resume_bit_for_bit(tmp_path, method, mode):
     full = bs.fit(model(), (x, y), method, checkpoint_dir=tmp_path / "a", **kw)
     a = full.params()
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(info):
-        if info["epoch"] == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         bs.fit(model(), (x, y), method, checkpoint_dir=tmp_path / "b",
-               callbacks=[stop_after_two], **kw)
+               callbacks=[stop_after(2)], **kw)
     assert os.path.exists(tmp_path / "b" / "checkpoint.pt")
     resumed = bs.fit(model(), (x, y), method, checkpoint_dir=tmp_path / "b", **kw)
     b = resumed.params()
