@@ -210,8 +210,9 @@ def bayesian(
         unbiased for the degree-32 interpolant, one call's sd ``<= sqrt(2/16)
         ||h(G)||_F``, interpolation bias 5e-4..2e-2 of the value, one call's gradient a
         noisy but unbiased sketch; ``GaussianSpectrum``: the tracked formula (exact).
-        ``power_iterations`` does not apply. The state is renewed at each checkpoint
-        boundary, as the tail trackers are.
+        ``power_iterations`` does not apply. The state (as the tail trackers') travels in
+        ``fit``'s checkpoints and is restored on resume
+        (:mod:`~bayes_spectral.bnn.tracker_state`); it is not renewed at a checkpoint.
     :param enumerate_rank: layers with a ``SpikeAndSlabSpectrum`` prior whose indicators
         are made explicit and enumerated (``TraceEnum_ELBO``); not with ``spectral``.
     :param output_fn: maps the module's output (a tuple, a dict, a Hugging Face style

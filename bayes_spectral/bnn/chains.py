@@ -3,7 +3,10 @@ in sequence through the MAP loop, and the starting points shared with NUTS.
 
 Chain ``c`` is seeded ``seed + c`` and starts at :func:`chain_init` of the module's initial
 values; for ``c > 0`` the network's parameters and buffers are restarted (the state
-:func:`~bayes_spectral.bayesian` left) and the param store cleared. On ``resume`` the first
+:func:`~bayes_spectral.bayesian` left) and the param store cleared; every chain starts
+with fresh trackers (:meth:`~BayesianNetwork.renew_tracking`), and a resumed chain gets
+the checkpoint's (:mod:`~bayes_spectral.bnn.tracker_state`), so each chain's tracker state
+is its own. On ``resume`` the first
 run set up restores the checkpoint, whichever chain it belongs to (the checkpoint's chain
 index is in the sampler's state), and the loop continues from that chain.
 """

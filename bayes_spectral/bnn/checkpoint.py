@@ -6,8 +6,13 @@ One file, ``<checkpoint_dir>/checkpoint.pt``, replaced atomically
 ``rng`` (python / numpy / torch, and CUDA when present), ``history``, ``state`` (epoch, step
 and the early-stopping state), ``buffers`` (the model's buffers), ``method`` and ``data``
 (the states of the data's own ``torch.Generator`` objects, e.g. a ``DataLoader``'s
-``generator=``; :mod:`~bayes_spectral.bnn.batches`). Restoring
-all of them makes a resumed CPU run equal the uninterrupted one bit for bit.
+``generator=``; :mod:`~bayes_spectral.bnn.batches`) and ``trackers`` (the tracked priors'
+tail trackers, fast-mode blocks and probe generators:
+:mod:`~bayes_spectral.bnn.tracker_state`). Restoring
+all of them makes a resumed CPU run equal the uninterrupted one bit for bit; nothing is
+renewed at a checkpoint boundary, so a fit with checkpoints is the fit without them.
+A checkpoint without ``trackers`` (written before the key existed) resumes a model that
+tracks nothing; for a model with tracked priors it is refused, naming the missing key.
 
 The file holds tensors and plain data only (the param store as unconstrained tensors with its
 constraints by name, numpy's RNG state as a tensor) and is read with
@@ -29,6 +34,7 @@ from pyro.distributions import constraints
 
 from .._io import UnreadableFileError, atomic_path, load_tensors
 from .fingerprint import check_fingerprint
+from .tracker_state import check_tracker_state, load_tracker_state, tracker_state
 
 __all__ = ["CHECKPOINT_NAME", "Checkpointer", "rng_state", "save_checkpoint", "set_rng_state",
            "load_store_state", "store_state", "sync_module_params"]
@@ -159,13 +165,14 @@ class Checkpointer:
 
     def restore(self, device: torch.device) -> tuple[dict, dict]:
         """Load the file into the param store, the module, the optimiser, the buffers and
-        the global RNGs; returns its ``(history, state)``. The file is read safely and its
-        fingerprint checked (``ValueError`` naming the differing settings) before anything
-        is changed."""
+        the global RNGs and the tracked priors' state; returns its ``(history, state)``. The
+        file is read safely, its fingerprint and tracker state checked (``ValueError`` naming
+        the differing settings or layers) before anything is changed."""
         saved = load_tensors(self.path, map_location=device)
         _check_keys(self.path, saved)
         if self.fingerprint is not None:
             check_fingerprint(saved.get("fingerprint"), self.fingerprint, self.path)
+        check_tracker_state(self.model, saved.get("trackers"), self.path)
         load_store_state(saved["param_store"])
         sync_module_params(self.model)
         self.optim.set_state(saved["optim"])
@@ -175,6 +182,7 @@ class Checkpointer:
         set_rng_state(saved["rng"])
         if self.data is not None:
             self.data.load_state_dict(saved.get("data", []))
+        load_tracker_state(self.model, saved.get("trackers"), self.path)
         return saved["history"], saved["state"]
 
     def save(self, history: dict, state: dict) -> None:
@@ -194,6 +202,7 @@ class Checkpointer:
             "method": self.method,
             "data": [] if self.data is None else self.data.state_dict(),
             "fingerprint": self.fingerprint,
+            "trackers": tracker_state(self.model),
         })
         if self.distributed:
             torch.distributed.barrier()

@@ -20,7 +20,9 @@ Checkpoints (``checkpoint_dir``, :mod:`bayes_spectral.bnn.checkpoint`): every
 ``checkpoint_every`` epochs (and at the end), the file ``checkpoint.pt`` is replaced
 atomically (temporary file in the same folder, ``fsync``, ``os.replace``). It holds the param
 store state, the optimiser state (``get_state``), the python / numpy / torch RNG states,
-epoch, step, history, the early-stopping state and the model's buffers. ``resume=True``
+epoch, step, history, the early-stopping state, the model's buffers and the tracked priors'
+state (``trackers``: tail trackers, fast-mode blocks, probe generators; a fit starts with
+fresh ones). ``resume=True``
 continues from it; on CPU an interrupted-and-resumed run equals the uninterrupted one bit for
 bit. The file holds tensors and plain data only and is read with ``weights_only=True``
 (unpickling never runs code; a corrupt file is an ``UnreadableFileError`` naming it). It
@@ -369,6 +371,7 @@ def fit(
                                                      "shuffle": shuffle, "seed": seed,
                                                      "dtype": dtype},
                           prior_every=prior_every, progress=progress)
+    model.renew_tracking()  # every fit starts with fresh trackers (a resume restores its own)
     with eval_mode(model):  # the guide's set-up pass leaves BatchNorm statistics alone
         run = start_run(model, source, method, guide, num_particles=num_particles, lr=lr,
                         device=device, checkpoint_dir=checkpoint_dir,

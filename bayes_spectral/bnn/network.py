@@ -37,6 +37,7 @@ from ..distributions import SpikeAndSlabSpectrum
 from .batches import call_net, first_leaf, leaves, num_rows, take_rows
 from .likelihoods import LIKELIHOODS, Likelihood
 from .site_priors import SingularValuePrior, TrackedSpectralPrior, _prior_to, _tail_penalty_for
+from .tracker_state import load_tracker_state, tracker_state
 
 __all__ = ["NOISE_SITE", "BayesianNetwork", "SingularValuePrior", "TrackedSpectralPrior",
            "default_noise_prior"]
@@ -174,12 +175,24 @@ class BayesianNetwork(PyroModule):
 
     def renew_tracking(self) -> None:
         """Start the tail trackers of tracked power-law layers (and the fast penalties of
-        ``tracked_mode="fast"``) afresh (their next call re-decomposes or re-warms).
-        :func:`~bayes_spectral.fit` calls it at every checkpoint boundary, whether or not a
-        file is written, so results do not depend on checkpointing and a resumed run
-        (fresh trackers) repeats the uninterrupted one bit for bit."""
+        ``tracked_mode="fast"``) afresh (their next call re-decomposes or re-warms). The
+        samplers call it at the start of each chain (:mod:`~bayes_spectral.bnn.chains`);
+        :func:`~bayes_spectral.fit`'s checkpoints save and restore this state instead of
+        renewing it (:mod:`~bayes_spectral.bnn.tracker_state`), so a checkpoint boundary
+        does not change the run and a resumed run repeats the uninterrupted one."""
         self._tail_penalties = {n: _tail_penalty_for(self._priors[n], p.mode)
                                 for n, p in self._tail_penalties.items()}
+
+    def tracker_state_dict(self) -> dict:
+        """The tracked priors' state (tail trackers, fast-mode blocks, probe generators) as
+        tensors and plain data, what ``fit``'s checkpoints save
+        (:func:`~bayes_spectral.bnn.tracker_state.tracker_state`)."""
+        return tracker_state(self)
+
+    def load_tracker_state_dict(self, state: dict, where: str = "tracker state") -> None:
+        """Restore :meth:`tracker_state_dict`, checked in full first (a ``ValueError``
+        naming ``where``, the layer and what differs; a refused state changes nothing)."""
+        load_tracker_state(self, state, where)
 
     def _prior_for(self, name: str, like: torch.Tensor):
         return _prior_to(self._priors[name], like)

@@ -149,7 +149,8 @@ def _powerlaw_tracked(base: SpectralDistribution, power: Any, value: torch.Tenso
 class TrackedLaw:
     """How one law is tracked: ``log_prob(base, power, value)`` and the ``tracker`` it
     needs: ``"power_iteration"`` (a warm-started :class:`PowerIteration`, a buffer of the
-    layer) or ``"tail"`` (a :class:`PowerLawPrior` with a tail tracker, renewed by ``fit``)."""
+    layer) or ``"tail"`` (a :class:`PowerLawPrior` with a tail tracker, held by the network,
+    its state in ``fit``'s checkpoints: :mod:`~bayes_spectral.bnn.tracker_state`)."""
 
     log_prob: Callable[[Any, Any, torch.Tensor], torch.Tensor]
     tracker: str
@@ -193,8 +194,9 @@ class TrackedSpectralPrior(dist.TorchDistribution):
     * ``PowerLawSpectrum`` (penalty measure): ``-PowerLawPrior(tracked=True)(W)``, the tail
       above ``xmin`` from :class:`~bayes_spectral.spectra.tracking.TailTracker` and the bulk through
       ``||W||_F^2`` (``power``: that penalty, which holds the tracker). Its state is not a
-      buffer: :func:`~bayes_spectral.fit` renews it at every checkpoint boundary (next call
-      re-decomposes), so a resumed run repeats the uninterrupted one exactly.
+      buffer: :func:`~bayes_spectral.fit`'s checkpoints carry it
+      (:mod:`~bayes_spectral.bnn.tracker_state`), so a resumed run repeats the
+      uninterrupted one exactly and a checkpoint boundary changes nothing.
 
     ``lambda_max = (u^T W v)^2`` with ``u, v`` from ``power.n_iter`` power-iteration steps
     per call, warm-started from the previous call (the state is a buffer of the layer, saved

@@ -206,8 +206,9 @@ def _power_iteration_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
 
 
 def _tail_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
-    """A tracked :class:`PowerLawPrior` held by the network, renewed by
-    :meth:`BayesianNetwork.renew_tracking` (not a buffer)."""
+    """A tracked :class:`PowerLawPrior` held by the network (not a buffer: its state
+    travels in ``fit``'s checkpoints, :mod:`~bayes_spectral.bnn.tracker_state`; renewed by
+    :meth:`BayesianNetwork.renew_tracking` at each sampler chain's start)."""
     bn._tail_penalties[slot.row] = _tail_penalty_for(law)
     return lambda self, _n=slot.row: TrackedSpectralPrior(
         bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n])
@@ -215,8 +216,8 @@ def _tail_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
 
 def _fast_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
     """``tracked_mode="fast"``: the law's ``mode="fast"`` penalty (its warm-started block /
-    probe generator state) held by the network as the tail trackers are, renewed by
-    :meth:`BayesianNetwork.renew_tracking` (not a buffer)."""
+    probe generator state) held by the network as the tail trackers are (checkpointed
+    and renewed as they are)."""
     bn._tail_penalties[slot.row] = _tail_penalty_for(law, "fast")
     return lambda self, _n=slot.row: TrackedSpectralPrior(
         bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n], mode="fast")

@@ -318,8 +318,7 @@ def _end_epoch(run: TrainingRun, epochs: int, checkpoint_every: int,
     info = {"epoch": done, "step": run.step, "history": run.history,
             "model": run.model, "guide": run.guide}
     if done % checkpoint_every == 0 or done == epochs or run.stopper.stopped:
-        run.save()
-        run.model.renew_tracking()  # tracker state is not saved: renew it in both runs
+        run.save()  # with the tracked priors' state (tracker_state.py): nothing renewed
     stop = False
     for cb in callbacks:
         stop = bool(cb(info)) or stop

@@ -161,7 +161,7 @@ def test_fast_gaussian_spectrum_is_the_exact_tracked_formula(trained):
 
 
 def test_fast_frechet_fit_resumes_bit_for_bit(digits, tmp_path):
-    """The fast penalties' state is renewed at each checkpoint boundary, so 2 + 2 epochs
+    """The fast penalties' state is saved in the checkpoint and restored, so 2 + 2 epochs
     (resumed from a checkpoint) equal 4 uninterrupted ones on the CPU."""
     x, y = digits.x_train[:256], digits.y_train[:256]
 

@@ -298,7 +298,7 @@ def test_tracked_powerlaw_layers_train_track_and_resume_exactly(tmp_path):
         return bs.bayesian(net, prior, num_data=len(x), tracked="0")
 
     # a small learning rate: the tracker follows without drift refreshes, so a resumed run
-    # (fresh tracker) would differ if fit() did not renew the trackers at each checkpoint
+    # (fresh tracker) would differ if fit()'s checkpoint did not hold the trackers' state
     kw = dict(batch_size=64, lr=2e-3, progress=False, seed=1)
     full = bs.fit(model(), (x, y), "map", epochs=4, **kw)
     a = full.params()  # the global param store: snapshot before the next fit clears it

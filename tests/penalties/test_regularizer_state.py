@@ -288,10 +288,10 @@ def test_failed_load_changes_nothing():
 @pytest.mark.parametrize("method, mode", [("map", "tracked"), ("svi", "tracked"),
                                           ("map", "fast")])
 def test_fit_tracked_priors_resume_bit_for_bit(tmp_path, method, mode):
-    """``fit(..., tracked=True)``: a tracked power-law prior (tail tracker, renewed at each
-    checkpoint boundary) and a tracked Frechet prior (power-iteration buffer, saved with
+    """``fit(..., tracked=True)``: a tracked power-law prior (tail tracker, saved in the
+    checkpoint) and a tracked Frechet prior (power-iteration buffer, saved with
     the model), or both in ``tracked_mode="fast"`` (block iterations and probe generator,
-    renewed too): stopped after epoch 2 and resumed from the file, equal to the
+    saved too): stopped after epoch 2 and resumed from the file, equal to the
     uninterrupted run bit for bit."""
     from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
 
