@@ -13,15 +13,26 @@ ratio over ``plain`` (Adam, mean cross-entropy). Rows, for each prior (an i.i.d.
 * ``local``: the same with guide ``"local_reparam"`` (pre-activations of the Linear layers
   drawn by local reparameterisation);
 
+each with the optimiser in brackets (``--optims``,
+:func:`~bayes_spectral.bnn.multi_optim.svi_optim`): ``[pyro]`` ``pyro.optim.Adam`` (one
+torch Adam per parameter, stepped one by one), ``[multi]`` ``MultiAdam`` (one foreach Adam
+over all parameters, equal to ``[pyro]`` bit for bit), ``[fused]`` ``MultiAdam(fused=True)``
+(torch's fused kernel, within rounding of ``[pyro]``; ``fit``'s default);
+
 and two floors without Pyro (hand-written torch: ``mu``, ``rho`` per weight,
 ``sigma = exp(rho)``, one ``torch.optim.Adam`` over all, loss ``N * CE + KL`` with the
 Normal prior's KL in closed form): ``floor weight`` (``W = mu + sigma * eps``) and
 ``floor local`` (local reparameterisation). They are what any mean-field SVI step costs
 here: twice the parameters for Adam, the noise, the KL. ``noise draw only``: drawing
 ``eps`` for every weight and nothing else (on CPU, torch's generator makes this a large
-part of the floor; on CUDA it is nearly free).
+part of the floor; on CUDA it is nearly free). ``optimiser step only [kind]``: the update of
+the mean-field parameters alone (fixed gradients). ``plain fused Adam``: the plain step with
+``torch.optim.Adam(fused=True)`` (how much of ``plain`` is its own Adam); ``floor weight
+fused Adam`` the same for the floor. The column ``x plain fused`` is the ratio over ``plain
+fused Adam`` (every row against a plain step with the same kernel as ``[fused]``).
 
     python benchmarks/bench_svi.py [--quick] [--steps 10] [--repeats 5] [--sizes 512 1024]
+        [--optims fused multi pyro]
 """
 
 from __future__ import annotations
@@ -37,14 +48,15 @@ from torch import nn
 
 import bayes_spectral as bs
 from bayes_spectral.apps.nets import make_mlp
+from bayes_spectral.bnn.multi_optim import OPTIMIZERS, svi_optim
 from bayes_spectral.distributions import FrechetTopEigenvalue
 
 N = 60000
 
 
-def plain_step(width, x, y):
+def plain_step(width, x, y, fused: bool = False):
     net = make_mlp(784, (width, width), 10, seed=0, named=False)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, **({"fused": True} if fused else {}))
 
     def step():
         opt.zero_grad()
@@ -53,14 +65,14 @@ def plain_step(width, x, y):
     return step
 
 
-def floor_step(width, x, y, local: bool):
+def floor_step(width, x, y, local: bool, fused: bool = False):
     """Hand-written mean-field step with the analytic Normal(0, 0.1) KL (module doc)."""
     net = make_mlp(784, (width, width), 10, seed=0, named=False)
     lins = [m for m in net if isinstance(m, nn.Linear)]
     mus = [nn.Parameter(m.weight.detach().clone()) for m in lins]
     rhos = [nn.Parameter(torch.full_like(m.weight, -4.6)) for m in lins]  # log sigma
     biases = [nn.Parameter(m.bias.detach().clone()) for m in lins]
-    opt = torch.optim.Adam(mus + rhos + biases, lr=1e-3)
+    opt = torch.optim.Adam(mus + rhos + biases, lr=1e-3, **({"fused": True} if fused else {}))
     s0 = 0.1
 
     def step():
@@ -89,13 +101,24 @@ def noise_only(width):
     return lambda: [torch.empty_like(w).normal_() for w in weights]
 
 
-def svi_step(width, x, y, law, tracked, guide_kind):
+def optim_only(width, kind):
+    """Only the optimiser's update of a mean-field guide's parameters (loc and scale of every
+    weight and bias), with fixed gradients."""
+    net = make_mlp(784, (width, width), 10, seed=0, named=False)
+    params = [p.detach().clone().requires_grad_() for p in net.parameters() for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optim, passed = svi_optim(1e-3, kind), set(params)
+    return lambda: optim(passed)
+
+
+def svi_step(width, x, y, law, tracked, guide_kind, optim="pyro"):
     pyro.clear_param_store()
     bn = bs.bayesian(make_mlp(784, (width, width), 10, seed=0, named=False),
                      {nn.Linear: law}, num_data=N, tracked=nn.Linear if tracked else None)
     guide = bs.make_guide(bn, guide_kind)
     elbo = guide.make_elbo() if hasattr(guide, "make_elbo") else pyro.infer.Trace_ELBO()
-    svi = pyro.infer.SVI(bn, guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+    svi = pyro.infer.SVI(bn, guide, svi_optim(1e-3, optim), elbo)
     return lambda: svi.step(x, y)
 
 
@@ -112,22 +135,29 @@ def table(width: int, args) -> None:
     x = torch.rand(128, 784, generator=g)
     y = torch.randint(0, 10, (128,), generator=g)
     configs = {"plain": plain_step(width, x, y),
+               "plain fused Adam": plain_step(width, x, y, fused=True),
                "floor weight": floor_step(width, x, y, local=False),
                "floor local": floor_step(width, x, y, local=True),
-               "noise draw only": noise_only(width)}
+               "floor weight fused Adam": floor_step(width, x, y, local=False, fused=True),
+               "noise draw only": noise_only(width),
+               **{f"optimiser step only [{k}]": optim_only(width, k) for k in args.optims}}
     for prior, law, tracked in (("Normal", normal_law, False),
                                 ("Frechet tracked", frechet_law, True)):
         for row, kind in (("trace_elbo", "normal"), ("fused", "fused_normal"),
                           ("local", "local_reparam")):
-            configs[f"{row} ({prior})"] = svi_step(width, x, y, law, tracked, kind)
+            for optim in args.optims:
+                configs[f"{row} [{optim}] ({prior})"] = svi_step(width, x, y, law, tracked,
+                                                                 kind, optim)
     times = interleaved(configs, args.steps, args.repeats)
     t_plain = statistics.median(times["plain"])
     print(f"\nMLP 784-{width}-{width}-10, batch 128, threads {args.threads}: "
           f"plain {t_plain * 1e3:.1f} ms")
-    print(f"{'step':30s} {'ms':>7s} {'x plain':>8s}")
+    print(f"{'step':38s} {'ms':>7s} {'x plain':>8s} {'x plain fused':>14s}")
     for name, ts in times.items():
-        ratio = statistics.median(a / b for a, b in zip(ts, times["plain"], strict=True))
-        print(f"{name:30s} {statistics.median(ts) * 1e3:7.1f} {ratio:8.2f}")
+        ratios = [statistics.median(a / b for a, b in zip(ts, times[ref], strict=True))
+                  for ref in ("plain", "plain fused Adam")]
+        print(f"{name:38s} {statistics.median(ts) * 1e3:7.1f} {ratios[0]:8.2f} "
+              f"{ratios[1]:14.2f}")
 
 
 def main() -> None:
@@ -136,6 +166,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--optims", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     ap.add_argument("--quick", action="store_true", help="3 steps x 3 rounds")
     args = ap.parse_args()
     if args.quick:

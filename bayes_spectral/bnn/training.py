@@ -2,11 +2,11 @@
 
 :func:`start_run` builds the guide, the ELBO (``Trace_ELBO``, or
 ``TraceEnum_ELBO(max_plate_nesting=1)`` with enumerated spike-and-slab indicators),
-``pyro.optim.Adam`` and ``SVI``, restores a checkpoint (:mod:`bayes_spectral.bnn.checkpoint`)
-and sets up the data-parallel loss. :func:`train` runs the epochs: shuffled mini-batches
-through :func:`bayes_spectral.bnn.guard.guarded_step`, the loss per epoch
-``sum_b loss_b * |b| / N^2`` (the ELBO estimate per training example), validation,
-:class:`EarlyStopping`, checkpoints and callbacks.
+Adam (:class:`~bayes_spectral.bnn.multi_optim.MultiAdam`) and ``SVI``, restores a checkpoint
+(:mod:`bayes_spectral.bnn.checkpoint`) and sets up the data-parallel loss. :func:`train` runs
+the epochs: shuffled mini-batches through :func:`bayes_spectral.bnn.guard.guarded_step`, the
+loss per epoch ``sum_b loss_b * |b| / N^2`` (the ELBO estimate per training example),
+validation, :class:`EarlyStopping`, checkpoints and callbacks.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .guard import NonFiniteError, guarded_step
 from .guides import OWNER_STATE, make_guide
 from .lazy import LazyPriorModel, check_every
 from .modes import eval_mode
+from .multi_optim import svi_optim
 from .network import BayesianNetwork
 from .param_state import register_local_params
 from .predict import evaluate, predictive_probs
@@ -209,7 +210,7 @@ def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
               num_particles: int, lr: float, device: torch.device, checkpoint_dir,
               resume: bool, rank: int, distributed: bool, monitor: str, patience: int | None,
               with_validation: bool, settings: dict | None = None,
-              prior_every: int = 1, sampler=None) -> TrainingRun:
+              prior_every: int = 1, sampler=None, optimizer: str = "fused") -> TrainingRun:
     """Guide, ELBO, Adam and SVI (the guide's parameters registered on the source's first
     batch, drawing nothing from the RNGs), then the checkpoint restored (``resume``: with the
     source's generator states, after its fingerprint is checked against this run's:
@@ -220,11 +221,15 @@ def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
     ``sampler`` (SG-MCMC, :mod:`~bayes_spectral.bnn.sampling`): gives the optimiser
     (``sampler.optim(lr)``), the loss (``sampler.loss(elbo)``: the ELBO plus the Jacobian
     term), the fingerprint's extra settings (``sampler.fingerprint()``) and the per-step
-    hooks (``run.hooks``: draws, checkpointed in the run's state)."""
+    hooks (``run.hooks``: draws, checkpointed in the run's state). ``optimizer``: the MAP/SVI
+    optimiser's kind (:func:`~bayes_spectral.bnn.multi_optim.svi_optim`: ``"fused"``, one
+    fused Adam over all parameters, within rounding of ``pyro.optim.Adam``; ``"multi"``, one
+    foreach Adam, equal to it bit for bit; ``"pyro"``); a ``"fused"`` run records it in the
+    fingerprint (a checkpoint of the other two, or of before, is not resumed by it)."""
     guide_arg = guide
     guide = _make_guide(model, guide, method)
     elbo = _make_elbo(model, num_particles, guide)
-    optim = pyro.optim.Adam({"lr": lr}) if sampler is None else sampler.optim(lr)
+    optim = svi_optim(lr, optimizer) if sampler is None else sampler.optim(lr)
     prior_every = check_every(prior_every)
     lazy = LazyPriorModel(model, prior_every) if prior_every > 1 else None
     loss = {"loss": elbo} if sampler is None else sampler.loss(elbo, guide)
@@ -237,6 +242,8 @@ def start_run(model: BayesianNetwork, source: DataSource, method: str, guide, *,
                                   prior_every=prior_every, **settings)
     if sampler is not None:
         fingerprint["sampler"] = sampler.fingerprint()
+    if sampler is None and optimizer == "fused":  # "multi", "pyro": the numbers of before
+        fingerprint["optimizer"] = optimizer
     checkpointer = Checkpointer(checkpoint_dir, model=model, optim=optim, method=method,
                                 rank=rank, distributed=distributed, data=source,
                                 fingerprint=fingerprint)
