@@ -8,7 +8,7 @@ gives ``median(reg block) / median(plain block)`` and the amortised ratio of tot
 <= 1.3x for weighted alpha / power-law / Frechet with tracking, <= 1.1x spectral norm.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_penalties.py [--quick] [--threads 2]
-[--device cpu|cuda] [--nets mlp,conv]``.
+[--device cpu|cuda] [--nets mlp,conv] [--rows all|fast|spectral] [--interleave]``.
 
 Lazy rows (``every=8``: ``Regularizer(..., every=8)``, the penalty on one step in 8 times
 8): their blocks hold a multiple of 8 steps (each regularised block exactly one penalty
@@ -40,6 +40,24 @@ floor row (the 16 Gram products of the estimate alone, forward only) is 3.0-4.8x
 Chebyshev/Lanczos estimate of degree 32 fits in 1.5x a plain step on this CPU, whatever
 the probes. Hill weighted alpha (one quick run, load ~3): MLP exact 25x, fast in place 12.7x,
 fast ``every=8`` 2.4x; conv net 1.2x, 2.2x, 1.15x (its small layers make the SVD cheap).
+
+Spectral norm fused (``--rows spectral --interleave``: plain and every row in turn on one
+net, so a load change hits all alike). ``SpectralNorm(mode="fused")``: the iteration and
+``c*u*v^T`` ride along with each hooked Linear's own forward/backward, beside its GEMMs
+(default ``fuse="adjacent"``) or inside them as one extra row (``fuse="gemm"``); the 512 x
+10 head is below ``fuse_min`` and gets the same step in ``accumulate_grad``. 2-core box,
+load 2-3, three runs at one thread (plain MLP step 6.3 ms, MLP1024 17.6 ms), ``[grad]``
+rows: MLP 784-512-512-10 in place 1.14-1.18x, fused adjacent 1.10-1.11x, fused gemm
+1.17-1.18x, through the loss 1.54-1.61x (fused adjacent through the loss, which then adds
+nothing: 1.15-1.16x); MLP 784-1024-1024-10 1.05-1.08x, 1.05-1.08x, 1.06-1.09x. At two
+threads (plain 4.1 ms) 1.22x, 1.15x, 1.23x. Earlier runs under load 4-7 (gemm only): MLP in
+place 1.12-1.19x, gemm 1.20-1.26x; MLP1024 1.07-1.11x, 1.08-1.12x. The floor row (one extra
+row per Linear, plain ``cat`` / slice, no iteration) alone is 1.07-1.24x (MLP) and
+1.01-1.10x (MLP1024): on this CPU the ``N+1``-row GEMMs and copies cost what the
+matrix-vector products save (a 512-wide weight stays in cache, the step is dispatch-bound),
+so ``"gemm"`` does not beat in place here; on a GPU with wide layers, where the passes over
+``W`` and the host sync of the in-place mode cost more, it is the candidate (not measured:
+no device was lent).
 """
 
 from __future__ import annotations
@@ -91,6 +109,49 @@ class _ProductsFloor(P.Penalty):
         return weight.new_zeros(())
 
 
+class _PadFloor(P.Penalty):
+    """Not a penalty: the fused spectral norm's extra row alone (every selected Linear's
+    input padded with one row, its output stripped, plain ops, no Function, no iteration),
+    returning 0: the floor of any one-extra-row fusion on this machine's GEMMs."""
+
+    label = "pad floor"
+    mode = "fused"  # bench(): plain blocks run without the hooks
+
+    class _Hooks:
+        def __init__(self, modules):
+            self.names = [n for n, _ in modules]
+            self._h = []
+            for _, m in modules:
+                self._h += [m.register_forward_pre_hook(self._pre),
+                            m.register_forward_hook(self._post)]
+
+        @staticmethod
+        def _pre(mod, args):
+            if mod.training and torch.is_grad_enabled():
+                x = args[0]
+                return (torch.cat([x, x[:1]]),)
+            return None
+
+        @staticmethod
+        def _post(mod, args, out):
+            return out[:-1] if mod.training and torch.is_grad_enabled() else None
+
+        def remove(self):
+            for h in self._h:
+                h.remove()
+            self._h, self.names = [], []
+
+    def attach(self, rows):
+        return self._Hooks([(n, r.module) for n, r in rows.items()
+                            if isinstance(r.module, nn.Linear)])
+
+    def weight_penalty(self, weight, name=None):
+        return weight.new_zeros(())
+
+    def accumulate_grad(self, weight, grad, name=None, scale=1.0):
+        return weight.new_zeros(())
+
+
 def convnet():
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -101,6 +162,11 @@ def convnet():
 PENALTIES = {
     "weight decay": lambda: P.WeightDecay(1e-4),
     "spectral norm": lambda: P.SpectralNorm(1e-3),
+    # the power iteration and c u v^T beside each Linear's own GEMMs (hooks, fuse="adjacent")
+    # or inside them as one extra row (fuse="gemm")
+    "spectral norm fused": lambda: P.SpectralNorm(1e-3, mode="fused"),
+    "spectral norm fused gemm": lambda: P.SpectralNorm(1e-3, mode="fused", fuse="gemm"),
+    "floor: one extra row per Linear": _PadFloor,
     "nuclear (exact SVD)": lambda: P.NuclearNorm(1e-4),
     "weighted alpha exact": lambda: P.WeightedAlpha(1e-3),
     "weighted alpha tracked": lambda: P.WeightedAlpha(1e-3, tracked=True),
@@ -148,11 +214,21 @@ def bench(make_net, x_shape, batch, name, pen_name):
     xs = torch.randn(8, batch, *x_shape, device=DEVICE)
     ys = torch.randint(0, 10, (8, batch), device=DEVICE)
     key, in_place, every = _parse(pen_name)
-    reg = P.Regularizer(net, PENALTIES[key](), log=False, every=every)
+    pen = PENALTIES[key]()
+    holder = [P.Regularizer(net, pen, log=False, every=every)]
     block = BLOCK if every == 1 else every * max(1, round(BLOCK / every))
     i = [0]
 
+    def hooks(on):
+        """Fused rows: the plain blocks run without the hooks (re-attached after, same
+        penalty state)."""
+        if holder[0].fused and not on:
+            holder[0].remove_hooks()
+        elif on and getattr(pen, "mode", None) == "fused" and not holder[0].fused:
+            holder[0] = P.Regularizer(net, pen, log=False, every=every)
+
     def step(regularised):
+        reg = holder[0]
         k = i[0] % 8
         i[0] += 1
         loss = nn.functional.cross_entropy(net(xs[k]), ys[k])
@@ -164,14 +240,17 @@ def bench(make_net, x_shape, batch, name, pen_name):
             reg.accumulate_grad()
         opt.step()
 
+    hooks(False)
     for _ in range(PRETRAIN):  # "after N steps": plain training first
         step(False)
+    hooks(True)
     for _ in range(WARMUP):
         step(True)
-    reg.calls = 0  # every regularised block starts with the penalty step
+    holder[0].calls = 0  # every regularised block starts with the penalty step
     plain, regd = [], []
     for _ in range(REPEATS):
         for flag, out in ((False, plain), (True, regd)):
+            hooks(flag)
             _sync()
             t0 = time.perf_counter()
             for _ in range(block):
@@ -180,9 +259,10 @@ def bench(make_net, x_shape, batch, name, pen_name):
             out.append(time.perf_counter() - t0)
     med = statistics.median(regd) / statistics.median(plain)
     amort = sum(regd) / sum(plain)
+    holder[0].remove_hooks()
     extra = ""
-    if getattr(reg.penalty, "tracked", False):
-        trs = reg.penalty._trackers
+    if getattr(pen, "tracked", False):
+        trs = pen._trackers
         extra = "refreshes " + ",".join(str(t.num_refreshes) for t in trs.values())
         extra += " iters/call " + ",".join(
             f"{t.num_iters / max(1, t.num_calls):.1f}" for t in trs.values())
@@ -192,13 +272,18 @@ def bench(make_net, x_shape, batch, name, pen_name):
 
 #: "[grad]": the same penalty through Regularizer.accumulate_grad (in-place gradient after
 #: loss.backward(), no graph through the penalty)
-IN_PLACE = ["weight decay [grad]", "spectral norm [grad]", "weighted alpha tracked [grad]",
+IN_PLACE = ["weight decay [grad]", "spectral norm [grad]", "spectral norm fused [grad]",
+            "weighted alpha tracked [grad]",
             "power-law tracked [grad]", "Frechet tracked [grad]"]
 #: lazy rows: the penalty every 8th step, times 8
 LAZY_ROWS = [f"{k} every={LAZY}{g}" for k, g in (
     ("spectral norm", " [grad]"), ("nuclear (exact SVD)", ""), ("weighted alpha exact", ""),
     ("Frechet exact", ""), ("weighted alpha tracked", " [grad]"),
     ("power-law tracked", " [grad]"), ("Frechet tracked", " [grad]"))]
+#: spectral norm through the loss, in place and fused (``--rows spectral``)
+SPECTRAL_ROWS = ["spectral norm", "spectral norm [grad]", "spectral norm fused",
+                 "spectral norm fused [grad]", "spectral norm fused gemm [grad]",
+                 "floor: one extra row per Linear [grad]"]
 #: issue 20's fast-mode rows (``--rows fast``)
 FAST_ROWS = ["Frechet tracked [grad]", "Frechet fast", "Frechet fast [grad]",
              f"Frechet fast every={LAZY} [grad]", "power-law xmin=tau tracked [grad]",
@@ -206,6 +291,46 @@ FAST_ROWS = ["Frechet tracked [grad]", "Frechet fast", "Frechet fast [grad]",
              "power-law fast d8 p8 [grad]", "floor: 16 Gram products, 16 probes",
              "weighted alpha [hill] exact", "weighted alpha [hill] fast [grad]",
              f"weighted alpha [hill] fast every={LAZY} [grad]"]
+
+
+def bench_interleaved(make_net, x_shape, batch, name, pen_names, rounds=None):
+    """Plain and every row of ``pen_names`` in turn on ONE net, blocks of ``BLOCK // 2``
+    steps, ``rounds`` rounds (``4 * REPEATS``): a load change on the shared machine hits
+    every row alike. Prints ``median(row block) / median(plain block)`` per row."""
+    torch.manual_seed(0)
+    net = make_net().to(DEVICE)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    xs = torch.randn(8, batch, *x_shape, device=DEVICE)
+    ys = torch.randint(0, 10, (8, batch), device=DEVICE)
+    kinds = {"plain": (None, False)}
+    for pen_name in pen_names:
+        key, in_place, _ = _parse(pen_name)
+        kinds[pen_name] = (PENALTIES[key](), in_place)
+    times = {k: [] for k in kinds}
+    n = max(2, BLOCK // 2)
+    for r in range(1 + (rounds or 4 * REPEATS)):
+        for kind, (pen, in_place) in kinds.items():
+            reg = None if pen is None else P.Regularizer(net, pen, log=False)
+            _sync()
+            t0 = time.perf_counter()
+            for j in range(n):
+                loss = nn.functional.cross_entropy(net(xs[j % 8]), ys[j % 8])
+                if reg is not None and not in_place:
+                    loss = reg.loss(loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if reg is not None and in_place:
+                    reg.accumulate_grad()
+                opt.step()
+            _sync()
+            if r:  # round 0 warms up
+                times[kind].append(time.perf_counter() - t0)
+            if reg is not None:
+                reg.remove_hooks()
+    plain = statistics.median(times["plain"])
+    for kind in pen_names:
+        print(f"| {name:8s} | {kind:38s} | {1e3 * plain / n:7.2f} | "
+              f"{statistics.median(times[kind]) / plain:6.2f}x | interleaved", flush=True)
 
 
 def main(argv=None):
@@ -216,7 +341,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--nets", default="mlp,conv",
                     help="comma-separated: mlp, mlp1024 (784-1024-1024-10), conv")
-    ap.add_argument("--rows", default="all", help="all, or fast (issue 20's fast-mode rows)")
+    ap.add_argument("--rows", default="all",
+                    help="all, fast (issue 20's fast-mode rows) or spectral (spectral norm: "
+                         "through the loss, in place, fused)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="plain and all rows in turn on one net (bench_interleaved)")
     ap.add_argument("--pretrain", type=int, default=0,
                     help="plain SGD steps before the warm-up (the 'after 200 steps' rows)")
     args = ap.parse_args(argv)
@@ -230,11 +359,15 @@ def main(argv=None):
           f"threads {torch.get_num_threads()}, device {DEVICE}, pretrain {PRETRAIN} steps")
     print(f"| net      | {'penalty':38s} | plain ms | median  | amortised | tracking")
     print(f"|----------|{'-' * 40}|---------|---------|-----------|---------")
-    rows = FAST_ROWS if args.rows == "fast" else [*PENALTIES, *IN_PLACE, *LAZY_ROWS, *FAST_ROWS]
+    rows = {"fast": FAST_ROWS, "spectral": SPECTRAL_ROWS}.get(
+        args.rows, [*PENALTIES, *IN_PLACE, *LAZY_ROWS, *FAST_ROWS])
     nets = {"mlp": (mlp, (784,), 128, "MLP"), "conv": (convnet, (3, 32, 32), 64, "ConvNet"),
             "mlp1024": (mlp1024, (784,), 128, "MLP1024")}
     for net in args.nets.split(","):
         make, shape, batch, label = nets[net.strip()]
+        if args.interleave:
+            bench_interleaved(make, shape, batch, label, rows)
+            continue
         for pen_name in rows:
             bench(make, shape, batch, label, pen_name)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -69,6 +70,12 @@ class Regularizer:
     a state of other layers, shapes or penalties, naming them), the resumed run equals the
     uninterrupted one bit for bit on the same device (``tests/penalties/
     test_regularizer_state.py``). ``history`` is not saved.
+
+    Fused penalties (``SpectralNorm(coef, mode="fused")``) install hooks on the selected
+    ``nn.Linear`` layers (listed in :attr:`fused`): their gradient is added during the
+    layers' own backward, ``reg()`` / ``accumulate_grad()`` only return (and log) their
+    value. The hooks stay until :meth:`remove_hooks`, the end of a ``with Regularizer(...)``
+    block or this Regularizer's garbage collection; ``every`` must be 1.
     """
 
     def __init__(self, model: nn.Module, penalty: Penalty, *,
@@ -93,6 +100,40 @@ class Regularizer:
         self.layers: dict[str, WeightRow] = view.by_name()
         self.left_out: list[LeftOut] = view.left_out
         self.history: dict[str, list[float]] = {n: [] for n in self.layers}
+        self._hooks = self._attach(penalty)
+
+    def _attach(self, penalty: Penalty):
+        """The penalty's hooks on the selected layers (``penalty.attach``: spectral
+        norm's ``mode="fused"``), removed with :meth:`remove_hooks`, on leaving a ``with``
+        block or when this Regularizer is garbage-collected; ``None`` if it has none."""
+        attach = getattr(penalty, "attach", None)
+        hooks = attach(self.layers) if callable(attach) else None
+        if hooks is None:
+            return None
+        if self.every != 1:
+            hooks.remove()
+            raise ValueError(f"Regularizer: a fused penalty adds its gradient in every "
+                             f"backward, every={self.every} has nothing to save; use every=1")
+        weakref.finalize(self, hooks.remove)
+        return hooks
+
+    @property
+    def fused(self) -> list[str]:
+        """The layers whose penalty gradient rides along with their own forward/backward
+        (hooks installed)."""
+        return [] if self._hooks is None else list(self._hooks.names)
+
+    def remove_hooks(self) -> None:
+        """Take the penalty's hooks off the model (plain layers again; the fused spectral
+        norm then runs its two matrix-vector products in ``accumulate_grad``)."""
+        if self._hooks is not None:
+            self._hooks.remove()
+
+    def __enter__(self) -> Regularizer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     def set_epoch(self, epoch: int) -> None:
         self.penalty.set_epoch(epoch)
