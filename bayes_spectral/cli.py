@@ -31,6 +31,7 @@ imported is a usage error (exit 2, one line naming it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
 import sys
@@ -269,6 +270,10 @@ def _config_from_args(args: argparse.Namespace):
                 "temperature", "sampler_epochs", "sampler_lr", "num_chains", "cycles"):
         if getattr(args, key, None) is not None:
             setattr(cfg, key, getattr(args, key))
+    if getattr(args, "sampler_batch_size", None) is not None:  # "full" or an integer
+        with contextlib.suppress(ValueError):  # anything else: validate() names it, exit 2
+            cfg.sampler_batch_size = args.sampler_batch_size
+            cfg.sampler_batch_size = int(args.sampler_batch_size)
     if getattr(args, "methods", None) is not None:
         cfg.methods = tuple(args.methods)
     if args.seeds is not None:
@@ -507,6 +512,9 @@ def _add_compare_parser(sub) -> None:
     c.add_argument("--sampler-epochs", dest="sampler_epochs", type=int, default=None)
     c.add_argument("--sampler-lr", dest="sampler_lr", type=float, default=None,
                    help="SG-MCMC lr (step size lr / N)")
+    c.add_argument("--sampler-batch-size", dest="sampler_batch_size", default=None,
+                   help="SG-MCMC batch size, or 'full' (default: every training point; "
+                        "mini-batch noise widens the draws)")
     c.add_argument("--chains", dest="num_chains", type=int, default=None,
                    help="SG-MCMC chains per seed (default 4; --quick 2)")
     c.add_argument("--cycles", type=int, default=None, help="cyclical step-size cycles")

@@ -13,7 +13,11 @@ that the two coincide). SVI (``AutoNormal``) starts from the MAP fit of the same
 seed. All runs use Adam with the same learning rate, batch size, data order and number of
 epochs, so differences come from ``R`` alone. The SG-MCMC rows (``methods``: ``sghmc`` /
 ``sgld`` of :func:`fit`) sample the posterior whose potential is that same MAP objective,
-``num_chains`` chains started at the MAP fit, at ``temperature`` (1: the Bayes posterior).
+``num_chains`` chains started at the MAP fit, at ``temperature`` (1: the Bayes posterior),
+with full-batch gradients by default (``sampler_batch_size=None``): SGHMC does not correct
+mini-batch gradient noise, which widens the draws ``1 + r`` times (``r`` up to 28-46 at
+batches of 256; :mod:`bayes_spectral.bnn.samplers`), so mini-batch rows would not be the
+posterior their PSIS-LOO and spectra claim to show (``benchmarks/compare_sampler.py``).
 
 Each finished run is saved atomically under ``<out>/runs/``: its table rows and point
 weights (``.pt``) and, for SVI and each sampler, its ``InferenceData`` (``_svi.nc``,
@@ -78,7 +82,7 @@ from .outputs import (  # noqa: F401 (public names of compare before apps.output
     summarize,
     write_outputs,
 )
-from .settings import PRIOR_METHODS, SAMPLERS, check_device, check_seeds
+from .settings import PRIOR_METHODS, SAMPLERS, check_batch_size, check_device, check_seeds
 
 __all__ = ["BASELINES", "PRIORS", "CompareConfig", "compare", "summarize"]
 
@@ -123,23 +127,35 @@ class CompareConfig:
     #: inference per prior, in :data:`PRIOR_METHODS`: ``map`` (always run: SVI and the
     #: samplers start from its fit), ``svi`` (unless ``svi=False``), ``sgld`` / ``sghmc``
     methods: tuple[str, ...] = ("map", "svi", "sghmc")
-    #: SG-MCMC (``bs.fit(method="sghmc" | "sgld")``): epochs per chain, ``lr`` (step size
-    #: ``lr / N`` on the potential ``N L(W)``), chains, temperature (1: the Bayes posterior),
-    #: epochs of burn-in, thinning (every ``thin``-th step kept), cycles (None: constant lr)
-    sampler_epochs: int = 40
+    #: SG-MCMC (``bs.fit(method="sghmc" | "sgld")``): epochs per chain (full batches: one
+    #: step each), ``lr`` (step size ``lr / N`` on the potential ``N L(W)``), chains,
+    #: temperature (1: the Bayes posterior), epochs of burn-in, thinning (every ``thin``-th
+    #: step kept), cycles (None: constant lr). Defaults measured on this net
+    #: (``benchmarks/compare_sampler.py``): 4 x 1000 full-batch steps cost ~1.6x the old
+    #: 4 x 40 epochs of batches of 64; lr 0.1 makes excursions; friction 0.02 settles
+    #: ``lambda_max`` in ~500 steps (0.1: 1500+); still R-hat ~1.3 (gaussian prior)
+    sampler_epochs: int = 1000
     sampler_lr: float = 0.05
     num_chains: int = 4
     temperature: float = 1.0
-    burn_in: int = 10
-    thin: int = 23
+    #: burn-in epochs; None: half of ``sampler_epochs`` (0 with ``cycles``), ``fit``'s rule
+    burn_in: int | None = None
+    thin: int = 10
     cycles: int | None = None
+    #: SG-MCMC mini-batch size; ``None`` / ``"full"``: every training point (then an epoch is
+    #: one step). Mini-batches add gradient noise SGHMC does not correct: the spread of the
+    #: draws grows ``1 + r`` times (:mod:`bayes_spectral.bnn.samplers`), ``p_loo`` with it
+    sampler_batch_size: int | str | None = None
+    #: SGHMC friction ``a`` in (0, 1] (momentum kept ``1 - a`` per step)
+    sampler_friction: float = 0.02
 
     @classmethod
     def quick(cls) -> CompareConfig:
         """About a minute on 2 CPU cores: fewer epochs, 2 seeds, a smaller MLP, 2 SGHMC
-        chains of 6 epochs (28 draws per seed: enough for PSIS-LOO)."""
+        chains of 120 full-batch steps (28 draws per seed: enough for PSIS-LOO; a smoke
+        run, far from a converged posterior)."""
         return cls(hidden=(64,), seeds=(0, 1), epochs=10, svi_epochs=5,
-                   num_posterior_samples=16, sampler_epochs=6, num_chains=2, burn_in=1,
+                   num_posterior_samples=16, sampler_epochs=120, num_chains=2, burn_in=8,
                    thin=8)
 
     def prior_methods(self) -> tuple[str, ...]:
@@ -151,6 +167,18 @@ class CompareConfig:
     def samplers(self) -> tuple[str, ...]:
         """The SG-MCMC methods of :meth:`prior_methods`."""
         return tuple(m for m in self.prior_methods() if m in SAMPLERS)
+
+    def sampler_burn_in(self) -> int:
+        """Burn-in epochs: ``burn_in``, or ``sampler_epochs // 2`` (0 with ``cycles``)."""
+        if self.burn_in is not None:
+            return int(self.burn_in)
+        return 0 if self.cycles is not None else int(self.sampler_epochs) // 2
+
+    def sampler_batch(self, num_data: int) -> int:
+        """Rows per SG-MCMC step: ``sampler_batch_size``, or ``num_data`` when it is
+        ``None`` / ``"full"`` (or larger than the data)."""
+        b = check_batch_size(self.sampler_batch_size, "sampler_batch_size")
+        return int(num_data) if b is None else min(b, int(num_data))
 
     def coef(self, baseline: str) -> float:
         """Coefficient of ``baseline``: ``coefs``, else ``BASELINE_COEFS``, else 1."""
@@ -178,15 +206,23 @@ class CompareConfig:
                                  f"got {coef!r}")
 
     def _validate_sampler(self) -> None:
-        """``methods`` known; burn-in shorter than the run; cycles a positive integer."""
+        """``methods`` known; burn-in shorter than the run; cycles a positive integer;
+        ``sampler_batch_size`` a positive integer or full; friction in (0, 1]."""
         unknown = [m for m in self.methods if m not in PRIOR_METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; available: {list(PRIOR_METHODS)}")
-        if int(self.burn_in) != self.burn_in or not 0 <= self.burn_in < self.sampler_epochs:
+        b = self.burn_in
+        if b is not None and (isinstance(b, bool) or int(b) != b
+                              or not 0 <= b < self.sampler_epochs):
             raise ValueError(f"burn_in must be an integer in [0, sampler_epochs = "
-                             f"{self.sampler_epochs}), got {self.burn_in!r}")
+                             f"{self.sampler_epochs}) or None (half), got {b!r}")
         if self.cycles is not None and (int(self.cycles) != self.cycles or self.cycles < 1):
             raise ValueError(f"cycles must be None or a positive integer, got {self.cycles!r}")
+        check_batch_size(self.sampler_batch_size, "sampler_batch_size")
+        f = self.sampler_friction
+        if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
+            raise ValueError(f"sampler_friction must be in (0, 1], got "
+                             f"{self.sampler_friction!r}")
 
     def _validate_names(self) -> None:
         """Data set, baselines and priors are registered; something is selected."""
@@ -293,9 +329,11 @@ def fit_sampler(split: Split, cfg: CompareConfig, prior: str, seed: int, method:
     MAP weights of ``res_map`` (chains c > 0 jittered by ``fit``'s ``init_jitter``)."""
     start = res_map.to_module()
     bn = bayesian(start, {nn.Linear: PRIORS.get(prior)}, num_data=len(split.x_train))
-    return fit(bn, split, method, epochs=cfg.sampler_epochs, batch_size=cfg.batch_size,
+    return fit(bn, split, method, epochs=cfg.sampler_epochs,
+               batch_size=cfg.sampler_batch(len(split.x_train)),
                lr=cfg.sampler_lr, num_chains=cfg.num_chains, temperature=cfg.temperature,
-               burn_in=cfg.burn_in, thin=cfg.thin, cycles=cfg.cycles, device=cfg.device,
+               burn_in=cfg.sampler_burn_in(), thin=cfg.thin, cycles=cfg.cycles,
+               friction=cfg.sampler_friction, device=cfg.device,
                seed=seed, progress=False)
 
 
@@ -325,10 +363,13 @@ def _row(kind: str, method: str, seed: int, probs: torch.Tensor, y: torch.Tensor
 
 
 def _elpd_columns(elpd, khat_max: float, pareto_k) -> dict:
-    """``elpd_loo``, ``elpd_se``, ``khat_max``, ``khat_good`` (share of points with Pareto
-    ``k <= 0.7``) and ``elpd_unreliable`` (1.0 when ``khat_max > 0.7``, else 0.0)."""
+    """``elpd_loo``, ``elpd_se``, ``p_loo`` (``sum_i lppd_i - elpd``: the effective number
+    of parameters, which grows with the spread of the draws), ``khat_max``, ``khat_good``
+    (share of points with Pareto ``k <= 0.7``) and ``elpd_unreliable`` (1.0 when
+    ``khat_max > 0.7``, else 0.0)."""
     k = np.asarray(pareto_k, dtype=np.float64)
-    return {"elpd_loo": float(elpd.elpd), "elpd_se": float(elpd.se), "khat_max": khat_max,
+    return {"elpd_loo": float(elpd.elpd), "elpd_se": float(elpd.se),
+            "p_loo": float(elpd.p_loo), "khat_max": khat_max,
             "khat_good": float(np.mean(k <= GOOD_K)),
             "elpd_unreliable": float(not khat_max <= GOOD_K)}
 
@@ -344,8 +385,9 @@ def compare(cfg: CompareConfig | None = None, out_dir: str | os.PathLike | None 
       (:func:`~bayes_spectral.bnn.metrics.log_predictive_density`), ``draws`` (``S``), the
       per-layer ``alpha_<layer>`` / ``stable_rank_<layer>`` (SVI: of the posterior median
       weights; samplers: posterior mean over draws) and, for SVI and the samplers, PSIS-LOO
-      on the training data: ``elpd_loo``, ``elpd_se``, ``khat_max``, ``khat_good`` (share
-      of points with Pareto k <= 0.7) and ``elpd_unreliable`` (1 when ``khat_max > 0.7``).
+      on the training data: ``elpd_loo``, ``elpd_se``, ``p_loo``, ``khat_max``,
+      ``khat_good`` (share of points with Pareto k <= 0.7) and ``elpd_unreliable`` (1 when
+      ``khat_max > 0.7``); sampler rows also ``rhat_lambda_max`` (split R-hat over chains).
       SVI's is importance weighted (:func:`bayes_spectral.importance_elpd`, flagged in
       practice); the samplers' is plain PSIS-LOO of their draws
       (:func:`~bayes_spectral.diagnostics.loo.mcmc_loo`);
@@ -385,9 +427,17 @@ def run_fingerprint(cfg: CompareConfig, what: str, method: str) -> dict:
     if cfg.samplers():  # absent without a sampler: runs saved before samplers still resume
         fp.update(samplers=list(cfg.samplers()), sampler_epochs=int(cfg.sampler_epochs),
                   sampler_lr=float(cfg.sampler_lr), num_chains=int(cfg.num_chains),
-                  temperature=float(cfg.temperature), burn_in=int(cfg.burn_in),
-                  thin=int(cfg.thin), cycles=None if cfg.cycles is None else int(cfg.cycles))
+                  temperature=float(cfg.temperature), burn_in=cfg.sampler_burn_in(),
+                  thin=int(cfg.thin), cycles=None if cfg.cycles is None else int(cfg.cycles),
+                  sampler_batch_size=_batch_key(cfg.sampler_batch_size),
+                  sampler_friction=float(cfg.sampler_friction))
     return fp
+
+
+def _batch_key(value) -> int | str:
+    """``sampler_batch_size`` as stored in a fingerprint: ``"full"`` or the integer."""
+    b = check_batch_size(value, "sampler_batch_size")
+    return "full" if b is None else b
 
 
 def check_fingerprint(path: Path, saved: dict, expected: dict) -> None:
@@ -457,9 +507,28 @@ def _svi_outputs(res, split: Split, cfg: CompareConfig, seed: int):
     return idata, _elpd_columns(elpd, elpd.khat_max, elpd.pareto_k)
 
 
+def split_rhat(draws) -> float:
+    """Split R-hat (Gelman et al., BDA3 11.4) of ``draws`` ``(chains, n)``: each chain cut in
+    halves (``m`` chains of ``h = floor(n / 2)``), ``B = h var_j(mean_j)``, ``W = mean_j
+    var_j``, ``R = sqrt(((h - 1) / h W + B / h) / W)``; NaN with fewer than 4 draws per chain
+    or a constant statistic."""
+    x = np.asarray(draws, dtype=np.float64)
+    h = x.shape[1] // 2
+    if h < 2:
+        return float("nan")
+    halves = np.concatenate([x[:, :h], x[:, x.shape[1] - h:]], axis=0)
+    within = halves.var(axis=1, ddof=1).mean()
+    between = h * halves.mean(axis=1).var(ddof=1)
+    if not within > 0:
+        return float("nan")
+    return float(np.sqrt(((h - 1) / h * within + between / h) / within))
+
+
 def _sampler_outputs(res, split: Split):
-    """InferenceData of every draw (training data), PSIS-LOO columns and the posterior
-    mean over draws of each layer's ``alpha`` / ``stable_rank``."""
+    """InferenceData of every draw (training data), PSIS-LOO columns, ``rhat_lambda_max``
+    (the largest :func:`split_rhat` of a layer's ``lambda_max`` over the chains: above
+    about 1.05 the chains have not mixed and the row is not yet the posterior) and the
+    posterior mean over draws of each layer's ``alpha`` / ``stable_rank``."""
     idata = to_inference_data(res, (split.x_train, split.y_train))
     post = posterior_of(idata)
     draws = post.sizes["chain"] * post.sizes["draw"]
@@ -471,6 +540,9 @@ def _sampler_outputs(res, split: Split):
                       "PSIS-LOO for this row; raise sampler_epochs or lower thin",
                       UserWarning, stacklevel=2)
         cols = {}
+    rhats = [split_rhat(post["lambda_max"].sel(layer=name).values) for name in post.layer.values]
+    cols["rhat_lambda_max"] = float(np.nanmax(rhats)) if np.isfinite(rhats).any() \
+        else float("nan")
     for name in post.layer.values:
         for var in ("alpha", "stable_rank"):
             vals = post[var].sel(layer=name).values

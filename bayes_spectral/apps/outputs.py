@@ -74,7 +74,8 @@ def _num(fmt: str) -> Callable[[float], str]:
 
 def format_summary(table: pd.DataFrame) -> str:
     """The printed results table: accuracy (mean +- sd), held-out lpd +- its SE, NLL, ECE,
-    Brier, ELPD (``!``: k-hat > 0.7), k-hat, share of good k, alpha, stable rank."""
+    Brier, ELPD (``!``: k-hat > 0.7), k-hat, share of good k, ``p_loo``, the samplers'
+    R-hat of ``lambda_max`` (``rhat``), alpha, stable rank."""
     s = summarize(table)
     cols = {"acc": s["test_accuracy"].map("{:.3f}".format) + " +- "
             + s["test_accuracy_sd"].fillna(0).map("{:.3f}".format)}
@@ -93,6 +94,10 @@ def format_summary(table: pd.DataFrame) -> str:
         cols["khat"] = s["khat_max"].map(_num("{:.2f}"))
         if "khat_good" in s.columns:
             cols["k<=.7"] = s["khat_good"].map(_num("{:.0%}"))
+    if "p_loo" in s.columns:
+        cols["p_loo"] = s["p_loo"].map(_num("{:.1f}"))
+    if "rhat_lambda_max" in s.columns:
+        cols["rhat"] = s["rhat_lambda_max"].map(_num("{:.2f}"))
     for c in s.columns:
         if c.startswith(("alpha_", "stable_rank_")):
             cols[c.replace("stable_rank_", "srank_")] = s[c].map("{:.2f}".format)
@@ -202,10 +207,16 @@ def _sampler_note(cfg: CompareConfig) -> list[str]:
     if not samplers:
         return []
     cyc = "constant step size" if cfg.cycles is None else f"{cfg.cycles} cyclical cycles"
+    full = getattr(cfg, "sampler_batch_size", None) in (None, "full")
+    batch = ("full-batch gradients (one step per epoch: no mini-batch noise)" if full
+             else f"batches of {cfg.sampler_batch_size} (mini-batch gradient noise widens the "
+                  "draws: SGHMC does not correct it)")
     return [f"SG-MCMC ({', '.join(samplers)}): {cfg.num_chains} chains per seed started at the "
-            f"MAP fit, {cfg.sampler_epochs} epochs (lr {cfg.sampler_lr}, step lr/N, {cyc}), "
-            f"temperature {cfg.temperature}, burn-in {cfg.burn_in} epochs, every "
-            f"{cfg.thin}-th step kept."]
+            f"MAP fit, {cfg.sampler_epochs} epochs of {batch} (lr {cfg.sampler_lr}, step "
+            f"lr/N, friction {cfg.sampler_friction}, {cyc}), temperature {cfg.temperature}, "
+            f"burn-in {cfg.sampler_burn_in()} epochs, every {cfg.thin}-th step kept. "
+            "rhat_lambda_max: split R-hat of lambda_max over the chains (max over layers); "
+            "above 1.05 the chains have not mixed and their rows are not yet the posterior."]
 
 
 def write_outputs(result: dict, out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["MAX_SEED", "PRIOR_METHODS", "SAMPLERS", "check_device", "check_positive",
-           "check_positive_int", "check_seed", "check_seeds"]
+__all__ = ["MAX_SEED", "PRIOR_METHODS", "SAMPLERS", "check_batch_size", "check_device",
+           "check_positive", "check_positive_int", "check_seed", "check_seeds"]
 
 MAX_SEED = 2**32 - 1
 #: the SG-MCMC methods of ``bs.fit`` that ``compare`` can run per prior
@@ -52,6 +52,17 @@ def check_positive_int(value, name: str) -> int:
     """``value`` as an int >= 1; ``ValueError`` naming ``name`` otherwise."""
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_batch_size(value, name: str) -> int | None:
+    """A batch size: a positive integer, or ``None`` / ``"full"`` (every training point,
+    returned as ``None``); ``ValueError`` naming ``name`` otherwise."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "full"):
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or 'full' (every training "
+                         f"point), got {value!r}")
     return int(value)
 
 

@@ -22,7 +22,8 @@ from bayes_spectral.apps import compare as C
 from bayes_spectral.apps import outputs as O
 
 TINY = ["compare", "--hidden", "8", "--epochs", "1", "--svi-epochs", "1", "--batch-size",
-        "512", "--baselines", "none", "--priors", "gaussian", "--no-svi"]
+        "512", "--baselines", "none", "--priors", "gaussian", "--no-svi",
+        "--sampler-epochs", "40"]  # 40 steps: compare's default (1000 full-batch) is slow
 FIT = ["fit", "--prior", "gaussian", "--hidden", "8", "--epochs", "1", "--batch-size", "512"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only machine")
 
