@@ -62,7 +62,8 @@ def test_default_is_full_batch_and_quick_too():
     assert C.CompareConfig.quick().sampler_batch_size is None
 
 
-def test_sampler_batch_reaches_fit(small_split, monkeypatch):
+def _fit_keywords(monkeypatch, split, cfg) -> dict:
+    """The keywords ``compare.fit_sampler`` passes to ``fit`` (stopped there by a spy)."""
     seen = {}
 
     def spy(bn, data, method, **kw):
@@ -71,9 +72,14 @@ def test_sampler_batch_reaches_fit(small_split, monkeypatch):
 
     monkeypatch.setattr(C, "fit", spy)
     res_map = type("R", (), {"to_module": lambda self: C.make_mlp(64, (8,), 10, 0)})()
+    with pytest.raises(RuntimeError, match="stop here"):
+        C.fit_sampler(split, cfg, "gaussian", 0, "sghmc", res_map)
+    return seen
+
+
+def test_sampler_batch_reaches_fit(small_split, monkeypatch):
     for batch, rows in ((None, 256), (32, 32)):
-        with pytest.raises(RuntimeError, match="stop here"):
-            C.fit_sampler(small_split, sampler_cfg(batch), "gaussian", 0, "sghmc", res_map)
+        seen = _fit_keywords(monkeypatch, small_split, sampler_cfg(batch))
         assert seen["batch_size"] == rows
 
 
@@ -188,17 +194,7 @@ def test_bad_sampler_friction_is_named(value):
 
 
 def test_friction_reaches_fit_and_the_fingerprint(small_split, monkeypatch):
-    seen = {}
-
-    def spy(bn, data, method, **kw):
-        seen.update(kw)
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(C, "fit", spy)
-    res_map = type("R", (), {"to_module": lambda self: C.make_mlp(64, (8,), 10, 0)})()
-    with pytest.raises(RuntimeError, match="stop here"):
-        C.fit_sampler(small_split, sampler_cfg(None, sampler_friction=0.3), "gaussian", 0,
-                      "sghmc", res_map)
+    seen = _fit_keywords(monkeypatch, small_split, sampler_cfg(None, sampler_friction=0.3))
     assert seen["friction"] == 0.3 and seen["burn_in"] == 48
     a = C.run_fingerprint(C.CompareConfig(), "prior", "gaussian")
     b = C.run_fingerprint(C.CompareConfig(sampler_friction=0.1), "prior", "gaussian")
