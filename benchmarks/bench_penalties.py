@@ -58,6 +58,20 @@ matrix-vector products save (a 512-wide weight stays in cache, the step is dispa
 so ``"gemm"`` does not beat in place here; on a GPU with wide layers, where the passes over
 ``W`` and the host sync of the in-place mode cost more, it is the candidate (not measured:
 no device was lent).
+
+Penalties of ``lambda_max`` fused (``--rows rankone --interleave --rounds 30``, quick, one
+thread, three runs on the shared 2-core box, load 3.5-4; plain MLP step 6.7-11 ms, MLP1024
+26-28 ms): ``FrechetPrior(mode="fused")`` and ``StableRank(mode="fused")`` ride along with
+each hooked Linear like the fused spectral norm, on a 2-column block (``R = V^T W^T`` after
+the forward GEMM, top Ritz pair in closed form, ``c r v^T + d W`` and ``V <- orth(R W)``
+after the backward). ``[grad]`` rows, MLP 784-512-512-10: Frechet fused 1.22-1.24x (fast
+1.43-1.45x, tracked 1.72-1.86x), stable rank fused 1.23-1.28x (fast 1.81-2.15x), spectral
+norm fused 1.06-1.08x; MLP 784-1024-1024-10: Frechet fused 1.17-1.22x (fast 1.28-1.36x,
+tracked 1.57-1.67x), stable rank fused 1.17-1.19x (fast 1.59-1.69x), spectral norm fused
+1.07-1.11x. A one-vector version was ~0.05x cheaper on the MLP (Frechet 1.17-1.19x) but
+trailed a crossing of the top two singular values (gradient cosine down to -0.06 on a
+digits trajectory). The block is kept as ``2 x n`` rows: ``torch.mm(W, V)`` with a
+2-column ``V`` took 0.8-5.4 ms here against 0.07-0.25 ms for ``V^T W^T``.
 """
 
 from __future__ import annotations
@@ -184,6 +198,11 @@ PENALTIES = {
     # mode="fast" (issue 20): Frechet by a warm-started 8-column block iteration; the power
     # law with xmin = tau = 0.5 (27% of the init spectrum above xmin) by Hutchinson x Chebyshev
     "Frechet fast": lambda: P.FrechetPrior(2.0, 1.0, 0.05, coef=1e-4, mode="fast"),
+    # mode="fused": one power-iteration step per training step in hooks beside each hooked
+    # Linear's GEMMs, the rank-1 gradient c(lambda) r v^T plus d W (penalties/fused.py)
+    "Frechet fused": lambda: P.FrechetPrior(2.0, 1.0, 0.05, coef=1e-4, mode="fused"),
+    "stable rank fast": lambda: P.StableRank(1e-3, mode="fast"),
+    "stable rank fused": lambda: P.StableRank(1e-3, mode="fused"),
     "power-law xmin=tau exact": lambda: P.PowerLawPrior(3.0, 0.5, coef=1e-4),
     "power-law xmin=tau tracked": lambda: P.PowerLawPrior(3.0, 0.5, coef=1e-4, tracked=True),
     "power-law xmin=tau fast": lambda: P.PowerLawPrior(3.0, 0.5, coef=1e-4, mode="fast"),
@@ -284,6 +303,10 @@ LAZY_ROWS = [f"{k} every={LAZY}{g}" for k, g in (
 SPECTRAL_ROWS = ["spectral norm", "spectral norm [grad]", "spectral norm fused",
                  "spectral norm fused [grad]", "spectral norm fused gemm [grad]",
                  "floor: one extra row per Linear [grad]"]
+#: penalties of lambda_max (and ||W||_F^2): tracked / fast / fused (``--rows rankone``)
+RANK_ONE_ROWS = ["spectral norm fused [grad]", "Frechet tracked [grad]", "Frechet fast [grad]",
+                 "Frechet fused [grad]", "Frechet fused", "stable rank fast [grad]",
+                 "stable rank fused [grad]"]
 #: issue 20's fast-mode rows (``--rows fast``)
 FAST_ROWS = ["Frechet tracked [grad]", "Frechet fast", "Frechet fast [grad]",
              f"Frechet fast every={LAZY} [grad]", "power-law xmin=tau tracked [grad]",
@@ -342,10 +365,13 @@ def main(argv=None):
     ap.add_argument("--nets", default="mlp,conv",
                     help="comma-separated: mlp, mlp1024 (784-1024-1024-10), conv")
     ap.add_argument("--rows", default="all",
-                    help="all, fast (issue 20's fast-mode rows) or spectral (spectral norm: "
-                         "through the loss, in place, fused)")
+                    help="all, fast (issue 20's fast-mode rows), spectral (spectral norm: "
+                         "through the loss, in place, fused) or rankone (Frechet and stable "
+                         "rank: tracked / fast / fused)")
     ap.add_argument("--interleave", action="store_true",
                     help="plain and all rows in turn on one net (bench_interleaved)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="--interleave: rounds of plain and every row (default 4 x repeats)")
     ap.add_argument("--pretrain", type=int, default=0,
                     help="plain SGD steps before the warm-up (the 'after 200 steps' rows)")
     args = ap.parse_args(argv)
@@ -359,14 +385,14 @@ def main(argv=None):
           f"threads {torch.get_num_threads()}, device {DEVICE}, pretrain {PRETRAIN} steps")
     print(f"| net      | {'penalty':38s} | plain ms | median  | amortised | tracking")
     print(f"|----------|{'-' * 40}|---------|---------|-----------|---------")
-    rows = {"fast": FAST_ROWS, "spectral": SPECTRAL_ROWS}.get(
+    rows = {"fast": FAST_ROWS, "spectral": SPECTRAL_ROWS, "rankone": RANK_ONE_ROWS}.get(
         args.rows, [*PENALTIES, *IN_PLACE, *LAZY_ROWS, *FAST_ROWS])
     nets = {"mlp": (mlp, (784,), 128, "MLP"), "conv": (convnet, (3, 32, 32), 64, "ConvNet"),
             "mlp1024": (mlp1024, (784,), 128, "MLP1024")}
     for net in args.nets.split(","):
         make, shape, batch, label = nets[net.strip()]
         if args.interleave:
-            bench_interleaved(make, shape, batch, label, rows)
+            bench_interleaved(make, shape, batch, label, rows, rounds=args.rounds)
             continue
         for pen_name in rows:
             bench(make, shape, batch, label, pen_name)

@@ -44,8 +44,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["STRATEGIES", "FusedHooks", "LayerState", "fusable", "hook_linear",
-           "hook_linear_adjacent"]
+__all__ = ["BLOCK", "STRATEGIES", "FusedHooks", "LayerState", "RankOneFused", "Rule",
+           "fusable", "hook_linear", "hook_linear_adjacent", "orth2", "top_ritz"]
 
 #: modules carrying fused hooks (refuses a second set: the extra rows would collide)
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -56,13 +56,15 @@ class LayerState:
     record of the last injecting forward: ``r = W v_used`` and ``injected`` (the hooks added
     this step's gradient; cleared by the penalty when it reads the value)."""
 
-    __slots__ = ("v", "v_used", "r", "injected", "_pending", "_active", "_lead", "_xgrad",
-                 "_n", "_armed")
+    __slots__ = ("v", "v_used", "r", "total", "lam", "injected", "_pending", "_active", "_lead",
+                 "_xgrad", "_n", "_armed")
 
     def __init__(self, v: torch.Tensor) -> None:
         self.v = v
         self.v_used: torch.Tensor | None = None
         self.r: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None  # ||W||_F^2 of the step (a Rule's penalties)
+        self.lam: torch.Tensor | None = None  # |r|^2 (set by Rule.add)
         self.injected = False
         self._pending: weakref.ref | None = None
         self._active = False
@@ -201,13 +203,16 @@ def hook_linear(module: nn.Linear, state_of: Callable[[], LayerState],
 
 
 def hook_linear_adjacent(module: nn.Linear, state_of: Callable[[], LayerState],
-                         coef: float) -> list:
+                         coef: float | Rule) -> list:
     """The same step beside the layer's GEMMs instead of inside them (``fuse="adjacent"``):
     a forward hook computes ``r = W v`` right after the forward GEMM streamed ``W``; a
     post-accumulate-grad hook on the weight adds ``coef r v^T`` to the gradient the
     backward just wrote and sets ``v <- W^T r / |W^T r|``. No change to the GEMMs, the
-    output or the other gradients; works with activation checkpointing. Returns the two
-    hook handles."""
+    output or the other gradients; works with activation checkpointing. ``coef`` a
+    :class:`Rule`: the forward also records ``||W||_F^2`` (if the rule needs it) and the
+    backward adds the rule's ``c r v^T + d W`` instead. Returns the two hook handles."""
+    rule = coef if isinstance(coef, Rule) else None
+    n_evals = min(module.out_features, module.in_features)
 
     def post(mod, args, out):
         if mod is not module or not (mod.training and torch.is_grad_enabled()) \
@@ -215,7 +220,13 @@ def hook_linear_adjacent(module: nn.Linear, state_of: Callable[[], LayerState],
             return None
         st = state_of()
         st.v_used = st.v
-        st.r = torch.mv(mod.weight.detach(), st.v)  # recomputed per call: same W, same v
+        w = mod.weight.detach()
+        # recomputed per call: same W, same v (a Rule's layers: R^T = V^T W^T, the block
+        # stored as 2 x n rows: the thin side as rows is ~10x faster than as columns on CPU)
+        st.r = torch.mv(w, st.v) if st.v.dim() == 1 else torch.mm(st.v, w.t())
+        if rule is not None and rule.total:  # while W is in cache
+            flat = w.reshape(-1)
+            st.total = torch.dot(flat, flat)
         st.injected = st._armed = True
         return None
 
@@ -225,6 +236,9 @@ def hook_linear_adjacent(module: nn.Linear, state_of: Callable[[], LayerState],
             return
         st._armed = False
         g = param.grad
+        if rule is not None:
+            rule.add(st, g.view(g.shape[0], -1), param.detach(), n_evals)
+            return
         g.view(g.shape[0], -1).addr_(st.r.to(g.dtype), st.v_used.to(g.dtype), alpha=coef)
         st.set_v(torch.mv(param.detach().t(), st.r.to(param.dtype)))
 
@@ -251,7 +265,7 @@ class FusedHooks:
         """Hook ``module`` with strategy ``fuse`` (:data:`STRATEGIES`; ValueError if it
         already carries fused hooks)."""
         if module in _HOOKED:
-            raise ValueError(f"layer {name!r} already carries fused spectral-norm hooks of "
+            raise ValueError(f"layer {name!r} already carries the fused penalty hooks of "
                              "another Regularizer: call its remove_hooks() first (or use "
                              "'with Regularizer(...)')")
         self._handles += STRATEGIES[fuse](module, state_of, coef)
@@ -272,3 +286,198 @@ class FusedHooks:
         for fn in self._on_remove:
             fn()
         self._handles, self._modules, self._on_remove, self.names = [], [], [], []
+
+
+#: columns of a Rule's block (top Ritz pair in closed form: no eigh, no host sync)
+BLOCK = 2
+#: block-iteration steps when a Rule's layer state is created (as the fast mode's first call)
+WARM_STEPS = 16
+
+
+def orth2(g: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the two rows of ``g`` (Gram-Schmidt; no host sync)."""
+    a = g[0] / torch.linalg.vector_norm(g[0]).clamp_min(1e-30)
+    b = g[1] - a * torch.dot(a, g[1])
+    return torch.stack([a, b / torch.linalg.vector_norm(b).clamp_min(1e-30)])
+
+
+def top_ritz(rb: torch.Tensor) -> torch.Tensor:
+    """Unit top eigenvector ``y = (cos t, sin t)`` of the 2 x 2 ``H = R^T R`` (``rb = R^T =
+    V^T W^T``, rows), ``t = atan2(2 h_01, h_00 - h_11) / 2``: the rotation that diagonalises
+    ``H``, on the larger eigenvalue's side (``e_1`` for a multiple of the identity); a few
+    dispatches, no eigh, no host sync."""
+    a, b, _, c = (rb @ rb.t()).reshape(4).unbind()
+    t = torch.atan2(b + b, a - c).mul(0.5)
+    return torch.stack([t.cos(), t.sin()])
+
+
+def _ritz_lam(rb: torch.Tensor) -> torch.Tensor:
+    """``|R y|^2``, the top Ritz value of the block product ``R = W V``."""
+    r = torch.mv(rb.t(), top_ritz(rb))
+    return torch.dot(r, r)
+
+
+class Rule:
+    """How a penalty ``R(lambda, total)`` of ``lambda`` (``sigma_max^2``) and ``total =
+    ||W||_F^2`` rides on the hooks. Per layer an orthonormal ``n x 2`` block ``V`` is kept
+    (as its ``2 x n`` rows ``V^T``); the forward records ``R = W V`` (as ``V^T W^T``).
+    With ``y`` the top Ritz vector of ``R^T R`` (:func:`top_ritz`), ``v = V y``,
+    ``r = R y = W v`` and ``lambda = |r|^2`` (a Rayleigh-Ritz value, ``<= lambda_max``):
+    ``dR/dW = c r v^T + d W`` (``dlambda/dW = 2 r v^T`` at the held ``v``, so
+    ``c = 2 dR/dlambda``, ``d = 2 dR/dtotal``), ``(c, d) = coefs(lambda, total, N)``,
+    ``N = min(m, n)``: ``c`` a 0-d tensor (no host sync), ``d`` a tensor, a Python float or
+    ``None``; then ``V <- orth(W^T R)``, one block power step. Two columns resolve a
+    crossing of the top two singular values, where one vector trails for many steps.
+    ``total``: whether the forward hook records ``||W||_F^2``."""
+
+    def __init__(self, coefs: Callable, total: bool = True) -> None:
+        self.coefs = coefs
+        self.total = bool(total)
+
+    def add(self, st: LayerState, g2d: torch.Tensor, w: torch.Tensor, n: int,
+            scale: float = 1.0, advance: bool = True) -> None:
+        """``g2d += scale (c r v^T + d W)`` at ``st``'s record (``R = st.r``, ``V =
+        st.v_used``, ``total``), then (``advance``) ``V <- orth(W^T R)``; ``w`` the
+        detached weight. Sets ``st.lam = |r|^2``."""
+        rb, vb = st.r, st.v_used  # R^T, V^T: 2 x m, 2 x n
+        y = top_ritz(rb)
+        r, v = torch.mv(rb.t(), y), torch.mv(vb.t(), y)
+        st.lam = torch.dot(r, r)
+        c, d = self.coefs(st.lam, st.total, n)
+        if scale != 1.0:
+            c = c * scale
+            d = None if d is None else d * scale
+        g2d.addr_((r * c).to(g2d.dtype), v.to(g2d.dtype))
+        w2 = w.reshape(g2d.shape)
+        if isinstance(d, torch.Tensor):
+            g2d.addcmul_(w2, d.to(g2d.dtype))
+        elif d is not None:
+            g2d.add_(w2, alpha=d)
+        if advance:
+            st.v = orth2(torch.mm(rb.to(w2.dtype), w2))
+
+
+class RankOneFused:
+    """``mode="fused"`` for a penalty of ``lambda_max = sigma_max^2`` and ``||W||_F^2``
+    (mixin; the Frechet prior, stable rank). The subclass gives ``_rank_one_value(lambda,
+    total, N)`` (differentiable tensor function) and ``_rank_one_coefs`` (its closed-form
+    ``(c, d)``, :class:`Rule`), and calls :meth:`_init_fused`. Per layer an orthonormal
+    ``n x 2`` block ``V`` is kept (its ``2 x n`` rows; seeded, :data:`WARM_STEPS` block
+    power steps when created); each step ``R = W V``, the top Ritz pair ``v = V y``, ``r = R y``
+    (``lambda = |r|^2``), the gradient ``c r v^T + d W`` and ``V <- orth(W^T R)``: in hooks
+    beside a plain ``nn.Linear``'s GEMMs (:func:`hook_linear_adjacent`, layers of
+    ``>= fuse_min`` entries), else in ``accumulate_grad`` by two thin products (the
+    identical step). No host sync."""
+
+    def _init_fused(self, fuse_min: int, label: str) -> None:
+        if isinstance(fuse_min, bool) or not isinstance(fuse_min, int) or fuse_min < 0:
+            raise ValueError(f"{label}: fuse_min must be an integer >= 0 (the fewest weight "
+                             f"entries a fused layer has), got {fuse_min!r}")
+        self.fuse_min = fuse_min
+        self._fused: dict[str, LayerState] = {}
+        self._rule = Rule(self._rank_one_coefs, total=True)
+
+    def _fused_layer(self, name: str | None, weight: torch.Tensor) -> LayerState:
+        """Layer ``name``'s state: an orthonormal ``(numel / out) x 2`` block, seeded, then
+        :data:`WARM_STEPS` block power steps on ``weight`` (no host sync), on the weight's
+        device / dtype."""
+        key = self._key(weight, name)
+        cols = weight.numel() // weight.shape[0]
+        st = self._fused.get(key)
+        if st is None or st.v.shape[-1] != cols:
+            g = torch.randn(BLOCK, cols, generator=torch.Generator().manual_seed(self.seed))
+            w2 = weight.detach().reshape(weight.shape[0], cols)
+            vb = orth2(g.to(device=weight.device, dtype=weight.dtype))
+            for _ in range(WARM_STEPS):
+                vb = orth2(torch.mm(torch.mm(vb, w2.t()), w2))
+            st = LayerState(vb)
+            self._fused[key] = st
+        elif st.v.device != weight.device or st.v.dtype != weight.dtype:
+            st.v = st.v.to(device=weight.device, dtype=weight.dtype)
+        return st
+
+    def attach(self, rows: dict) -> FusedHooks | None:
+        """Fused mode: hook every selected plain ``nn.Linear`` weight of ``>= fuse_min``
+        entries (:func:`hook_linear_adjacent` with this penalty's :class:`Rule`)."""
+        if self.mode != "fused":
+            return None
+        hooks = FusedHooks()
+        try:
+            for name, row in rows.items():
+                if row.is_leaf() and fusable(row.module, row.attr) \
+                        and row.module.weight.numel() >= self.fuse_min:
+                    mod = row.module
+                    hooks.add(name, mod, lambda n=name, m=mod: self._fused_layer(n, m.weight),
+                              self._rule, "adjacent")
+        except ValueError:
+            hooks.remove()
+            raise
+        names = list(hooks.names)
+
+        def forget() -> None:
+            for n in names:
+                if n in self._fused:
+                    self._fused[n].injected = False
+        hooks.on_remove(forget)
+        return hooks
+
+    def _fused_grad(self, weight: torch.Tensor, grad: torch.Tensor, name, scale: float):
+        """The hooks' value (and ``(scale - 1)`` times their gradient), or the same step by
+        two matrix-vector products; returns ``scale R``."""
+        st = self._fused_layer(name, weight)
+        w = weight.detach()
+        n = min(w.shape[0], w.numel() // w.shape[0])
+        g2d = grad.view(grad.shape[0], -1)
+        if st.injected:
+            st.injected = False
+            if st.lam is None or st._armed:  # the weight hook did not run (no backward)
+                st.lam = _ritz_lam(st.r)
+            if scale != 1.0:  # the backward added scale 1
+                self._rule.add(st, g2d, w, n, scale - 1.0, advance=False)
+        else:
+            w2 = w.reshape(w.shape[0], -1)
+            flat = w.reshape(-1)
+            st.v_used, st.r, st.total = st.v, torch.mm(st.v, w2.t()), torch.dot(flat, flat)
+            self._rule.add(st, g2d, w, n, scale)
+        value = self._rank_one_value(st.lam, st.total, n)
+        return value if scale == 1.0 else scale * value
+
+    def _fused_loss_value(self, weight: torch.Tensor, name):
+        """Loss-path value: the hooks' (detached: their gradient is in the backward), or
+        ``R(|W v|^2, ||W||_F^2)`` with graph through ``W`` (``v = V y``, the top Ritz vector,
+        held) after the same step."""
+        st = self._fused_layer(name, weight)
+        n = min(weight.shape[0], weight.numel() // weight.shape[0])
+        if st.injected:
+            st.injected = False
+            if st.lam is None or st._armed:  # the weight hook did not run (no backward)
+                st.lam = _ritz_lam(st.r)
+            return self._rank_one_value(st.lam, st.total, n)
+        w2 = weight.reshape(weight.shape[0], -1)
+        vb = st.v
+        with torch.no_grad():
+            rb = torch.mm(vb, w2.detach().t())
+            v = torch.mv(vb.t(), top_ritz(rb))
+        r = torch.mv(w2, v)
+        value = self._rank_one_value(torch.dot(r, r), weight.square().sum(), n)
+        st.v = orth2(torch.mm(rb, w2.detach()))
+        return value
+
+    def _fused_state(self) -> dict[str, dict]:
+        """``{layer: {"v": the block's 2 x n rows}}`` (copies)."""
+        return {k: {"v": st.v.detach().clone()} for k, st in self._fused.items()}
+
+    @staticmethod
+    def _restored_fused(layers: dict, owner: str) -> dict[str, LayerState]:
+        """The layers' states from ``{layer: {"v", ...}}`` (entries without ``v`` skipped)."""
+        out = {}
+        for key, st in layers.items():
+            if "v" not in st:
+                continue
+            v = st["v"]
+            if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.shape[0] != BLOCK \
+                    or not v.is_floating_point():
+                raise ValueError(f"{owner}: the fused state of layer {key!r} needs a floating "
+                                 f"{BLOCK} x n block 'v', got {v!r:.60}")
+            out[key] = LayerState(v.detach().clone())
+        return out

@@ -71,8 +71,9 @@ class Regularizer:
     uninterrupted one bit for bit on the same device (``tests/penalties/
     test_regularizer_state.py``). ``history`` is not saved.
 
-    Fused penalties (``SpectralNorm(coef, mode="fused")``) install hooks on the selected
-    ``nn.Linear`` layers (listed in :attr:`fused`): their gradient is added during the
+    Fused penalties (``SpectralNorm``, ``FrechetPrior``, ``StableRank`` with
+    ``mode="fused"``) hook the selected ``nn.Linear`` layers (listed in :attr:`fused`): their
+    gradient is added during the
     layers' own backward, ``reg()`` / ``accumulate_grad()`` only return (and log) their
     value. The hooks stay until :meth:`remove_hooks`, the end of a ``with Regularizer(...)``
     block or this Regularizer's garbage collection; ``every`` must be 1.
