@@ -27,7 +27,13 @@ Rows (ratio = time / reference time):
   case; ``no draw kept``: a step of ``thin > 1`` or of an exploration phase) over the MAP
   step of the same model and over the plain step — targets <= 1.05x the MAP step and
   <= 1.3x the plain step (where the MAP step is). The floor on the CPU: drawing the
-  Gaussian noise (``torch.randn`` of 670k numbers, about 3 ms single-threaded);
+  Gaussian noise (``torch.randn`` of 670k numbers, about 3 ms single-threaded), drawn from
+  the global RNG per latent tensor (``fit``'s default, the runs of before); ``one draw,
+  own stream``: one draw per step from an own generator, its scale applied in the update;
+  ``drawn ahead``: that stream drawn in a background thread during the forward/backward
+  pass (``sampling.NOISE_SOURCE``; it needs an idle core);
+* the MAP/SVI rows use ``fit``'s Adam (``--optimizer``, default ``fused``: one fused Adam
+  over all parameters, :class:`~bayes_spectral.bnn.multi_optim.MultiAdam`);
 * ``map/auto_delta`` : ``SVI.step`` with ``AutoDelta`` (MAP) over the penalty loop: the
   plain step plus ``-sum_l prior_l.penalty_log_prob(W_l) / N`` (the same spectral
   log-density, one ``svdvals`` per layer) — target <= 1.2x. When
@@ -70,6 +76,8 @@ from torch import nn
 
 import bayes_spectral as bs
 from bayes_spectral.apps.nets import make_mlp
+from bayes_spectral.bnn import sampling
+from bayes_spectral.bnn.multi_optim import svi_optim
 from bayes_spectral.bnn.network import TrackedSpectralPrior
 from bayes_spectral.bnn.sampling import DrawCollector, SamplerConfig
 from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
@@ -78,6 +86,7 @@ from bayes_spectral.spectra.spectrum import PowerIteration
 N = 60000
 ALPHA, TAU = 2.0, 0.5
 DEVICE = torch.device("cpu")  # --device (the MLP table; the five models stay on the CPU)
+OPTIM = "fused"  # --optimizer: the MAP/SVI rows' Adam, as fit(optimizer=...) builds it
 
 
 def mlp() -> nn.Module:
@@ -124,16 +133,25 @@ def ratio_of(times: dict, num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
-def sampler_step(bn, method: str, x, y, lr: float = 1e-3, keep: bool = True):
+def sampler_step(bn, method: str, x, y, lr: float = 1e-3, keep: bool = True,
+                 noise: str | None = None):
     """One SG-MCMC step of ``bn`` as ``fit`` runs it (sampler optimiser, potential with the
     Jacobian term), keeping a draw of every latent site at every step (held chunks dropped
-    now and then: memory)."""
+    now and then: memory). ``noise``: ``sampling.NOISE_SOURCE`` for this optimiser
+    (``None``: ``fit``'s default)."""
     cfg = SamplerConfig(method, burn_in=0, draw_chunk=8, num_chains=1)
     cfg.check(epochs=10**9, steps=1)
     col = DrawCollector(bn, cfg, epochs=10**9, steps=1, device=DEVICE)
     guide = bs.make_guide(bn, "delta")
-    guide._pyro_name = f"AutoDelta_{method}"  # its own param-store names (not the MAP rows')
-    svi = pyro.infer.SVI(bn, guide, col.optim(lr), **col.loss(pyro.infer.Trace_ELBO(), guide))
+    guide._pyro_name = f"AutoDelta_{method}_{keep}_{noise}"  # its own param-store names
+    default = getattr(sampling, "NOISE_SOURCE", None)  # absent: the code of before
+    if noise is not None:
+        sampling.NOISE_SOURCE = noise
+    try:
+        optim = col.optim(lr)
+    finally:
+        sampling.NOISE_SOURCE = default
+    svi = pyro.infer.SVI(bn, guide, optim, **col.loss(pyro.infer.Trace_ELBO(), guide))
     run = SimpleNamespace(epoch=0, step=0)
 
     def step():
@@ -170,6 +188,8 @@ def main() -> None:
                     help="3 steps x 3 rounds (about a minute on 2 cores)")
     ap.add_argument("--no-models", dest="models", action="store_false",
                     help="skip the five small models")
+    ap.add_argument("--optimizer", default="fused", choices=("fused", "multi", "pyro"),
+                    help="the MAP/SVI rows' Adam (fit's optimizer=; default fused, as fit)")
     ap.add_argument("--samplers-only", dest="samplers_only", action="store_true",
                     help="MLP table: only the configurations of the SG-MCMC rows (plain, "
                          "tracked loop, MAP, sgld, sghmc with the tracked Frechet prior)")
@@ -177,8 +197,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.repeats = 3, 3
     torch.set_num_threads(args.threads)
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    global DEVICE, OPTIM
+    DEVICE, OPTIM = torch.device(args.device), args.optimizer
     mlp_table(args)
     if args.models:
         models_table(args)
@@ -239,7 +259,7 @@ def mlp_table(args) -> None:
         p = law or (frechet if tracked else prior)
         bn = bs.bayesian(mlp(), {nn.Linear: p}, num_data=N, spectral=spectral, tracked=tracked)
         guide = bs.make_guide(bn, guide_kind)
-        svi = pyro.infer.SVI(bn, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+        svi = pyro.infer.SVI(bn, guide, svi_optim(1e-3, OPTIM), pyro.infer.Trace_ELBO())
         return lambda: svi.step(x, y)
 
     configs = {"plain": plain, "penalty": penalty_loop, "svi": svi_step("normal"),
@@ -252,6 +272,10 @@ def mlp_table(args) -> None:
         pyro.clear_param_store()
         configs[f"{method}_tracked"] = sampler_step(
             bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), method, x, y)
+    for kind in ("stream", "prefetch"):
+        configs[f"sghmc_{kind}"] = sampler_step(
+            bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), "sghmc", x,
+            y, noise=kind)
     configs["sghmc_nodraw"] = sampler_step(
         bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), "sghmc", x, y,
         keep=False)
@@ -274,7 +298,7 @@ def mlp_table(args) -> None:
         configs["regularizer"] = reg_loop
     if args.samplers_only:
         keep = ("plain", "tracked_loop", "map_tracked", "sgld_tracked", "sghmc_tracked",
-                "sghmc_nodraw", "map_noise")
+                "sghmc_stream", "sghmc_prefetch", "sghmc_nodraw", "map_noise")
         configs = {k: v for k, v in configs.items() if k in keep}
     times = interleaved(configs, args.steps, args.repeats)
     t_plain = statistics.median(times["plain"])
@@ -294,6 +318,10 @@ def mlp_table(args) -> None:
         ("sgld (Frechet, tracked)", "plain step", "sgld_tracked", "plain", "<= 1.3*"),
         ("sghmc (Frechet, tracked)", "MAP step", "sghmc_tracked", "map_tracked", "<= 1.05"),
         ("sghmc (Frechet, tracked)", "plain step", "sghmc_tracked", "plain", "<= 1.3*"),
+        ("sghmc, noise: one draw, own stream", "MAP step", "sghmc_stream", "map_tracked",
+         "<= 1.05"),
+        ("sghmc, noise drawn ahead (thread)", "MAP step", "sghmc_prefetch", "map_tracked",
+         "<= 1.05"),
         ("sghmc, no draw kept (thin > 1)", "MAP step", "sghmc_nodraw", "map_tracked",
          "<= 1.05"),
         ("MAP step + randn of the weights", "MAP step", "map_noise", "map_tracked", "floor"),
@@ -309,7 +337,8 @@ def mlp_table(args) -> None:
     ]
     rows = [(name, ref, ratio_of(times, num, den), target)
             for name, ref, num, den, target in spec if den in times and num in times]
-    print(f"device {DEVICE}, threads {args.threads}; per-step reference times (this run): "
+    print(f"device {DEVICE}, threads {args.threads}, MAP/SVI Adam {OPTIM!r}; per-step "
+          f"reference times (this run): "
           f"plain {t_plain * 1e3:.1f} ms, "
           f"penalty loop {t_pen * 1e3:.1f} ms")
     print(f"{'step':38s} {'over':18s} {'ratio':>7s} {'target':>7s}")
@@ -369,7 +398,7 @@ def _bayesian(net: nn.Module, likelihood: str):
 
 def _bs_step(net: nn.Module, x, y, likelihood: str, kind: str):
     bn = _bayesian(net, likelihood)
-    svi = pyro.infer.SVI(bn, bs.make_guide(bn, kind), pyro.optim.Adam({"lr": 1e-3}),
+    svi = pyro.infer.SVI(bn, bs.make_guide(bn, kind), svi_optim(1e-3, OPTIM),
                          pyro.infer.Trace_ELBO())
     return lambda: svi.step(x, y)
 
