@@ -55,6 +55,19 @@ __all__ = ["OPTIMIZERS", "MultiAdam", "svi_optim"]
 OPTIMIZERS = ("fused", "multi", "pyro")
 
 
+def load_by_name(optim, state_dict: dict) -> None:
+    """``{param_name: state}`` into a one-optimiser ``PyroOptim`` (``optim._seen``, its
+    parameters so far; ``optim._load(p, state)``): a parameter already seen at once, the
+    others kept in ``optim._waiting`` until SVI first passes them."""
+    store = pyro.get_param_store()
+    by_name = {store.param_name(p): p for p in optim._seen}
+    for name, state in state_dict.items():
+        if name in by_name:
+            optim._load(by_name[name], state)
+        else:
+            optim._waiting[name] = state
+
+
 class MultiAdam(PyroOptim):
     """``pyro.optim.Adam`` as one multi-tensor ``torch.optim.Adam`` (module docstring).
 
@@ -140,13 +153,7 @@ class MultiAdam(PyroOptim):
     def set_state(self, state_dict: dict) -> None:
         """Load ``get_state()``'s output (of :class:`MultiAdam` or ``pyro.optim.Adam``):
         parameters already seen at once, the others when first seen."""
-        store = pyro.get_param_store()
-        by_name = {store.param_name(p): p for p in self._seen}
-        for name, state in state_dict.items():
-            if name in by_name:
-                self._load(by_name[name], state)
-            else:
-                self._waiting[name] = state
+        load_by_name(self, state_dict)
 
     def _load(self, p: torch.Tensor, state: dict) -> None:
         """The moments and step of one parameter's ``state_dict`` into the optimiser (cast

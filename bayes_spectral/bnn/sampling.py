@@ -62,6 +62,7 @@ from torch.distributions import biject_to
 
 from .._io import atomic_path
 from .free_state import free_tensors
+from .multi_optim import load_by_name
 from .samplers import SAMPLERS, NoiseStream, in_sampling_phase
 
 #: prefix of the free-state entries among the collector's draws (buffers, chunk files)
@@ -309,13 +310,7 @@ class SamplerOptim(pyro.optim.PyroOptim):
         return out
 
     def set_state(self, state_dict: dict) -> None:
-        store = pyro.get_param_store()
-        by_name = {store.param_name(p): p for p in self._seen}
-        for name, state in state_dict.items():
-            if name in by_name:
-                self._load(by_name[name], state)
-            else:
-                self._waiting[name] = state
+        load_by_name(self, state_dict)
 
     def _load(self, p: torch.Tensor, state: dict) -> None:
         inner = next(iter(state.get("state", {}).values()), None)

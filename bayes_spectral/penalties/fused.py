@@ -250,6 +250,32 @@ def hook_linear_adjacent(module: nn.Linear, state_of: Callable[[], LayerState],
 STRATEGIES = {"adjacent": hook_linear_adjacent, "gemm": hook_linear}
 
 
+def hook_rows(rows: dict, fuse_min: int, state_of: Callable[[str, torch.Tensor], LayerState],
+              coef, fuse: str, records: dict[str, LayerState]) -> FusedHooks:
+    """Hook every row of ``rows`` that is a plain ``nn.Linear`` weight (:func:`fusable`) of
+    ``>= fuse_min`` entries (``state_of(name, weight)``, ``coef`` a float or a :class:`Rule`,
+    ``fuse`` ``"adjacent"`` or ``"gemm"``); all or none (a refused layer unhooks the others).
+    On removal the layers' ``records`` no longer count as injected."""
+    hooks = FusedHooks()
+    try:
+        for name, row in rows.items():
+            if row.is_leaf() and fusable(row.module, row.attr) \
+                    and row.module.weight.numel() >= fuse_min:
+                mod = row.module
+                hooks.add(name, mod, lambda n=name, m=mod: state_of(n, m.weight), coef, fuse)
+    except ValueError:
+        hooks.remove()
+        raise
+    names = list(hooks.names)
+
+    def forget() -> None:  # an unhooked layer's record no longer counts
+        for n in names:
+            if n in records:
+                records[n].injected = False
+    hooks.on_remove(forget)
+    return hooks
+
+
 class FusedHooks:
     """The hooks of one :class:`~bayes_spectral.penalties.Regularizer` (``names``: the fused
     layers); :meth:`remove` takes them all off (idempotent)."""
@@ -401,25 +427,8 @@ class RankOneFused:
         entries (:func:`hook_linear_adjacent` with this penalty's :class:`Rule`)."""
         if self.mode != "fused":
             return None
-        hooks = FusedHooks()
-        try:
-            for name, row in rows.items():
-                if row.is_leaf() and fusable(row.module, row.attr) \
-                        and row.module.weight.numel() >= self.fuse_min:
-                    mod = row.module
-                    hooks.add(name, mod, lambda n=name, m=mod: self._fused_layer(n, m.weight),
-                              self._rule, "adjacent")
-        except ValueError:
-            hooks.remove()
-            raise
-        names = list(hooks.names)
-
-        def forget() -> None:
-            for n in names:
-                if n in self._fused:
-                    self._fused[n].injected = False
-        hooks.on_remove(forget)
-        return hooks
+        return hook_rows(rows, self.fuse_min, self._fused_layer, self._rule, "adjacent",
+                         self._fused)
 
     def _fused_grad(self, weight: torch.Tensor, grad: torch.Tensor, name, scale: float):
         """The hooks' value (and ``(scale - 1)`` times their gradient), or the same step by

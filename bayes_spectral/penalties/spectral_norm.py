@@ -10,7 +10,7 @@ from torch import nn
 from .._checks import check_positive
 from ..spectra.spectrum import PowerIteration
 from .base import Penalty, layer_states
-from .fused import STRATEGIES, FusedHooks, LayerState, fusable
+from .fused import STRATEGIES, FusedHooks, LayerState, hook_rows
 
 __all__ = ["SpectralNorm"]
 
@@ -112,25 +112,7 @@ class SpectralNorm(Penalty):
         (:func:`~bayes_spectral.penalties.fused.fusable`); ``None`` in place mode."""
         if self.mode != "fused":
             return None
-        hooks = FusedHooks()
-        try:
-            for name, row in rows.items():
-                if row.is_leaf() and fusable(row.module, row.attr) \
-                        and row.module.weight.numel() >= self.fuse_min:
-                    mod = row.module
-                    hooks.add(name, mod, lambda n=name, m=mod: self._layer(n, m.weight),
-                              self.coef, self.fuse)
-        except ValueError:
-            hooks.remove()
-            raise
-        names = list(hooks.names)
-
-        def forget() -> None:  # an unhooked layer's record no longer counts
-            for n in names:
-                if n in self._fused:
-                    self._fused[n].injected = False
-        hooks.on_remove(forget)
-        return hooks
+        return hook_rows(rows, self.fuse_min, self._layer, self.coef, self.fuse, self._fused)
 
     def _fused_grad(self, weight, grad, name, scale):
         """Fused mode's ``accumulate_grad``: the hooks' value, or the same step by two
