@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import gc
-import io
 import math
 
 import pytest
 import torch
+from fused_helpers import check_fused_resume
+from fused_helpers import data as _data
+from fused_helpers import loss as _loss
+from fused_helpers import train as _train
 from torch import nn
 
 from bayes_spectral import penalties as P
@@ -57,16 +60,6 @@ def _mlp(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh(),
                          nn.Linear(32, 5)).to(dtype)
-
-
-def _data(n=16, d=20, seed=1, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g, dtype=dtype),
-            torch.randn(n, 5, generator=g, dtype=dtype))
-
-
-def _loss(model, x, y):
-    return (model(x) - y).square().mean()
 
 
 def test_fixed_weights_gradient_and_value_are_the_exact_ones(kind):
@@ -151,19 +144,6 @@ def test_one_step_is_plain_plus_the_closed_form(kind):
         q = torch.linalg.qr(w.t() @ rb).Q
         new = pen._fused[name].v.t()
         torch.testing.assert_close(new @ new.t(), q @ q.t(), rtol=0, atol=1e-10)
-
-
-def _train(model, reg, steps, x, y, lr=0.05, in_place=True):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(model, x, y)
-        if in_place:
-            loss.backward()
-            reg.accumulate_grad()
-        else:
-            reg.loss(loss).backward()
-        opt.step()
 
 
 def _fast_of(kind):
@@ -251,45 +231,8 @@ def test_fused_step_reads_nothing_back_from_the_device(monkeypatch, kind):
     reg.remove_hooks()
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def _run(model, reg, opt, x, y, steps):
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        _loss(model, x, y).backward()
-        reg.accumulate_grad()
-        opt.step()
-
-
 def test_resume_bit_for_bit_through_regularizer_state(kind):
-    make, _ = KINDS[kind]
-    x, y = _data(dtype=torch.float32)
-
-    def build():
-        model = _mlp(dtype=torch.float32)
-        reg = P.Regularizer(model, make(), log=False)
-        return model, reg, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-    model, reg, opt = build()
-    _run(model, reg, opt, x, y, 5)
-    saved = _roundtrip({"m": model.state_dict(), "o": opt.state_dict(),
-                        "r": reg.state_dict()})
-    assert saved["r"]["penalties"][0]["state"]["mode"] == "fused"
-    assert set(saved["r"]["penalties"][0]["state"]["layers"]["2"]) == {"v"}
-    _run(model, reg, opt, x, y, 5)
-    reg.remove_hooks()
-    m2, r2, o2 = build()
-    m2.load_state_dict(saved["m"])
-    o2.load_state_dict(saved["o"])
-    r2.load_state_dict(saved["r"])
-    _run(m2, r2, o2, x, y, 5)
-    for a, b in zip(model.parameters(), m2.parameters(), strict=True):
-        assert torch.equal(a, b)
+    saved, r2 = check_fused_resume(KINDS[kind][0], _mlp)
     fast = P.Regularizer(_mlp(dtype=torch.float32), _fast_of(kind), log=False)
     fast.accumulate_grad()
     with pytest.raises(ValueError, match="mode"):

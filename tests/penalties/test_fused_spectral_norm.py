@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import copy
 import gc
-import io
 
 import pytest
 import torch
+from fused_helpers import check_fused_resume
+from fused_helpers import data as _data
+from fused_helpers import loss as _loss
+from fused_helpers import train as _train
 from torch import nn
 
 from bayes_spectral import penalties as P
@@ -50,16 +53,6 @@ class _Block(nn.Module):
     def forward(self, x):
         x = x + self.fc2(nn.functional.gelu(self.fc1(self.ln(x))))
         return self.head(x)
-
-
-def _data(n=16, d=20, seed=1, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, 5, generator=g,
-                                                                    dtype=dtype)
-
-
-def _loss(model, x, y):
-    return (model(x) - y).square().mean()
 
 
 def _grads(model):
@@ -137,19 +130,6 @@ def test_real_gradients_are_plain_plus_exactly_c_u_vT(fuse):
         nxt = w.t() @ r
         torch.testing.assert_close(reg.penalty._fused[name].v, nxt / nxt.norm(),
                                    rtol=1e-12, atol=1e-14)
-
-
-def _train(model, reg, steps, x, y, lr=0.05, in_place=True):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(model, x, y)
-        if in_place:
-            loss.backward()
-            reg.accumulate_grad()
-        else:
-            reg.loss(loss).backward()
-        opt.step()
 
 
 def test_trajectory_matches_the_in_place_path_and_the_unfused_math(fuse):
@@ -261,44 +241,8 @@ def test_conv_layers_fall_back_to_the_in_place_update(fuse):
                                g_task.reshape(4, -1) + COEF * torch.outer(r, v0))
 
 
-def _run(model, reg, opt, x, y, steps):
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        _loss(model, x, y).backward()
-        reg.accumulate_grad()
-        opt.step()
-
-
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def test_resume_bit_for_bit_through_regularizer_state(fuse):
-    x, y = _data(dtype=torch.float32)
-
-    def build():
-        model = _mlp(dtype=torch.float32)
-        reg = P.Regularizer(model, _fused(fuse), log=False)
-        return model, reg, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-    model, reg, opt = build()
-    _run(model, reg, opt, x, y, 5)
-    saved = _roundtrip({"m": model.state_dict(), "o": opt.state_dict(),
-                        "r": reg.state_dict()})
-    assert saved["r"]["penalties"][0]["state"]["mode"] == "fused"
-    assert set(saved["r"]["penalties"][0]["state"]["layers"]["2"]) == {"v"}
-    _run(model, reg, opt, x, y, 5)
-    reg.remove_hooks()
-    m2, r2, o2 = build()
-    m2.load_state_dict(saved["m"])
-    o2.load_state_dict(saved["o"])
-    r2.load_state_dict(saved["r"])
-    _run(m2, r2, o2, x, y, 5)
-    for a, b in zip(model.parameters(), m2.parameters(), strict=True):
-        assert torch.equal(a, b)
+    saved, r2 = check_fused_resume(lambda: _fused(fuse), _mlp)
     # the in-place state is not a fused one (and back)
     inplace = P.Regularizer(_mlp(), P.SpectralNorm(COEF), log=False)
     inplace.accumulate_grad()
