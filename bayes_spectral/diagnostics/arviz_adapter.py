@@ -146,7 +146,7 @@ def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _az_psislw(lw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ArviZ 0.2x ``az.psislw`` without the warnings of a failed GPD fit (handled after)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         out, k = az.psislw(lw)
     return np.asarray(out, dtype=float), np.asarray(k, dtype=float)
 
