@@ -185,7 +185,8 @@ def test_variance_scales_with_temperature():
 @pytest.mark.slow
 def test_learned_gaussian_noise_is_sampled():
     """Learned noise (LogNormal prior): the sampler's mean and sd of sigma and of w agree
-    with the exact posterior computed on a (w, sigma) grid (N = 30, d = 1)."""
+    with the exact posterior computed on a (w, sigma) grid (N = 30, d = 1), within 3 Monte
+    Carlo standard errors (plus 1 % of the mean / 5 % of the sd for the step-size bias)."""
     x, y = _blr_data(n=30, d=1, sigma=0.5, seed=3)
     prior = dist.LogNormal(torch.tensor(math.log(0.5)), torch.tensor(1.0))
     bn = _blr(x, noise=prior)
@@ -210,7 +211,10 @@ def test_learned_gaussian_noise_is_sampled():
     assert s.std() > 0.5 * sds  # the noise is sampled, not a point
     assert abs(s.mean() - ms) <= 3 * mcse_s + 0.01 * ms, (s.mean(), ms, mcse_s)
     assert abs(w.mean() - mw) <= 3 * mcse_w, (w.mean(), mw)
-    assert abs(s.std() - sds) <= 0.15 * sds, (s.std(), sds)
+    # the sd's own Monte Carlo error (ESS about 50-110 here: a fixed 15 % bound failed at
+    # other seeds, e.g. seed 3's ratio is 1.25 with MCSE 0.12 sd) plus 5 % step-size bias
+    mcse_sd = float(az.mcse(s, method="sd"))
+    assert abs(s.std() - sds) <= 3 * mcse_sd + 0.05 * sds, (s.std(), sds, mcse_sd)
 
 
 def test_potential_includes_the_jacobian():
