@@ -175,8 +175,9 @@ class BayesianNetwork(PyroModule):
 
     def renew_tracking(self) -> None:
         """Start the tail trackers of tracked power-law layers (and the fast penalties of
-        ``tracked_mode="fast"``) afresh (their next call re-decomposes or re-warms). The
-        samplers call it at the start of each chain (:mod:`~bayes_spectral.bnn.chains`);
+        ``tracked_mode="fast"``) afresh (their next call re-decomposes or re-warms).
+        :func:`~bayes_spectral.fit` calls it at its start (a second fit of the same model
+        repeats the first) and the samplers at each chain's (:mod:`~bayes_spectral.bnn.chains`);
         :func:`~bayes_spectral.fit`'s checkpoints save and restore this state instead of
         renewing it (:mod:`~bayes_spectral.bnn.tracker_state`), so a checkpoint boundary
         does not change the run and a resumed run repeats the uninterrupted one."""

@@ -208,7 +208,7 @@ def _power_iteration_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
 def _tail_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
     """A tracked :class:`PowerLawPrior` held by the network (not a buffer: its state
     travels in ``fit``'s checkpoints, :mod:`~bayes_spectral.bnn.tracker_state`; renewed by
-    :meth:`BayesianNetwork.renew_tracking` at each sampler chain's start)."""
+    :meth:`BayesianNetwork.renew_tracking` at the start of each ``fit`` and sampler chain)."""
     bn._tail_penalties[slot.row] = _tail_penalty_for(law)
     return lambda self, _n=slot.row: TrackedSpectralPrior(
         bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n])
