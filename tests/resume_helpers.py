@@ -22,3 +22,16 @@ def stop_after(epoch: int) -> Callable[[dict], None]:
             raise Interrupt
 
     return callback
+
+
+def stop_at_call(n: int) -> Callable[[dict], None]:
+    """A ``bs.fit`` callback raising :class:`Interrupt` at its ``n``-th call (epochs of all
+    sampler chains counted together: a chain's ``info["epoch"]`` restarts)."""
+    calls = [0]
+
+    def callback(info: dict) -> None:
+        calls[0] += 1
+        if calls[0] == n:
+            raise Interrupt
+
+    return callback

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from resume_helpers import Interrupt
+from resume_helpers import stop_at_call as _stop_at
 from torch import nn
 
 import bayes_spectral as bs
@@ -57,21 +59,6 @@ CASES = {  # name -> (model case, method, fit keywords)
     "map lazy tail": ("tail", "map", {"prior_every": 3}),
     "sghmc tail 2 chains": ("tail", "sghmc", {"num_chains": 2, "burn_in": 1}),
 }
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _stop_at(n: int):
-    count = {"n": 0}
-
-    def cb(info):
-        count["n"] += 1
-        if count["n"] == n:
-            raise Interrupt
-
-    return cb
 
 
 def _fit(case, data, **extra):

@@ -22,6 +22,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from resume_helpers import Interrupt
+from resume_helpers import stop_at_call as _stop_at
 from torch import nn
 
 import bayes_spectral as bs
@@ -259,18 +260,6 @@ def _sampler_fit(**kw):
     res = bs.fit(bn, data, "sghmc", lr=1e-2, epochs=6, batch_size=16, burn_in=1,
                  num_chains=2, seed=3, progress=False, **kw)
     return res.samples
-
-
-def _stop_at(n: int):
-    """A callback raising :class:`Interrupt` at its ``n``-th call (epochs of all chains)."""
-    count = {"n": 0}
-
-    def cb(info):
-        count["n"] += 1
-        if count["n"] == n:
-            raise Interrupt
-
-    return cb
 
 
 def _same(a: dict, b: dict) -> None:

@@ -20,7 +20,12 @@ COS = nn.functional.cosine_similarity
 
 @pytest.fixture(scope="module")
 def trajectory():
-    """Both weights of an MLP 64-64-64-10 along 120 Adam steps on digits (float64)."""
+    return digits_trajectory()
+
+
+def digits_trajectory():
+    """Both weights of an MLP 64-64-64-10 along 120 Adam steps on digits (float64); also
+    ``test_fused_frechet.py``'s trajectory."""
     torch.manual_seed(0)
     d = load_digits(dtype=torch.float64)
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),

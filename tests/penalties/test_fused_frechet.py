@@ -350,21 +350,10 @@ def test_rank_one_value_and_coefs_are_the_penalty_and_its_derivatives(make):
 @pytest.fixture(scope="module")
 def digits_trajectory():
     """Both hidden weights of an MLP 64-64-64-10 along 120 Adam steps (lr 1e-2) on digits
-    (float64), as in test_fast_mode.py."""
-    torch.manual_seed(0)
-    d = load_digits(dtype=torch.float64)
-    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                        nn.Linear(64, 10)).double()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    traj = []
-    for _ in range(120):
-        idx = torch.randint(0, len(d.x_train), (64,))
-        loss = nn.functional.cross_entropy(net(d.x_train[idx]), d.y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        traj.append({"0": net[0].weight.detach().clone(), "2": net[2].weight.detach().clone()})
-    return traj
+    (float64): test_fast_mode.py's trajectory."""
+    from test_fast_mode import digits_trajectory as trajectory
+
+    return trajectory()
 
 
 #: (worst relative value error, smallest gradient cosine) at steps 20, 30, ..., 110
