@@ -19,7 +19,6 @@ from fused_helpers import train as _train
 from torch import nn
 
 from bayes_spectral import penalties as P
-from bayes_spectral.data import load_digits
 
 COEF = 0.3
 A, S, TAU = 2.0, 1.0, 2.0  # Frechet concentration, scale; exponential mean of the bulk
@@ -409,26 +408,13 @@ def test_top_ritz_and_orth2_closed_forms():
     torch.testing.assert_close(raw @ q.t() @ q, raw, rtol=0, atol=1e-12)
 
 
-def _digits_accuracy(seed, penalty, epochs=6):
+def _digits_accuracy(seed, penalty):
     """MLP 64-64-10, Adam 1e-2, batch 64, the penalty through accumulate_grad (hooks on
-    both Linear layers when fused); test accuracy."""
-    d = load_digits()
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    reg = P.Regularizer(model, penalty, log=False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(d.x_train), generator=gen)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(d.x_train[idx]), d.y_train[idx]).backward()
-            reg.accumulate_grad()
-            opt.step()
-    reg.remove_hooks()
-    with torch.no_grad():
-        return float((model(d.x_test).argmax(1) == d.y_test).double().mean())
+    both Linear layers when fused); test accuracy: test_fast_mode.py's loop (its
+    Regularizer, and so its hooks, end with it; no hook acts under ``no_grad``)."""
+    from test_fast_mode import _train
+
+    return _train(seed, penalty)
 
 
 @pytest.mark.slow
