@@ -248,7 +248,13 @@ def test_regularizer_reaches_every_row(case):
 
 STATEFUL = {"frechet_tracked": lambda: penalties.FrechetPrior(2.0, 1.0, 0.5, coef=1e-3,
                                                                 tracked=True),
-            "spectral_norm": lambda: penalties.SpectralNorm(coef=1e-2)}
+            "spectral_norm": lambda: penalties.SpectralNorm(coef=1e-2),
+            # hooks on the Linear rows (3-D inputs in the transformer), the rest through
+            # accumulate_grad's fallback: conv kernels, recurrent and attention rows
+            "spectral_norm_fused": lambda: penalties.SpectralNorm(coef=1e-2, mode="fused",
+                                                                  fuse_min=0),
+            "frechet_fused": lambda: penalties.FrechetPrior(2.0, 1.0, 0.5, coef=1e-3,
+                                                            mode="fused", fuse_min=0)}
 
 
 def _penalised_steps(case: Case, make_pen, steps: int, state=None):
