@@ -27,11 +27,9 @@ Rows (ratio = time / reference time):
   case; ``no draw kept``: a step of ``thin > 1`` or of an exploration phase) over the MAP
   step of the same model and over the plain step — targets <= 1.05x the MAP step and
   <= 1.3x the plain step (where the MAP step is). The floor on the CPU: drawing the
-  Gaussian noise (``torch.randn`` of 670k numbers, about 3 ms single-threaded), drawn from
-  the global RNG per latent tensor (``fit``'s default, the runs of before); ``one draw,
-  own stream``: one draw per step from an own generator, its scale applied in the update;
-  ``drawn ahead``: that stream drawn in a background thread during the forward/backward
-  pass (``sampling.NOISE_SOURCE``; it needs an idle core);
+  Gaussian noise (``torch.randn`` of 670k numbers, about 3 ms single-threaded; the sampler
+  draws it from the global RNG, one ``normal_`` per latent tensor), timed by the ``MAP step
+  + randn of the weights`` row;
 * the MAP/SVI rows use ``fit``'s Adam (``--optimizer``, default ``fused``: one fused Adam
   over all parameters, :class:`~bayes_spectral.bnn.multi_optim.MultiAdam`);
 * ``map/auto_delta`` : ``SVI.step`` with ``AutoDelta`` (MAP) over the penalty loop: the
@@ -76,7 +74,6 @@ from torch import nn
 
 import bayes_spectral as bs
 from bayes_spectral.apps.nets import make_mlp
-from bayes_spectral.bnn import sampling
 from bayes_spectral.bnn.multi_optim import svi_optim
 from bayes_spectral.bnn.network import TrackedSpectralPrior
 from bayes_spectral.bnn.sampling import DrawCollector, SamplerConfig
@@ -133,25 +130,16 @@ def ratio_of(times: dict, num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
-def sampler_step(bn, method: str, x, y, lr: float = 1e-3, keep: bool = True,
-                 noise: str | None = None):
+def sampler_step(bn, method: str, x, y, lr: float = 1e-3, keep: bool = True):
     """One SG-MCMC step of ``bn`` as ``fit`` runs it (sampler optimiser, potential with the
     Jacobian term), keeping a draw of every latent site at every step (held chunks dropped
-    now and then: memory). ``noise``: ``sampling.NOISE_SOURCE`` for this optimiser
-    (``None``: ``fit``'s default)."""
+    now and then: memory)."""
     cfg = SamplerConfig(method, burn_in=0, draw_chunk=8, num_chains=1)
     cfg.check(epochs=10**9, steps=1)
     col = DrawCollector(bn, cfg, epochs=10**9, steps=1, device=DEVICE)
     guide = bs.make_guide(bn, "delta")
-    guide._pyro_name = f"AutoDelta_{method}_{keep}_{noise}"  # its own param-store names
-    default = getattr(sampling, "NOISE_SOURCE", None)  # absent: the code of before
-    if noise is not None:
-        sampling.NOISE_SOURCE = noise
-    try:
-        optim = col.optim(lr)
-    finally:
-        sampling.NOISE_SOURCE = default
-    svi = pyro.infer.SVI(bn, guide, optim, **col.loss(pyro.infer.Trace_ELBO(), guide))
+    guide._pyro_name = f"AutoDelta_{method}_{keep}"  # its own param-store names
+    svi = pyro.infer.SVI(bn, guide, col.optim(lr), **col.loss(pyro.infer.Trace_ELBO(), guide))
     run = SimpleNamespace(epoch=0, step=0)
 
     def step():
@@ -272,10 +260,6 @@ def mlp_table(args) -> None:
         pyro.clear_param_store()
         configs[f"{method}_tracked"] = sampler_step(
             bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), method, x, y)
-    for kind in ("stream", "prefetch"):
-        configs[f"sghmc_{kind}"] = sampler_step(
-            bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), "sghmc", x,
-            y, noise=kind)
     configs["sghmc_nodraw"] = sampler_step(
         bs.bayesian(mlp(), {nn.Linear: frechet}, num_data=N, tracked=True), "sghmc", x, y,
         keep=False)
@@ -298,7 +282,7 @@ def mlp_table(args) -> None:
         configs["regularizer"] = reg_loop
     if args.samplers_only:
         keep = ("plain", "tracked_loop", "map_tracked", "sgld_tracked", "sghmc_tracked",
-                "sghmc_stream", "sghmc_prefetch", "sghmc_nodraw", "map_noise")
+                "sghmc_nodraw", "map_noise")
         configs = {k: v for k, v in configs.items() if k in keep}
     times = interleaved(configs, args.steps, args.repeats)
     t_plain = statistics.median(times["plain"])
@@ -318,10 +302,6 @@ def mlp_table(args) -> None:
         ("sgld (Frechet, tracked)", "plain step", "sgld_tracked", "plain", "<= 1.3*"),
         ("sghmc (Frechet, tracked)", "MAP step", "sghmc_tracked", "map_tracked", "<= 1.05"),
         ("sghmc (Frechet, tracked)", "plain step", "sghmc_tracked", "plain", "<= 1.3*"),
-        ("sghmc, noise: one draw, own stream", "MAP step", "sghmc_stream", "map_tracked",
-         "<= 1.05"),
-        ("sghmc, noise drawn ahead (thread)", "MAP step", "sghmc_prefetch", "map_tracked",
-         "<= 1.05"),
         ("sghmc, no draw kept (thin > 1)", "MAP step", "sghmc_nodraw", "map_tracked",
          "<= 1.05"),
         ("MAP step + randn of the weights", "MAP step", "map_noise", "map_tracked", "floor"),

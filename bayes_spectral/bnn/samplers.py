@@ -50,17 +50,14 @@ step. The noise standard deviation is the method :meth:`SGLD.noise_std` /
 The step is fused (the cost the sampler adds to a MAP step, ``benchmarks/bench_infer.py``):
 every parameter in a few multi-tensor passes (``torch._foreach_*``; SGHMC: ``v <- (1 - a)
 v``, ``v += -eta G grad``, ``v += std xi``, ``theta += v``) instead of one optimiser per
-parameter. The noise: by default one ``normal_`` of the global torch RNG per noisy
-parameter (into one buffer), scaled, then added: the numbers and the operations of
+parameter. The noise: one ``normal_`` of the global torch RNG per noisy parameter (into one
+buffer), scaled, then added: the numbers and the operations of
 :meth:`SGMCMC.reference_step`, the per-parameter update of before, so a run equals the one
-of before bit for bit (``tests/bnn/test_sampler_optim.py``). Optionally
-(``noise_source``, a :class:`NoiseStream`) one draw per step from an own
-``torch.Generator``, the scale applied inside the addition (one pass less), optionally
-drawn ahead in a background thread. On the CPU the draw is torch's serial mt19937 stream
-(about 3 ms for the 670k weights of 784-512-512-10, 4 ns a number), the floor of the step;
-one draw instead of one per tensor saved nothing measurable, and neither K generators
-filled in parallel threads nor drawing ahead beat it on this project's 2 shared cores
-(measured; they need an idle core).
+of before bit for bit (``tests/bnn/test_sampler_optim.py``). On the CPU the draw is torch's
+serial mt19937 stream (about 3 ms for the 670k weights of 784-512-512-10, 4 ns a number),
+the floor of the step. An own generator drawn once per step, or drawn ahead in a
+background thread, was tried and measured no faster on this project's 2 shared cores
+(``bench_infer``: SGHMC 1.49-1.56x the MAP step either way), so it was removed.
 """
 
 from __future__ import annotations
@@ -70,7 +67,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SGHMC", "SGLD", "SGMCMC", "NoiseStream", "cyclical_lr", "in_sampling_phase"]
+__all__ = ["SGHMC", "SGLD", "SGMCMC", "cyclical_lr", "in_sampling_phase"]
 
 
 def cycle_length(total: int, cycles: int) -> int:
@@ -97,102 +94,6 @@ def in_sampling_phase(k: int, total: int, cycles: int | None, explore: float) ->
     return (k % length) >= explore * length
 
 
-#: the smallest draw :class:`NoiseStream` draws ahead in a background thread (numbers)
-PREFETCH_MIN = 1 << 15
-
-
-class NoiseStream:
-    """The standard-normal draws of a sampler run: an own ``torch.Generator`` per device,
-    seeded ``seed`` (``fit``: drawn from the global RNG right after it is seeded with
-    ``seed + chain``), so the noise does not interleave with other users of the global
-    RNG (dropout, shuffling) and its state travels with the checkpoint
-    (:meth:`state_dict`: the state of every generator as of the draws handed out).
-
-    ``prefetch=True`` (CPU draws of ``PREFETCH_MIN`` numbers or more): after each draw the
-    next one (same size, dtype, device) is drawn in a background thread (torch's kernels
-    release the GIL) while the caller runs its forward and backward pass; a request of
-    another shape puts the generator back to where it was before the prefetch and draws
-    again, so the numbers handed out do not depend on ``prefetch`` or on the thread count.
-    """
-
-    def __init__(self, seed: int, *, prefetch: bool = False):
-        self.seed, self.prefetch = int(seed), bool(prefetch)
-        self._gens: dict[str, torch.Generator] = {}
-        self._pending: tuple | None = None  # (key, future, buffer, generator state before)
-        self._buffers: dict[tuple, list[torch.Tensor]] = {}  # key -> the two CPU buffers
-        self._pool = None
-
-    def _gen(self, device: torch.device) -> torch.Generator:
-        name = str(device)
-        gen = self._gens.get(name)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._gens[name] = gen
-        return gen
-
-    def _settle(self, key: tuple | None = None) -> torch.Tensor | None:
-        """Wait for the pending prefetch: its buffer when it was for ``key``, else (the
-        draw is not used) the generator put back to its state before it and ``None``."""
-        if self._pending is None:
-            return None
-        pkey, future, buf, before = self._pending
-        self._pending = None
-        future.result()
-        if pkey == key:
-            return buf
-        self._gens[pkey[2]].set_state(before)
-        return None
-
-    def standard_normal(self, n: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """``n`` i.i.d. ``N(0, 1)`` numbers (flat), the next ones of ``device``'s stream."""
-        device = torch.device(device)
-        key = (int(n), dtype, str(device))
-        out = self._settle(key)
-        if out is None:
-            out = self._buffer(key, 0) if self._ahead(key) else \
-                torch.empty(key[0], dtype=dtype, device=device)
-            out.normal_(generator=self._gen(device))
-        if self._ahead(key):
-            self._launch(key, out)
-        return out
-
-    def _ahead(self, key: tuple) -> bool:
-        """Whether to draw ``key`` ahead: CPU draws of at least ``PREFETCH_MIN`` numbers
-        (a smaller draw costs less than handing it to a thread)."""
-        return self.prefetch and key[2].startswith("cpu") and key[0] >= PREFETCH_MIN
-
-    def _buffer(self, key: tuple, i: int) -> torch.Tensor:
-        bufs = self._buffers.get(key)
-        if bufs is None:
-            bufs = self._buffers[key] = [torch.empty(key[0], dtype=key[1]) for _ in range(2)]
-        return bufs[i]
-
-    def _launch(self, key: tuple, used: torch.Tensor) -> None:
-        """Draw the next ``key`` in the background into the buffer not handed out."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sgmcmc-noise")
-        buf = self._buffer(key, 1 if used is self._buffer(key, 0) else 0)
-        gen = self._gens[key[2]]
-        before = gen.get_state()
-        self._pending = (key, self._pool.submit(buf.normal_, generator=gen), buf, before)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{device: generator state}`` as of the draws handed out (a prefetch not)."""
-        busy = None if self._pending is None else self._pending[0][2]
-        return {name: self._pending[3].clone() if name == busy else g.get_state()
-                for name, g in self._gens.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Continue from :meth:`state_dict`'s output (a pending prefetch dropped)."""
-        self._settle()
-        for name, value in state.items():
-            self._gen(torch.device(name)).set_state(value.cpu() if torch.is_tensor(value)
-                                                    else torch.as_tensor(value))
-
-
 class SGMCMC(torch.optim.Optimizer):
     """Shared machinery of :class:`SGLD` and :class:`SGHMC` (module docstring).
 
@@ -204,25 +105,21 @@ class SGMCMC(torch.optim.Optimizer):
 
     :meth:`step` (and :meth:`step_params`, with the parameters' order given) updates every
     parameter with a gradient in a few multi-tensor passes per bucket (parameters of one
-    group, step count, device and dtype). The noise of a bucket: without ``noise_source``,
-    one ``normal_`` of the global torch RNG per parameter into one buffer, scaled, then
-    added: the numbers and operations of :meth:`reference_step` (the per-parameter update
-    of before), so the result equals it bit for bit; with a :class:`NoiseStream`, ONE draw
-    split over the parameters and the scale applied inside the addition (one pass less;
-    equal to the reference within rounding given the same numbers).
+    group, step count, device and dtype). The noise of a bucket: one ``normal_`` of the
+    global torch RNG per parameter into one buffer, scaled, then added: the numbers and
+    operations of :meth:`reference_step` (the per-parameter update of before), so the
+    result equals it bit for bit.
     """
 
     def __init__(self, params, lr: float, *, num_data: int = 1, temperature: float = 1.0,
                  friction: float = 0.1, noise: bool = True, precondition: bool = False,
                  alpha: float = 0.99, eps: float = 1e-5, total_steps: int = 1,
-                 cycles: int | None = None, explore: float = 0.0,
-                 noise_source: NoiseStream | None = None):
+                 cycles: int | None = None, explore: float = 0.0):
         defaults = dict(lr=float(lr), num_data=int(num_data), temperature=float(temperature),
                         friction=float(friction), noise=bool(noise),
                         precondition=bool(precondition), alpha=float(alpha), eps=float(eps),
                         total_steps=int(total_steps), cycles=cycles, explore=float(explore))
         super().__init__(params, defaults)
-        self.noise_source = noise_source
 
     def noise_std(self, eta: float, group: dict[str, Any]) -> float:
         """The standard deviation of the injected Gaussian noise at step size ``eta``."""
@@ -273,13 +170,8 @@ class SGMCMC(torch.optim.Optimizer):
         for (_, k, _, _), ps in buckets.items():
             self._fused(ps, group_of[ps[0]], k)
 
-    def _standard_normal(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """``n`` i.i.d. ``N(0, 1)`` numbers of ``noise_source`` (flat, ``like``'s dtype and
-        device)."""
-        return self.noise_source.standard_normal(n, like.dtype, like.device)
-
     def _fused(self, ps: list[torch.Tensor], group: dict, k: int) -> None:
-        """Drift ``G grad``, noise ``sqrt(G) xi`` (one draw split over ``ps``), update."""
+        """Drift ``G grad``, noise ``std sqrt(G) xi`` (scaled before it is added), update."""
         states = [self.state[p] for p in ps]
         for st in states:
             st["step"] = k + 1
@@ -289,43 +181,27 @@ class SGMCMC(torch.optim.Optimizer):
                                                                       strict=True)] \
             if group["precondition"] else None
         drifts = grads if scales is None else torch._foreach_mul(grads, scales)
-        xis, std = None, None
+        xis = None
         if noisy:
             xis = self._draw(ps)
             if scales is not None:
                 torch._foreach_mul_(xis, torch._foreach_sqrt(scales))
-            std = self.noise_std(eta, group)
-            if self.noise_source is None:  # scaled as before: the old runs bit for bit
-                torch._foreach_mul_(xis, std)
-                std = None
-        self._apply(ps, drifts, xis, eta, std, group, states)
-
-    def _draw(self, ps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``xi`` per parameter, views of one flat buffer: one draw of ``noise_source``, or
-        (none) one ``normal_`` of the global RNG per parameter, in order (the numbers
-        ``randn_like(p)`` gave the per-parameter samplers)."""
-        sizes = [p.numel() for p in ps]
-        if self.noise_source is not None:
-            flat = self._standard_normal(sum(sizes), ps[0])
-        else:
-            flat = torch.empty(sum(sizes), dtype=ps[0].dtype, device=ps[0].device)
-        xis = [x.view_as(p) for x, p in zip(flat.split(sizes), ps, strict=True)]
-        if self.noise_source is None:
-            for x in xis:
-                x.normal_()
-        return xis
+            torch._foreach_mul_(xis, self.noise_std(eta, group))
+        self._apply(ps, drifts, xis, eta, group, states)
 
     @staticmethod
-    def _add_noise(targets: list[torch.Tensor], xis: list[torch.Tensor],
-                   std: float | None) -> None:
-        """``targets += std xi`` (one rounding), or ``targets += xi`` (``std`` None:
-        ``xi`` already scaled)."""
-        if std is None:
-            torch._foreach_add_(targets, xis)
-        else:
-            torch._foreach_add_(targets, xis, alpha=std)
+    def _draw(ps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``xi`` per parameter, views of one flat buffer: one ``normal_`` of the global RNG
+        per parameter, in order (the numbers ``randn_like(p)`` gave the per-parameter
+        samplers)."""
+        sizes = [p.numel() for p in ps]
+        flat = torch.empty(sum(sizes), dtype=ps[0].dtype, device=ps[0].device)
+        xis = [x.view_as(p) for x, p in zip(flat.split(sizes), ps, strict=True)]
+        for x in xis:
+            x.normal_()
+        return xis
 
-    def _apply(self, ps, drifts, xis, eta, std, group, states) -> None:
+    def _apply(self, ps, drifts, xis, eta, group, states) -> None:
         raise NotImplementedError
 
     # -- the per-parameter reference ----------------------------------------------------
@@ -367,11 +243,11 @@ class SGLD(SGMCMC):
         """``sqrt(2 eta T)``."""
         return math.sqrt(2.0 * eta * group["temperature"])
 
-    def _apply(self, ps, drifts, xis, eta, std, group, states) -> None:
-        """``theta += -eta drift``, then ``theta += std xi``."""
+    def _apply(self, ps, drifts, xis, eta, group, states) -> None:
+        """``theta += -eta drift``, then ``theta += xi`` (``xi`` scaled)."""
         torch._foreach_add_(ps, drifts, alpha=-eta)
         if xis is not None:
-            self._add_noise(ps, xis, std)
+            torch._foreach_add_(ps, xis)
 
     def _update(self, p, drift, eta, group, state, noise) -> None:
         p.add_(drift, alpha=-eta)
@@ -387,8 +263,8 @@ class SGHMC(SGMCMC):
         """``sqrt(2 a eta T)``."""
         return math.sqrt(2.0 * group["friction"] * eta * group["temperature"])
 
-    def _apply(self, ps, drifts, xis, eta, std, group, states) -> None:
-        """``v = (1 - a) v - eta drift + std xi``, ``theta += v``."""
+    def _apply(self, ps, drifts, xis, eta, group, states) -> None:
+        """``v = (1 - a) v - eta drift + xi`` (``xi`` scaled), ``theta += v``."""
         vs = []
         for p, st in zip(ps, states, strict=True):
             if "momentum" not in st:
@@ -397,7 +273,7 @@ class SGHMC(SGMCMC):
         torch._foreach_mul_(vs, 1.0 - group["friction"])
         torch._foreach_add_(vs, drifts, alpha=-eta)
         if xis is not None:
-            self._add_noise(vs, xis, std)
+            torch._foreach_add_(vs, xis)
         torch._foreach_add_(ps, vs)
 
     def _update(self, p, drift, eta, group, state, noise) -> None:

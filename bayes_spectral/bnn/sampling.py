@@ -4,9 +4,8 @@ A sampler step is a MAP step plus noise: the same ``AutoDelta`` guide, mini-batc
 guard, lazy prior, checkpoint and fingerprint (:mod:`~bayes_spectral.bnn.training`), with
 the optimiser replaced by ONE :class:`~bayes_spectral.bnn.samplers.SGLD` /
 :class:`~bayes_spectral.bnn.samplers.SGHMC` over all parameters (:class:`SamplerOptim`, a
-fused multi-tensor step; the noise from the global RNG or an own stream:
-``NOISE_SOURCE``) and the loss by the potential in the
-unconstrained space where the guide's parameters live::
+fused multi-tensor step; the noise from the global RNG) and the loss by the potential in
+the unconstrained space where the guide's parameters live::
 
     U(theta) = -log p(theta) - (N / B) sum_batch log p(y | x, theta) - log|det J(theta)|
 
@@ -40,8 +39,7 @@ state's size (biases and BatchNorm: small; spectral ``U``, ``V``: about a weight
 each, i.e. more than the sampled singular values).
 
 Checkpoints hold, besides the MAP loop's state, the sampler's state (step counters,
-momenta, preconditioners: the optimiser state; an own noise stream's state: ``noise``), the
-chain index, the draws so far (or the
+momenta, preconditioners: the optimiser state), the chain index, the draws so far (or the
 names of the chunk files written) and the finished chains' histories; a resumed CPU run
 equals the uninterrupted one bit for bit. The fingerprint records every sampler setting
 (``fingerprint["sampler"]``), so resuming under another temperature, thin, ... is refused by
@@ -63,23 +61,11 @@ from torch.distributions import biject_to
 from .._io import atomic_path
 from .free_state import free_tensors
 from .multi_optim import load_by_name
-from .samplers import SAMPLERS, NoiseStream, in_sampling_phase
+from .samplers import SAMPLERS, in_sampling_phase
 
 #: prefix of the free-state entries among the collector's draws (buffers, chunk files)
 FREE = "free:"
 
-#: where a sampler fit's noise comes from: ``"global"`` (default; the global torch RNG, one
-#: ``normal_`` per latent parameter: the numbers, and so the runs, of the per-parameter
-#: samplers of before, bit for bit; old checkpoints resume), ``"stream"`` (one draw per
-#: step from an own generator, :class:`~bayes_spectral.bnn.samplers.NoiseStream`, seeded
-#: from the global RNG; its state in the checkpoint; other numbers) or ``"prefetch"`` (the
-#: stream drawn ahead in a background thread during the forward/backward pass: the same
-#: numbers as ``"stream"``). Measured on this project's 2 shared cores (784-512-512-10
-#: SGHMC, one intra-op thread, no idle core): the thread slowed the step (1.46x the MAP
-#: step against 1.33x without); one draw instead of one per tensor saved nothing
-#: measurable (the cost is the numbers, ~4 ns each, not the calls)
-NOISE_SOURCE = "global"
-NOISE_SOURCES = ("global", "stream", "prefetch")
 
 __all__ = ["FREE", "DrawCollector", "JacobianLoss", "SamplerConfig", "SamplerOptim",
            "steps_per_epoch"]
@@ -169,8 +155,6 @@ class SamplerConfig:
                "draws_dir": None if self.draws_dir is None else os.fspath(self.draws_dir),
                "free_params": self.free_params,
                "free_state": "per draw"}  # draws carry the free state (older: refused)
-        if NOISE_SOURCE != "global":  # the global RNG's runs are those of before
-            out["noise"] = NOISE_SOURCE
         if self.cycles is not None:
             out["epochs"] = int(epochs)
         return out
@@ -240,25 +224,14 @@ class SamplerOptim(pyro.optim.PyroOptim):
     ``fixed_free=True`` in ``args``). Each step updates the passed parameters with a
     gradient in the order of their param-store names (so the noise is drawn in the same
     order in a resumed run, and as the per-parameter optimisers drew it), in a few
-    multi-tensor
-    passes (:meth:`SGMCMC.step_params`). ``noise`` (:data:`NOISE_SOURCE`): ``"global"``,
-    the global torch RNG (``self.noise`` is ``None``), or a
-    :class:`~bayes_spectral.bnn.samplers.NoiseStream` ``self.noise`` seeded ``seed``
-    (default: drawn from the global torch RNG, i.e. from ``fit``'s ``seed + chain``), whose
-    state :class:`DrawCollector` checkpoints. :meth:`get_state` has
+    multi-tensor passes (:meth:`SGMCMC.step_params`), the noise from the global torch RNG
+    (``fit`` seeds it ``seed + chain``). :meth:`get_state` has
     ``pyro.optim.PyroOptim``'s format (``{param_name: state_dict of that parameter
     alone}``)."""
 
-    def __init__(self, constructor, args: dict, is_latent, *, noise: str = "global",
-                 seed: int | None = None):
+    def __init__(self, constructor, args: dict, is_latent):
         super().__init__(constructor, args)
         self._is_latent = is_latent
-        if noise not in NOISE_SOURCES:
-            raise ValueError(f"sampler: noise must be one of {NOISE_SOURCES}, got {noise!r}")
-        if noise != "global" and seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        self.noise = None if noise == "global" else \
-            NoiseStream(seed, prefetch=noise == "prefetch")
         self.torch_optim = None
         self._groups: dict[bool, dict] = {}  # latent? -> its param group
         self._seen: dict[torch.Tensor, dict] = {}  # parameter -> its param group
@@ -277,8 +250,7 @@ class SamplerOptim(pyro.optim.PyroOptim):
         if group is not None:
             group["params"].append(p)
         elif self.torch_optim is None:
-            self.torch_optim = self.pt_optim_constructor([p], **self._group_args(latent),
-                                                         noise_source=self.noise)
+            self.torch_optim = self.pt_optim_constructor([p], **self._group_args(latent))
             group = self.torch_optim.param_groups[0]
         else:
             self.torch_optim.add_param_group({"params": [p], **self._group_args(latent)})
@@ -343,7 +315,6 @@ class DrawCollector:
         self.chain_steps: list[list[int]] = []
         self.histories: list[dict] = []
         self.free_names: tuple[str, ...] | None = None  # fixed at the first kept draw
-        self._optim: SamplerOptim | None = None  # the running chain's (its noise state)
 
     # -- what start_run takes -----------------------------------------------------------
     def _names(self) -> dict[str, str]:
@@ -358,9 +329,7 @@ class DrawCollector:
                     friction=cfg.friction, precondition=cfg.precondition,
                     total_steps=self.total, cycles=cfg.cycles, explore=cfg.explore,
                     fixed_free=cfg.free_params == "fixed")
-        self._optim = SamplerOptim(SAMPLERS[cfg.method], args, self._is_latent,
-                                   noise=NOISE_SOURCE)
-        return self._optim
+        return SamplerOptim(SAMPLERS[cfg.method], args, self._is_latent)
 
     def loss(self, elbo, guide) -> dict:
         self.guide_prefix = getattr(guide, "_pyro_name", "AutoDelta")
@@ -450,10 +419,13 @@ class DrawCollector:
                 "chunks": list(self.chunks), "draw_steps": list(self.draw_steps),
                 "chain_steps": [list(s) for s in self.chain_steps],
                 "histories": list(self.histories),
-                "noise": {} if self._optim is None or self._optim.noise is None
-                else self._optim.noise.state_dict()}
+                "noise": {}}  # the global RNG's runs: no own noise stream state
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("noise"):
+            raise ValueError("sampler: the checkpoint holds the state of an own noise stream "
+                             "(sampling.NOISE_SOURCE 'stream' or 'prefetch', removed: the "
+                             "noise comes from the global RNG); resume=False starts over")
         self.chain, self.eligible = int(state["chain"]), int(state["eligible"])
         pend = state["pending"]
         self.held = len(next(iter(pend.values()))) if pend else 0
@@ -467,8 +439,6 @@ class DrawCollector:
         self.draw_steps = list(state["draw_steps"])
         self.chain_steps = [list(s) for s in state["chain_steps"]]
         self.histories = list(state["histories"])
-        if self._optim is not None and self._optim.noise is not None:
-            self._optim.noise.load_state_dict(state.get("noise", {}))
 
     # -- the result -----------------------------------------------------------------------
     def _read(self, chunk) -> dict[str, torch.Tensor]:
