@@ -31,8 +31,15 @@ the mean-field parameters alone (fixed gradients). ``plain fused Adam``: the pla
 fused Adam`` the same for the floor. The column ``x plain fused`` is the ratio over ``plain
 fused Adam`` (every row against a plain step with the same kernel as ``[fused]``).
 
+``--rows modes``: only ``plain`` and, for the Normal prior and the Frechet prior in each
+``tracked_mode`` (``"tracked"``: 2 power iterations; ``"fast"``: the 8-column block
+iteration; ``"fused"``: the rank-one closed-form step,
+:func:`~bayes_spectral.penalties.rank_one.rank_one_penalty`), the priors alone (``prior
+only``: every weight's ``log_prob(W).backward()``, the spectral work a step adds), the MAP
+step (guide ``"delta"``), ``trace_elbo`` and ``fused``, with the first of ``--optims``.
+
     python benchmarks/bench_svi.py [--quick] [--steps 10] [--repeats 5] [--sizes 512 1024]
-        [--optims fused multi pyro]
+        [--optims fused multi pyro] [--rows all|modes]
 """
 
 from __future__ import annotations
@@ -112,10 +119,13 @@ def optim_only(width, kind):
     return lambda: optim(passed)
 
 
-def svi_step(width, x, y, law, tracked, guide_kind, optim="pyro"):
+def svi_step(width, x, y, law, tracked, guide_kind, optim="pyro", mode="tracked"):
+    """One ``SVI.step`` (guide ``"delta"``: a MAP step) of the MLP with prior ``law`` on
+    every Linear (``tracked``: through ``tracked_mode=mode``)."""
     pyro.clear_param_store()
     bn = bs.bayesian(make_mlp(784, (width, width), 10, seed=0, named=False),
-                     {nn.Linear: law}, num_data=N, tracked=nn.Linear if tracked else None)
+                     {nn.Linear: law}, num_data=N, tracked=nn.Linear if tracked else None,
+                     tracked_mode=mode if tracked else "tracked")
     guide = bs.make_guide(bn, guide_kind)
     elbo = guide.make_elbo() if hasattr(guide, "make_elbo") else pyro.infer.Trace_ELBO()
     svi = pyro.infer.SVI(bn, guide, svi_optim(1e-3, optim), elbo)
@@ -130,10 +140,51 @@ def frechet_law(shape):
     return FrechetTopEigenvalue(2.0, 1.0, 0.5, shape)
 
 
+#: ``--rows modes``: MAP and SVI with the Frechet prior in each ``tracked_mode`` (and
+#: the i.i.d. Normal prior: the same step without spectral work), ``(row, guide)``
+MODE_ROWS = (("map", "delta"), ("trace_elbo", "normal"), ("fused", "fused_normal"))
+
+
+def prior_only(width: int, law, tracked: bool, mode: str):
+    """Only the site priors: ``log_prob(W).backward()`` of every Linear weight through the
+    priors ``bayesian`` installs (``tracked_mode=mode``), no model, guide or optimiser."""
+    bn = bs.bayesian(make_mlp(784, (width, width), 10, seed=0, named=False),
+                     {nn.Linear: law}, num_data=N, tracked=nn.Linear if tracked else None,
+                     tracked_mode=mode if tracked else "tracked")
+    weights = {site: bn._initial[site].clone().requires_grad_(True)
+               for site in bn.prior_sites.values()}
+    trace = pyro.poutine.trace(pyro.poutine.condition(bn, data=weights)).get_trace(
+        torch.zeros(1, 784), torch.zeros(1, dtype=torch.long))
+    priors = [(trace.nodes[site]["fn"], w) for site, w in weights.items()]
+
+    def step():
+        for fn, w in priors:
+            fn.log_prob(w).backward()
+    return step
+
+
+def mode_configs(width: int, x, y, args) -> dict:
+    """``--rows modes``: plain, then per prior (Normal; Frechet ``tracked``, ``fast``,
+    ``fused``) the priors alone, the MAP step and the SVI steps of :data:`MODE_ROWS` with
+    ``fit``'s Adam."""
+    configs = {"plain": plain_step(width, x, y)}
+    priors = [("Normal", normal_law, False, "tracked")] + [
+        (f"Frechet {mode}", frechet_law, True, mode) for mode in ("tracked", "fast", "fused")]
+    for prior, law, tracked, mode in priors:
+        configs[f"prior only ({prior})"] = prior_only(width, law, tracked, mode)
+        for row, kind in MODE_ROWS:
+            configs[f"{row} ({prior})"] = svi_step(width, x, y, law, tracked, kind,
+                                                   args.optims[0], mode)
+    return configs
+
+
 def table(width: int, args) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(128, 784, generator=g)
     y = torch.randint(0, 10, (128,), generator=g)
+    if args.rows == "modes":
+        return print_table(width, interleaved(mode_configs(width, x, y, args), args.steps,
+                                              args.repeats), args, ("plain",))
     configs = {"plain": plain_step(width, x, y),
                "plain fused Adam": plain_step(width, x, y, fused=True),
                "floor weight": floor_step(width, x, y, local=False),
@@ -148,16 +199,22 @@ def table(width: int, args) -> None:
             for optim in args.optims:
                 configs[f"{row} [{optim}] ({prior})"] = svi_step(width, x, y, law, tracked,
                                                                  kind, optim)
-    times = interleaved(configs, args.steps, args.repeats)
+    print_table(width, interleaved(configs, args.steps, args.repeats), args,
+                ("plain", "plain fused Adam"))
+
+
+def print_table(width: int, times: dict, args, refs: tuple[str, ...]) -> None:
+    """Median ms and the median per-round ratio over each of ``refs``."""
     t_plain = statistics.median(times["plain"])
     print(f"\nMLP 784-{width}-{width}-10, batch 128, threads {args.threads}: "
           f"plain {t_plain * 1e3:.1f} ms")
-    print(f"{'step':38s} {'ms':>7s} {'x plain':>8s} {'x plain fused':>14s}")
+    heads = {"plain": "x plain", "plain fused Adam": "x plain fused"}
+    print(f"{'step':38s} {'ms':>7s} " + " ".join(f"{heads[r]:>14s}" for r in refs))
     for name, ts in times.items():
         ratios = [statistics.median(a / b for a, b in zip(ts, times[ref], strict=True))
-                  for ref in ("plain", "plain fused Adam")]
-        print(f"{name:38s} {statistics.median(ts) * 1e3:7.1f} {ratios[0]:8.2f} "
-              f"{ratios[1]:14.2f}")
+                  for ref in refs]
+        print(f"{name:38s} {statistics.median(ts) * 1e3:7.1f} "
+              + " ".join(f"{r:14.2f}" for r in ratios))
 
 
 def main() -> None:
@@ -168,6 +225,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--optims", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     ap.add_argument("--quick", action="store_true", help="3 steps x 3 rounds")
+    ap.add_argument("--rows", choices=("all", "modes"), default="all",
+                    help="modes: only MAP / SVI with the Frechet prior per tracked_mode")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.repeats = 3, 3

@@ -87,10 +87,10 @@ def run_fingerprint(model, method: str, guide, *, lr: float, batch_size: int, sh
     }
     if prior_every != 1:
         out["prior_every"] = int(prior_every)
-    fast = {n: "fast" for n, p in sorted(getattr(model, "_tail_penalties", {}).items())
-            if getattr(p, "mode", None) == "fast"}
-    if fast:  # recorded only when used, so older checkpoints still resume
-        out["tracked_mode"] = fast
+    modes = {n: p.mode for n, p in sorted(getattr(model, "_tail_penalties", {}).items())
+             if getattr(p, "mode", None) in ("fast", "fused")}
+    if modes:  # recorded only when used, so older checkpoints still resume
+        out["tracked_mode"] = modes
     return out
 
 

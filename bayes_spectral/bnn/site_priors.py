@@ -32,12 +32,15 @@ from ..distributions import (
     PowerLawSpectrum,
     SpectralDistribution,
 )
+from ..penalties.rank_one import rank_one_loss
 from ..penalties.tail import FrechetPrior, PowerLawPrior
 from ..spectra.laws import frechet_log_pdf
 
 __all__ = [
     "FAST_LAWS",
+    "FUSED_LAWS",
     "LOG_JACOBIAN_TO_SV",
+    "MODE_LAWS",
     "TRACKED_MODES",
     "TRACKED_LAWS",
     "SingularValuePrior",
@@ -145,6 +148,16 @@ def _powerlaw_tracked(base: SpectralDistribution, power: Any, value: torch.Tenso
     return -power(value, name="weight")
 
 
+def _fused_tracked(base: SpectralDistribution, power: Any, value: torch.Tensor):
+    """``-R(W)``, ``R`` the law's ``mode="fused"`` penalty (``power``) by its rank-one
+    closed-form step without hooks (:func:`~bayes_spectral.penalties.rank_one.rank_one_loss`:
+    one block step per call, gradient ``c r v^T + d W``)."""
+    if value.dim() != 2:
+        raise ValueError(f"a fused {type(base).__name__} prior takes one weight matrix per "
+                         f"call, got shape {tuple(value.shape)} (no vectorised particles)")
+    return -rank_one_loss(power, value, "weight")
+
+
 @dataclass(frozen=True)
 class TrackedLaw:
     """How one law is tracked: ``log_prob(base, power, value)`` and the ``tracker`` it
@@ -165,7 +178,7 @@ TRACKED_LAWS: dict[type, TrackedLaw] = {
 
 
 #: ``tracked_mode`` values of :func:`~bayes_spectral.bayesian`
-TRACKED_MODES = ("tracked", "fast")
+TRACKED_MODES = ("tracked", "fast", "fused")
 
 #: law class -> how ``tracked_mode="fast"`` evaluates it: ``"penalty"`` (the law's
 #: ``mode="fast"`` penalty, :func:`_tail_penalty_for`) or ``"tracked"`` (the tracked
@@ -175,6 +188,39 @@ FAST_LAWS: dict[type, str] = {
     GaussianSpectrum: "tracked",
     PowerLawSpectrum: "penalty",
 }
+
+#: law class -> how ``tracked_mode="fused"`` evaluates it: ``"penalty"`` (the law's
+#: ``mode="fused"`` penalty through :func:`_fused_tracked`) or ``"tracked"`` (the exact
+#: tracked formula); a law missing here has no fused form (``PowerLawSpectrum``: its tail
+#: sum is not a rank-one function of ``W``)
+FUSED_LAWS: dict[type, str] = {
+    FrechetTopEigenvalue: "penalty",
+    GaussianSpectrum: "tracked",
+}
+
+#: ``tracked_mode`` (other than ``"tracked"``) -> its table of laws
+MODE_LAWS: dict[str, dict[type, str]] = {"fast": FAST_LAWS, "fused": FUSED_LAWS}
+
+#: ``tracked_mode`` -> the log-density of a law going through its mode's penalty
+_PENALTY_LOG_PROB = {"fast": _powerlaw_tracked, "fused": _fused_tracked}
+
+
+def mode_choices() -> str:
+    """``"'tracked', 'fast' or 'fused'"``: the ``tracked_mode`` values, for messages."""
+    names = [repr(m) for m in TRACKED_MODES]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_tracked_mode(mode: Any) -> None:
+    """``ValueError`` naming the choices when ``mode`` is not one of :data:`TRACKED_MODES`."""
+    if not isinstance(mode, str) or mode not in TRACKED_MODES:
+        raise ValueError(f"tracked_mode must be {mode_choices()}, got {mode!r}")
+
+
+def mode_kind(mode: str, law: object) -> str | None:
+    """How ``mode`` evaluates ``law``: ``"penalty"``, ``"tracked"`` (the tracked formula or,
+    for ``mode="tracked"``, the law's tracker) or ``None`` (no form in that mode)."""
+    return "tracked" if mode == "tracked" else law_entry(MODE_LAWS[mode], law)
 
 
 def _tracked_law_names() -> str:
@@ -211,6 +257,14 @@ class TrackedSpectralPrior(dist.TorchDistribution):
     block iteration (deterministic, ``<=`` the true one); power law (fixed ``xmin``):
     Hutchinson x Chebyshev on the tail, bulk exact (stochastic, unbiased for the
     interpolant); ``GaussianSpectrum``: the tracked formula (exact).
+
+    ``mode="fused"`` (``power``: the law's ``mode="fused"`` penalty): Frechet's ``-R(W)``
+    by one closed-form rank-one step on a kept 2-column block per call
+    (:func:`~bayes_spectral.penalties.rank_one.rank_one_penalty`: ``lambda`` the top Ritz
+    value of ``W V``, ``<= lambda_max``, one block power step behind; gradient ``c r v^T +
+    d W``; no hooks, no host sync), deterministic, equal to the exact prior at
+    convergence; ``GaussianSpectrum``: the tracked formula; ``PowerLawSpectrum`` has no
+    fused form (refused).
     """
 
     arg_constraints: dict = {}
@@ -218,8 +272,7 @@ class TrackedSpectralPrior(dist.TorchDistribution):
 
     def __init__(self, base: SpectralDistribution, power: nn.Module | None,
                  mode: str = "tracked"):
-        if mode not in TRACKED_MODES:
-            raise ValueError(f"tracked_mode must be 'tracked' or 'fast', got {mode!r}")
+        check_tracked_mode(mode)
         law = law_entry(TRACKED_LAWS, base)
         if law is None:
             raise TypeError(f"tracked spectra need a {_tracked_law_names()} prior, got "
@@ -229,8 +282,13 @@ class TrackedSpectralPrior(dist.TorchDistribution):
                              "measure='penalty'")
         if len(base.event_shape) != 2:
             raise ValueError(f"tracked spectra need a 2-D weight, got {tuple(base.event_shape)}")
-        if mode == "fast" and law_entry(FAST_LAWS, base) == "penalty":
-            law = TrackedLaw(_powerlaw_tracked, "fast")
+        kind = mode_kind(mode, base)
+        if kind is None:
+            raise ValueError(f"tracked_mode={mode!r} has no form for {type(base).__name__} "
+                             f"(fused laws: {', '.join(c.__name__ for c in FUSED_LAWS)}); "
+                             "use tracked_mode='fast' or 'tracked'")
+        if kind == "penalty":
+            law = TrackedLaw(_PENALTY_LOG_PROB[mode], mode)
         self.base, self.power, self._law, self.tracked_mode = base, power, law, mode
         super().__init__(base.batch_shape, base.event_shape, validate_args=False)
 
@@ -248,13 +306,17 @@ class TrackedSpectralPrior(dist.TorchDistribution):
 def _tail_penalty_for(law: PowerLawSpectrum | FrechetTopEigenvalue, mode: str = "tracked"
                      ) -> PowerLawPrior | FrechetPrior:
     """The penalty equal to ``-law.log_prob`` (penalty measure, same xmin rule) in ``mode``
-    (``"tracked"``: a power law's tail tracker; ``"fast"``: the penalty's fast mode)."""
+    (``"tracked"``: a power law's tail tracker; ``"fast"``: the penalty's fast mode;
+    ``"fused"``: Frechet's rank-one fused mode)."""
     if isinstance(law, FrechetTopEigenvalue):
-        if mode != "fast":
+        if mode not in ("fast", "fused"):
             raise ValueError("a tracked FrechetTopEigenvalue prior uses a power iteration, "
-                             "not a penalty; only tracked_mode='fast' builds one")
+                             "not a penalty; only tracked_mode='fast' or 'fused' builds one")
         return FrechetPrior(float(law.concentration), float(law.scale), float(law.tau),
-                            loc=float(law.loc), mode="fast")
+                            loc=float(law.loc), mode=mode)
+    if mode == "fused":
+        raise ValueError(f"tracked_mode='fused' has no form for {type(law).__name__}; use "
+                         "tracked_mode='fast'")
     if mode == "fast" and law.xmin_quantile is not None:
         raise ValueError("tracked_mode='fast' needs a PowerLawSpectrum with a fixed xmin "
                          f"(xmin=...), got xmin_quantile={law.xmin_quantile}")

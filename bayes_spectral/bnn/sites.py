@@ -44,12 +44,12 @@ from torch.distributions import constraints
 from ..distributions import SpectralDistribution, SpikeAndSlabSpectrum
 from ..spectra.spectrum import PowerIteration
 from .site_priors import (
-    FAST_LAWS,
     TRACKED_LAWS,
     SingularValuePrior,
     TrackedSpectralPrior,
     _tail_penalty_for,
     law_entry,
+    mode_kind,
 )
 from .slots import Slot, parametrize_attribute
 from .spectral_factors import SpectralFactors, SpectralWeight
@@ -214,21 +214,29 @@ def _tail_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
         bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n])
 
 
-def _fast_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
-    """``tracked_mode="fast"``: the law's ``mode="fast"`` penalty (its warm-started block /
-    probe generator state) held by the network as the tail trackers are (checkpointed
-    and renewed as they are)."""
-    bn._tail_penalties[slot.row] = _tail_penalty_for(law, "fast")
-    return lambda self, _n=slot.row: TrackedSpectralPrior(
-        bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n], mode="fast")
+def _mode_tracker(mode: str) -> Callable[..., PriorMaker]:
+    """``tracked_mode="fast"`` / ``"fused"``: the law's penalty in that mode (its
+    warm-started block / probe generator state; fused: the 2-column block) held by the
+    network as the tail trackers are (checkpointed and renewed as they are)."""
+
+    def tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
+        bn._tail_penalties[slot.row] = _tail_penalty_for(law, mode)
+        return lambda self, _n=slot.row: TrackedSpectralPrior(
+            bn._prior_for(_n, _any_param(self, bn)), bn._tail_penalties[_n], mode=mode)
+
+    return tracker
 
 
-#: tracker kind (``TrackedLaw.tracker``, or ``"fast"``) -> builder of the tracking state
-#: and the prior
+_fast_tracker = _mode_tracker("fast")
+
+
+#: tracker kind (``TrackedLaw.tracker``, or the mode ``"fast"`` / ``"fused"``) -> builder
+#: of the tracking state and the prior
 TRACKERS: dict[str, Callable[..., PriorMaker]] = {
     "power_iteration": _power_iteration_tracker,
     "tail": _tail_tracker,
     "fast": _fast_tracker,
+    "fused": _mode_tracker("fused"),
 }
 
 
@@ -243,25 +251,26 @@ class TrackedSite(SiteInstaller):
         self.power_iterations = int(power_iterations)
         self.mode = mode
 
-    def _fast(self, prior) -> bool:
-        """Whether the layer's prior goes through its law's fast penalty."""
-        return self.mode == "fast" and law_entry(FAST_LAWS, prior) == "penalty"
+    def _through_penalty(self, prior) -> bool:
+        """Whether the layer's prior goes through its law's penalty in ``self.mode``
+        (``"fast"`` or ``"fused"``)."""
+        return mode_kind(self.mode, prior) == "penalty"
 
     def check(self, name, prior, selected):
         if name in selected["spectral"] or name in selected["enumerated"]:
             raise ValueError(f"layer {name!r}: tracked spectra apply to a plain weight prior, not "
                              "with spectral= or enumerate_rank=")
-        TrackedSpectralPrior(prior, None, self.mode)  # validates the law, measure and shape
-        if self._fast(prior):
-            try:
-                _tail_penalty_for(prior, "fast")
-            except ValueError as err:
-                raise ValueError(f"layer {name!r}: {err}") from None
+        try:
+            TrackedSpectralPrior(prior, None, self.mode)  # validates the law, measure, shape
+            if self._through_penalty(prior):
+                _tail_penalty_for(prior, self.mode)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
 
     def install(self, bn, slot, prior):
         weight = getattr(slot.module, slot.attr).detach().clone()
         bn._priors[slot.row] = prior
-        tracker = TRACKERS["fast" if self._fast(prior)
+        tracker = TRACKERS[self.mode if self._through_penalty(prior)
                            else law_entry(TRACKED_LAWS, prior).tracker]
         setattr(slot.module, slot.attr,
                 PyroSample(tracker(bn, slot, prior, weight, self.power_iterations)))

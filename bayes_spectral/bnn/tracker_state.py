@@ -1,10 +1,11 @@
 """Layer 4: the state of a network's tracked priors, for :func:`~bayes_spectral.fit`'s
 checkpoints (key ``"trackers"``, :mod:`~bayes_spectral.bnn.checkpoint`).
 
-The tracked power-law priors (tail trackers) and the ``tracked_mode="fast"`` priors (the
+The tracked power-law priors (tail trackers), the ``tracked_mode="fast"`` priors (the
 warm-started block of :class:`~bayes_spectral.spectra.subspace.TopEigen`, the probe
-generators) keep their state in the penalty behind each row
-(``BayesianNetwork._tail_penalties``, not a buffer). Their state is saved as::
+generators) and the ``tracked_mode="fused"`` priors (the 2-column block ``v``) keep their
+state in the penalty behind each row (``BayesianNetwork._tail_penalties``, not a buffer).
+Their state is saved as::
 
     {"format": 1, "layers": {row: {"law": "PowerLawSpectrum", "penalty": "PowerLawPrior",
                                    "mode": "tracked", "shape": [m, n],
@@ -13,10 +14,11 @@ generators) keep their state in the penalty behind each row
 tensors and plain data only (``torch.load(weights_only=True)``; column-major blocks keep
 their strides, so a resumed run is bit for bit). Restoring checks first, changing nothing:
 the rows, each row's law, penalty class, mode and weight shape, the shapes of the saved
-blocks (a tracker's ``(1, min(m, n), k)``, a fast block's ``(1, n, k)``) and the penalty's
-own check (:meth:`~bayes_spectral.penalties.Penalty.check_state`); a ``ValueError`` names
-the file, the layer and what differs. Tracked Frechet / Gaussian priors on a power
-iteration keep theirs in a buffer of the layer (saved with the buffers), not here.
+blocks (a tracker's ``(1, min(m, n), k)``, a fast block's ``(1, n, k)``, a fused block's
+``(2, n)``) and the penalty's own check (:meth:`~bayes_spectral.penalties.Penalty.check_state`);
+a ``ValueError`` names the file, the layer and what differs. Tracked Frechet / Gaussian
+priors on a power iteration keep theirs in a buffer of the layer (saved with the buffers),
+not here.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def _block_problems(state: dict, shape: list[int]) -> list[str]:
                         t.dim() != 3 or tuple(t.shape[:2]) != lead):
                     out.append(f"{part} {name} of {key!r} has shape {tuple(t.shape)}, "
                                f"expected (1, {lead[1]}, k)")
+        v = parts.get("v") if isinstance(parts, dict) else None
+        if isinstance(v, torch.Tensor) and tuple(v.shape) != (2, n):
+            out.append(f"fused block v of {key!r} has shape {tuple(v.shape)}, expected (2, {n})")
     return out
 
 

@@ -1,0 +1,105 @@
+"""Layer 3: the fused rank-one step as one autograd function, without hooks.
+
+For a penalty ``R(lambda, total)`` of ``lambda ~ sigma_max(W)^2`` and ``total = ||W||_F^2``
+(the :class:`~bayes_spectral.penalties.fused.Rule` of a ``mode="fused"`` penalty: the Frechet
+prior, stable rank) and a kept orthonormal ``n x 2`` block ``V`` (stored as its ``2 x n``
+rows ``V^T``), one call of :func:`rank_one_penalty` on an ``m x n`` weight ``W``:
+
+* forward: ``R^T = V^T W^T`` (``2 x m``), ``y`` the top eigenvector of the ``2 x 2``
+  ``R^T R`` in closed form (:func:`~bayes_spectral.penalties.fused.top_ritz`), ``v = V y``,
+  ``r = R y = W v``, ``lambda = |r|^2`` (a Rayleigh-Ritz value, ``<= lambda_max``),
+  ``total = ||W||_F^2``; returns ``R(lambda, total)`` and the next block
+  ``orth(W^T R)`` (one block power step);
+* backward: ``dR/dW = c r v^T + d W``, ``(c, d) = coefs(lambda, total, N)``, ``N =
+  min(m, n)`` (``c = 2 dR/dlambda`` at the held ``v``, ``d = 2 dR/dtotal``).
+
+Three passes over ``W`` forward (two thin products, one dot), one or two backward; no
+``eigh``, no host sync; differentiable once (a Hessian, e.g. a Laplace approximation's,
+needs another path); the same maths as the hooks' :meth:`Rule.add` (which could call
+:func:`ritz_pair`). This is the path of weights that no ``nn.Linear`` hook sees: Pyro's
+sampled / MAP weights of :func:`~bayes_spectral.bayesian` with ``tracked_mode="fused"``
+(:func:`rank_one_loss`, the state kept in the penalty's fused layers, so its
+``state_dict`` carries it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .fused import orth2, top_ritz
+
+if TYPE_CHECKING:
+    from .fused import RankOneFused
+
+__all__ = ["RankOnePenalty", "rank_one_loss", "rank_one_penalty", "ritz_pair"]
+
+
+def ritz_pair(rb: torch.Tensor, vb: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(r, v, lambda)``: the top Ritz pair of the block product ``R = W V`` (``rb = R^T``,
+    ``vb = V^T``, rows): ``y = top_ritz(rb)``, ``r = R y``, ``v = V y``, ``lambda = |r|^2``."""
+    y = top_ritz(rb)
+    r = torch.mv(rb.t(), y)
+    return r, torch.mv(vb.t(), y), torch.dot(r, r)
+
+
+class RankOnePenalty(torch.autograd.Function):
+    """``(R(lambda, total), next block)`` of ``W`` (module docstring); the gradient of the
+    value is ``c r v^T + d W``, the block is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, weight, vb, value: Callable, coefs: Callable):
+        w2 = weight.detach().reshape(weight.shape[0], -1)
+        n = min(w2.shape)
+        rb = torch.mm(vb, w2.t())  # R^T: the thin side as rows
+        r, v, lam = ritz_pair(rb, vb)
+        flat = w2.reshape(-1)
+        total = torch.dot(flat, flat)
+        nxt = orth2(torch.mm(rb, w2))
+        ctx.save_for_backward(weight, r, v, lam, total)
+        ctx.coefs, ctx.n = coefs, n
+        ctx.mark_non_differentiable(nxt)
+        return value(lam, total, n), nxt
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _):
+        weight, r, v, lam, total = ctx.saved_tensors
+        c, d = ctx.coefs(lam, total, ctx.n)
+        w2 = weight.reshape(weight.shape[0], -1)
+        if d is None:
+            out = torch.outer(r * (c * g), v)
+        else:
+            out = w2 * (g * d)
+            out.addr_(r * (c * g), v)
+        return out.view(weight.shape), None, None, None
+
+
+def rank_one_penalty(weight: torch.Tensor, vb: torch.Tensor, value: Callable,
+                     coefs: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, next block)`` for the weight ``weight`` (2-D, or flattened to ``m x n``) and
+    the block rows ``vb`` (``2 x n``, on ``weight``'s device / dtype); ``value(lambda,
+    total, N)`` the penalty, ``coefs(lambda, total, N)`` its closed-form ``(c, d)``
+    (:class:`~bayes_spectral.penalties.fused.Rule`). No host sync."""
+    n = weight.numel() // weight.shape[0]
+    if vb.dim() != 2 or vb.shape[0] != 2 or vb.shape[1] != n:
+        raise ValueError(f"rank_one_penalty: the block must be 2 x {n} for a weight of shape "
+                         f"{tuple(weight.shape)}, got {tuple(vb.shape)}")
+    return RankOnePenalty.apply(weight, vb, value, coefs)
+
+
+def rank_one_loss(penalty: RankOneFused, weight: torch.Tensor, name: str | None = None
+                  ) -> torch.Tensor:
+    """``penalty``'s value at ``weight`` by :func:`rank_one_penalty` on layer ``name``'s
+    fused block (created as the hooks' are: seeded, 16 warm block steps), which then
+    advances one step; the gradient ``c r v^T + d W`` reaches whatever ``weight`` came from
+    (a Pyro sample, ``mu + sigma eps``). ``penalty`` a ``mode="fused"`` penalty
+    (:class:`~bayes_spectral.penalties.fused.RankOneFused`)."""
+    st = penalty._fused_layer(name, weight)
+    value, st.v = rank_one_penalty(weight, st.v, penalty._rank_one_value,
+                                   penalty._rank_one_coefs)
+    return value
