@@ -52,29 +52,30 @@ def roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
-def check_fused_resume(make_penalty, make_mlp):
-    """5 steps, save model + SGD + regulariser state (through a real ``torch.save``), 5
-    more; fresh objects loaded from the save run the same 5: equal bit for bit. The saved
-    state is the fused one (layer ``"2"`` holds ``v``). Returns ``(saved, reloaded reg)``."""
+def check_fused_resume(make_penalty, make_mlp, every=1, first=5, then=5):
+    """``first`` steps, save model + SGD + regulariser state (through a real ``torch.save``),
+    ``then`` more; fresh objects loaded from the save run the same ``then``: equal bit for
+    bit (``Regularizer(..., every=every)``). The saved state is the fused one (layer ``"2"``
+    holds ``v``). Returns ``(saved, reloaded reg)``."""
     x, y = data(dtype=torch.float32)
 
     def build():
         model = make_mlp(dtype=torch.float32)
-        reg = P.Regularizer(model, make_penalty(), log=False)
+        reg = P.Regularizer(model, make_penalty(), log=False, every=every)
         return model, reg, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
     model, reg, opt = build()
-    run(model, reg, opt, x, y, 5)
+    run(model, reg, opt, x, y, first)
     saved = roundtrip({"m": model.state_dict(), "o": opt.state_dict(), "r": reg.state_dict()})
     assert saved["r"]["penalties"][0]["state"]["mode"] == "fused"
     assert set(saved["r"]["penalties"][0]["state"]["layers"]["2"]) == {"v"}
-    run(model, reg, opt, x, y, 5)
+    run(model, reg, opt, x, y, then)
     reg.remove_hooks()
     m2, r2, o2 = build()
     m2.load_state_dict(saved["m"])
     o2.load_state_dict(saved["o"])
     r2.load_state_dict(saved["r"])
-    run(m2, r2, o2, x, y, 5)
+    run(m2, r2, o2, x, y, then)
     for a, b in zip(model.parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b)
     return saved, r2

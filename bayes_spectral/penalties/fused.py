@@ -29,11 +29,12 @@ backward of the first, weight tying, runs plain; ``"adjacent"``: the hook on the
 runs once per backward); no host sync (``c u = coef * r``). ``"gemm"`` is not for
 activation checkpointing (the recomputed forward would run plain).
 Every backward adds the penalty gradient: with gradient accumulation over ``k``
-micro-batches it counts ``k`` times per optimiser step (use ``coef / k``). The extra row is
-~``1/N`` of each GEMM's work, but a kernel that blocks rows by a tile (a GPU's 64 or 128)
-pays a whole tile row when ``N`` is a multiple of it; on the 2-core CPU the ``N+1``-row
-GEMMs and copies alone cost 1.07-1.14x a plain 784-512-512-10 step at batch 128
-(``benchmarks/bench_penalties.py``, floor row).
+micro-batches it counts ``k`` times per optimiser step (use ``coef / k``). Lazily
+(``Regularizer(..., every=k)``, :class:`Cadence`) only the due steps' backward does, ``k``
+times. The extra row is ~``1/N`` of each GEMM's work, but a kernel that blocks rows by a
+tile (a GPU's 64 or 128) pays a whole tile row when ``N`` is a multiple of it; on the
+2-core CPU the ``N+1``-row GEMMs and copies alone cost 1.07-1.14x a plain 784-512-512-10
+step at batch 128 (``benchmarks/bench_penalties.py``, floor row).
 """
 
 from __future__ import annotations
@@ -44,20 +45,73 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["BLOCK", "STRATEGIES", "FusedHooks", "LayerState", "RankOneFused", "Rule",
-           "fusable", "hook_linear", "hook_linear_adjacent", "orth2", "top_ritz"]
+__all__ = ["BLOCK", "CATCH_UP", "STRATEGIES", "Cadence", "FusedHooks", "LayerState",
+           "RankOneFused", "Rule", "advance", "fusable", "hook_linear", "hook_linear_adjacent",
+           "orth2", "top_ritz"]
 
 #: modules carrying fused hooks (refuses a second set: the extra rows would collide)
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: extra power / block steps a due step of ``every=k > 1`` runs first (at most ``k - 1``):
+#: the iteration is skipped on the off steps (measured along the digits trajectory, 2-column
+#: block, every=8: stable rank within 7.4e-4 relative with 4, 1.4e-3 with 3, 0.21 with none)
+CATCH_UP = 4
+
+
+class Cadence:
+    """Which training steps a fused penalty acts on (``Regularizer(..., every=k)``; shared by
+    the Regularizer, which counts its calls in ``calls``, and the hooks). The step whose
+    forward runs before call ``calls`` is due when ``calls % every == 0`` (Python ints: no
+    host sync): its backward adds ``every`` times the penalty gradient. ``off="skip"``
+    (default): the off steps' hooks do nothing, and a due step first runs ``catch_up`` extra
+    power steps at the current weights (:data:`CATCH_UP`, at most ``every - 1``);
+    ``off="iterate"``: every step advances the iteration by one step (two thin products) and
+    only the gradient is skipped off step (no catch-up; ``fuse="adjacent"`` hooks only; kept
+    for measurement: it cost more, see the Regularizer's docstring)."""
+
+    __slots__ = ("every", "calls", "off", "catch_up")
+
+    def __init__(self, every: int = 1, off: str = "skip") -> None:
+        if off not in ("skip", "iterate"):
+            raise ValueError(f"Cadence: off must be 'skip' or 'iterate', got {off!r}")
+        self.every, self.calls, self.off = int(every), 0, off
+        self.catch_up = min(self.every - 1, CATCH_UP)
+
+    def due(self) -> bool:
+        """Whether the current step (before call ``calls``) adds the gradient."""
+        return self.calls % self.every == 0
+
+    def hook_catch_up(self) -> int:
+        """Extra steps the hooks run on a due step (none if they iterate every step)."""
+        return self.catch_up if self.off == "skip" else 0
+
+
+def advance(w2: torch.Tensor, v: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` power steps on ``W^T W`` (``w2`` the ``m x n`` matrix): ``v <- W^T W v /
+    |W^T W v|`` for a vector, ``V <- orth2(V W^T W)`` for a ``2 x n`` block; no host sync."""
+    for _ in range(steps):
+        if v.dim() == 1:
+            g = torch.mv(w2.t(), torch.mv(w2, v))
+            v = g / torch.linalg.vector_norm(g).clamp_min_(1e-30)
+        else:
+            v = orth2(torch.mm(torch.mm(v, w2.t()), w2))
+    return v
+
+
+def _cadence(cadence: Cadence | None) -> Cadence:
+    return Cadence() if cadence is None else cadence
+
+
 class LayerState:
     """One layer's iteration state: ``v`` (unit right vector, the checkpointed part) and the
-    record of the last injecting forward: ``r = W v_used`` and ``injected`` (the hooks added
-    this step's gradient; cleared by the penalty when it reads the value)."""
+    record of the last injecting forward: ``r = W v_used``, ``injected`` (the hooks added
+    this step's gradient; cleared by the penalty when it reads the value) and ``gain`` (the
+    multiple of the gradient they added: ``every`` on a due step, 0 on an iterate-only
+    off step)."""
 
-    __slots__ = ("v", "v_used", "r", "total", "lam", "injected", "_pending", "_active", "_lead",
-                 "_xgrad", "_n", "_armed")
+    __slots__ = ("v", "v_used", "r", "total", "lam", "injected", "gain", "_pending", "_active",
+                 "_lead", "_xgrad", "_n", "_armed")
 
     def __init__(self, v: torch.Tensor) -> None:
         self.v = v
@@ -66,6 +120,7 @@ class LayerState:
         self.total: torch.Tensor | None = None  # ||W||_F^2 of the step (a Rule's penalties)
         self.lam: torch.Tensor | None = None  # |r|^2 (set by Rule.add)
         self.injected = False
+        self.gain = 1
         self._pending: weakref.ref | None = None
         self._active = False
         self._lead: tuple[int, ...] = ()
@@ -161,11 +216,13 @@ def fusable(module: nn.Module | None, attr: str) -> bool:
 
 
 def hook_linear(module: nn.Linear, state_of: Callable[[], LayerState],
-                coef: float) -> list:
+                coef: float, cadence: Cadence | None = None) -> list:
     """Register the pre-hook (pad) and hook (inject, strip) on ``module``; ``state_of()``
     returns the layer's current :class:`LayerState` (looked up per call, so a restored
-    state is used). Returns the two hook handles."""
+    state is used). ``cadence``: off steps run plain, a due step catches up and adds
+    ``every`` times the gradient. Returns the two hook handles."""
     m = module.out_features
+    cadence = _cadence(cadence)
 
     current: list[LayerState] = []  # the state found by the pre-hook, for the hook
 
@@ -176,13 +233,15 @@ def hook_linear(module: nn.Linear, state_of: Callable[[], LayerState],
         current[:] = [st]
         st._active = False
         if not (mod.training and torch.is_grad_enabled() and args) or st.pending() \
-                or not mod.weight.requires_grad:
+                or not mod.weight.requires_grad or not cadence.due():
             return None
         x = args[0]
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != mod.in_features:
             return None  # the Linear raises its own error
         st._lead, st._xgrad, st._active = tuple(x.shape[:-1]), x.requires_grad, True
-        st.v_used = st.v
+        if cadence.catch_up:
+            st.v = advance(mod.weight.detach(), st.v, cadence.catch_up)
+        st.v_used, st.gain = st.v, cadence.every
         x2 = x.reshape(-1, x.shape[-1])
         st._n = x2.shape[0]
         v = st.v if st.v.dtype == x.dtype else st.v.to(x.dtype)
@@ -195,7 +254,7 @@ def hook_linear(module: nn.Linear, state_of: Callable[[], LayerState],
         st = current[0]
         st._active = False
         w = None if st._xgrad else mod.weight.detach()
-        out = _Inject.apply(out, mod.bias, w, st, coef)
+        out = _Inject.apply(out, mod.bias, w, st, coef * st.gain)
         y = out[:st._n]
         return y if len(st._lead) == 1 else y.reshape(*st._lead, m)
 
@@ -203,31 +262,41 @@ def hook_linear(module: nn.Linear, state_of: Callable[[], LayerState],
 
 
 def hook_linear_adjacent(module: nn.Linear, state_of: Callable[[], LayerState],
-                         coef: float | Rule) -> list:
+                         coef: float | Rule, cadence: Cadence | None = None) -> list:
     """The same step beside the layer's GEMMs instead of inside them (``fuse="adjacent"``):
     a forward hook computes ``r = W v`` right after the forward GEMM streamed ``W``; a
     post-accumulate-grad hook on the weight adds ``coef r v^T`` to the gradient the
     backward just wrote and sets ``v <- W^T r / |W^T r|``. No change to the GEMMs, the
     output or the other gradients; works with activation checkpointing. ``coef`` a
     :class:`Rule`: the forward also records ``||W||_F^2`` (if the rule needs it) and the
-    backward adds the rule's ``c r v^T + d W`` instead. Returns the two hook handles."""
+    backward adds the rule's ``c r v^T + d W`` instead. ``cadence``
+    (:class:`Cadence`): a due step adds ``every`` times the gradient (after its catch-up
+    steps), an off step does nothing (``"skip"``) or only the iteration (``"iterate"``).
+    Returns the two hook handles."""
     rule = coef if isinstance(coef, Rule) else None
     n_evals = min(module.out_features, module.in_features)
+    cadence = _cadence(cadence)
 
     def post(mod, args, out):
         if mod is not module or not (mod.training and torch.is_grad_enabled()) \
                 or not mod.weight.requires_grad:
             return None
+        due = cadence.due()
+        if not due and cadence.off == "skip":
+            return None
         st = state_of()
-        st.v_used = st.v
         w = mod.weight.detach()
+        steps = (cadence.hook_catch_up() if due else 0) + (rule.extra if rule else 0)
+        if steps:
+            st.v = advance(w.reshape(w.shape[0], -1), st.v, steps)
+        st.v_used, st.gain = st.v, cadence.every if due else 0
         # recomputed per call: same W, same v (a Rule's layers: R^T = V^T W^T, the block
         # stored as 2 x n rows: the thin side as rows is ~10x faster than as columns on CPU)
         st.r = torch.mv(w, st.v) if st.v.dim() == 1 else torch.mm(st.v, w.t())
-        if rule is not None and rule.total:  # while W is in cache
+        if due and rule is not None and rule.total:  # while W is in cache
             flat = w.reshape(-1)
             st.total = torch.dot(flat, flat)
-        st.injected = st._armed = True
+        st.injected, st._armed = due, True
         return None
 
     def acc(param):
@@ -235,12 +304,19 @@ def hook_linear_adjacent(module: nn.Linear, state_of: Callable[[], LayerState],
         if param is not module.weight or not st._armed or param.grad is None:
             return
         st._armed = False
-        g = param.grad
-        if rule is not None:
-            rule.add(st, g.view(g.shape[0], -1), param.detach(), n_evals)
+        g, w = param.grad, param.detach()
+        if not st.gain:  # an off step of off="iterate": the iteration only
+            if rule is not None:
+                st.v = orth2(torch.mm(st.r.to(w.dtype), w.reshape(w.shape[0], -1)))
+            else:
+                st.set_v(torch.mv(w.reshape(w.shape[0], -1).t(), st.r.to(w.dtype)))
             return
-        g.view(g.shape[0], -1).addr_(st.r.to(g.dtype), st.v_used.to(g.dtype), alpha=coef)
-        st.set_v(torch.mv(param.detach().t(), st.r.to(param.dtype)))
+        if rule is not None:
+            rule.add(st, g.view(g.shape[0], -1), w, n_evals, scale=st.gain)
+            return
+        g.view(g.shape[0], -1).addr_(st.r.to(g.dtype), st.v_used.to(g.dtype),
+                                     alpha=coef * st.gain)
+        st.set_v(torch.mv(w.t(), st.r.to(param.dtype)))
 
     return [module.register_forward_hook(post),
             module.weight.register_post_accumulate_grad_hook(acc)]
@@ -251,18 +327,21 @@ STRATEGIES = {"adjacent": hook_linear_adjacent, "gemm": hook_linear}
 
 
 def hook_rows(rows: dict, fuse_min: int, state_of: Callable[[str, torch.Tensor], LayerState],
-              coef, fuse: str, records: dict[str, LayerState]) -> FusedHooks:
+              coef, fuse: str, records: dict[str, LayerState],
+              cadence: Cadence | None = None) -> FusedHooks:
     """Hook every row of ``rows`` that is a plain ``nn.Linear`` weight (:func:`fusable`) of
     ``>= fuse_min`` entries (``state_of(name, weight)``, ``coef`` a float or a :class:`Rule`,
-    ``fuse`` ``"adjacent"`` or ``"gemm"``); all or none (a refused layer unhooks the others).
-    On removal the layers' ``records`` no longer count as injected."""
+    ``fuse`` ``"adjacent"`` or ``"gemm"``, ``cadence`` the due steps); all or none (a refused
+    layer unhooks the others). On removal the layers' ``records`` no longer count as
+    injected."""
     hooks = FusedHooks()
     try:
         for name, row in rows.items():
             if row.is_leaf() and fusable(row.module, row.attr) \
                     and row.module.weight.numel() >= fuse_min:
                 mod = row.module
-                hooks.add(name, mod, lambda n=name, m=mod: state_of(n, m.weight), coef, fuse)
+                hooks.add(name, mod, lambda n=name, m=mod: state_of(n, m.weight), coef, fuse,
+                          cadence)
     except ValueError:
         hooks.remove()
         raise
@@ -287,14 +366,14 @@ class FusedHooks:
         self._on_remove: list[Callable[[], None]] = []
 
     def add(self, name: str, module: nn.Linear, state_of: Callable[[], LayerState],
-            coef: float, fuse: str = "adjacent") -> None:
+            coef: float, fuse: str = "adjacent", cadence: Cadence | None = None) -> None:
         """Hook ``module`` with strategy ``fuse`` (:data:`STRATEGIES`; ValueError if it
-        already carries fused hooks)."""
+        already carries fused hooks) on ``cadence``'s due steps."""
         if module in _HOOKED:
             raise ValueError(f"layer {name!r} already carries the fused penalty hooks of "
                              "another Regularizer: call its remove_hooks() first (or use "
                              "'with Regularizer(...)')")
-        self._handles += STRATEGIES[fuse](module, state_of, coef)
+        self._handles += STRATEGIES[fuse](module, state_of, coef, cadence)
         _HOOKED[module] = self
         self._modules.append(weakref.ref(module))
         self.names.append(name)
@@ -354,11 +433,13 @@ class Rule:
     ``N = min(m, n)``: ``c`` a 0-d tensor (no host sync), ``d`` a tensor, a Python float or
     ``None``; then ``V <- orth(W^T R)``, one block power step. Two columns resolve a
     crossing of the top two singular values, where one vector trails for many steps.
-    ``total``: whether the forward hook records ``||W||_F^2``."""
+    ``total``: whether the forward hook records ``||W||_F^2``; ``extra``: block power steps
+    at the current weights before ``R`` (``V <- orth(W^T W V)``, two thin products each)."""
 
-    def __init__(self, coefs: Callable, total: bool = True) -> None:
+    def __init__(self, coefs: Callable, total: bool = True, extra: int = 0) -> None:
         self.coefs = coefs
         self.total = bool(total)
+        self.extra = int(extra)
 
     def add(self, st: LayerState, g2d: torch.Tensor, w: torch.Tensor, n: int,
             scale: float = 1.0, advance: bool = True) -> None:
@@ -395,13 +476,19 @@ class RankOneFused:
     ``>= fuse_min`` entries), else in ``accumulate_grad`` by two thin products (the
     identical step). No host sync."""
 
-    def _init_fused(self, fuse_min: int, label: str) -> None:
+    def _init_fused(self, fuse_min: int, label: str, extra: int = 0) -> None:
         if isinstance(fuse_min, bool) or not isinstance(fuse_min, int) or fuse_min < 0:
             raise ValueError(f"{label}: fuse_min must be an integer >= 0 (the fewest weight "
                              f"entries a fused layer has), got {fuse_min!r}")
         self.fuse_min = fuse_min
         self._fused: dict[str, LayerState] = {}
-        self._rule = Rule(self._rank_one_coefs, total=True)
+        self._rule = Rule(self._rank_one_coefs, total=True, extra=extra)
+        self._cadence: Cadence | None = None  # the Regularizer's (every=k), set by attach
+
+    def _catch_up(self) -> int:
+        """Block steps before an unhooked row's value: the rule's ``extra`` plus, with
+        ``every=k``, the catch-up (that row's iteration does not run on the off steps)."""
+        return self._rule.extra + (0 if self._cadence is None else self._cadence.catch_up)
 
     def _fused_layer(self, name: str | None, weight: torch.Tensor) -> LayerState:
         """Layer ``name``'s state: an orthonormal ``(numel / out) x 2`` block, seeded, then
@@ -422,17 +509,19 @@ class RankOneFused:
             st.v = st.v.to(device=weight.device, dtype=weight.dtype)
         return st
 
-    def attach(self, rows: dict) -> FusedHooks | None:
+    def attach(self, rows: dict, cadence: Cadence | None = None) -> FusedHooks | None:
         """Fused mode: hook every selected plain ``nn.Linear`` weight of ``>= fuse_min``
-        entries (:func:`hook_linear_adjacent` with this penalty's :class:`Rule`)."""
+        entries (:func:`hook_linear_adjacent` with this penalty's :class:`Rule`, acting on
+        ``cadence``'s due steps)."""
         if self.mode != "fused":
             return None
+        self._cadence = cadence
         return hook_rows(rows, self.fuse_min, self._fused_layer, self._rule, "adjacent",
-                         self._fused)
+                         self._fused, cadence)
 
     def _fused_grad(self, weight: torch.Tensor, grad: torch.Tensor, name, scale: float):
-        """The hooks' value (and ``(scale - 1)`` times their gradient), or the same step by
-        two matrix-vector products; returns ``scale R``."""
+        """The hooks' value (and ``(scale - gain)`` times their gradient), or the same step
+        (after the catch-up steps) by thin products; returns ``scale R``."""
         st = self._fused_layer(name, weight)
         w = weight.detach()
         n = min(w.shape[0], w.numel() // w.shape[0])
@@ -441,10 +530,11 @@ class RankOneFused:
             st.injected = False
             if st.lam is None or st._armed:  # the weight hook did not run (no backward)
                 st.lam = _ritz_lam(st.r)
-            if scale != 1.0:  # the backward added scale 1
-                self._rule.add(st, g2d, w, n, scale - 1.0, advance=False)
+            if scale != st.gain:  # the backward added gain (every) times the gradient
+                self._rule.add(st, g2d, w, n, scale - st.gain, advance=False)
         else:
             w2 = w.reshape(w.shape[0], -1)
+            st.v = advance(w2, st.v, self._catch_up())
             flat = w.reshape(-1)
             st.v_used, st.r, st.total = st.v, torch.mm(st.v, w2.t()), torch.dot(flat, flat)
             self._rule.add(st, g2d, w, n, scale)
@@ -463,7 +553,7 @@ class RankOneFused:
                 st.lam = _ritz_lam(st.r)
             return self._rank_one_value(st.lam, st.total, n)
         w2 = weight.reshape(weight.shape[0], -1)
-        vb = st.v
+        vb = st.v = advance(w2.detach(), st.v, self._catch_up())
         with torch.no_grad():
             rb = torch.mm(vb, w2.detach().t())
             v = torch.mv(vb.t(), top_ritz(rb))

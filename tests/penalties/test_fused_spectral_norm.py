@@ -296,9 +296,12 @@ def test_refusals(fuse):
     with pytest.raises(ValueError, match="fuse must"):
         P.SpectralNorm(COEF, mode="fused", fuse="rows")
     model = _mlp()
-    with pytest.raises(ValueError, match="every"):
-        P.Regularizer(model, _fused(fuse), every=4)
+    with pytest.raises(ValueError, match="every must be an integer"):
+        P.Regularizer(model, _fused(fuse), every=0)
     assert all(not m._forward_hooks for m in model)
+    lazy = P.Regularizer(model, _fused(fuse), every=4)  # lazy fused: test_fused_every.py
+    assert lazy.fused == ["0", "2", "4"]
+    lazy.remove_hooks()
     reg = P.Regularizer(model, _fused(fuse))
     with pytest.raises(ValueError, match="already"):
         P.Regularizer(model, _fused(fuse))
