@@ -6,8 +6,16 @@ from __future__ import annotations
 import io
 
 import torch
+from torch import nn
 
 from bayes_spectral import penalties as P
+
+
+def mlp(seed=0, dtype=torch.float64):
+    """The fused tests' small MLP 20-48-32-5 (ReLU, Tanh), seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh(),
+                         nn.Linear(32, 5)).to(dtype)
 
 
 def data(n=16, d=20, seed=1, dtype=torch.float64):

@@ -13,6 +13,7 @@ import torch
 from fused_helpers import check_fused_resume
 from fused_helpers import data as _data
 from fused_helpers import loss as _loss
+from fused_helpers import mlp as _mlp
 from torch import nn
 
 from bayes_spectral import penalties as P
@@ -49,12 +50,6 @@ KINDS = {
 @pytest.fixture(params=sorted(KINDS))
 def kind(request):
     return request.param
-
-
-def _mlp(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh(),
-                         nn.Linear(32, 5)).to(dtype)
 
 
 def _step(model, reg, x, y, how):

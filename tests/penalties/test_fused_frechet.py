@@ -15,6 +15,7 @@ import torch
 from fused_helpers import check_fused_resume
 from fused_helpers import data as _data
 from fused_helpers import loss as _loss
+from fused_helpers import mlp as _mlp
 from fused_helpers import train as _train
 from torch import nn
 
@@ -53,12 +54,6 @@ KINDS = {"frechet": (_frechet, exact_frechet), "stable rank": (_stable, exact_st
 @pytest.fixture(params=sorted(KINDS))
 def kind(request):
     return request.param
-
-
-def _mlp(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(20, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh(),
-                         nn.Linear(32, 5)).to(dtype)
 
 
 def test_fixed_weights_gradient_and_value_are_the_exact_ones(kind):
