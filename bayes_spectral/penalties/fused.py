@@ -45,6 +45,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .rank_one import orth2, ritz_pair, top_ritz
+
 __all__ = ["BLOCK", "CATCH_UP", "STRATEGIES", "Cadence", "FusedHooks", "LayerState",
            "RankOneFused", "Rule", "advance", "fusable", "hook_linear", "hook_linear_adjacent",
            "orth2", "top_ritz"]
@@ -399,23 +401,6 @@ BLOCK = 2
 WARM_STEPS = 16
 
 
-def orth2(g: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the two rows of ``g`` (Gram-Schmidt; no host sync)."""
-    a = g[0] / torch.linalg.vector_norm(g[0]).clamp_min(1e-30)
-    b = g[1] - a * torch.dot(a, g[1])
-    return torch.stack([a, b / torch.linalg.vector_norm(b).clamp_min(1e-30)])
-
-
-def top_ritz(rb: torch.Tensor) -> torch.Tensor:
-    """Unit top eigenvector ``y = (cos t, sin t)`` of the 2 x 2 ``H = R^T R`` (``rb = R^T =
-    V^T W^T``, rows), ``t = atan2(2 h_01, h_00 - h_11) / 2``: the rotation that diagonalises
-    ``H``, on the larger eigenvalue's side (``e_1`` for a multiple of the identity); a few
-    dispatches, no eigh, no host sync."""
-    a, b, _, c = (rb @ rb.t()).reshape(4).unbind()
-    t = torch.atan2(b + b, a - c).mul(0.5)
-    return torch.stack([t.cos(), t.sin()])
-
-
 def _ritz_lam(rb: torch.Tensor) -> torch.Tensor:
     """``|R y|^2``, the top Ritz value of the block product ``R = W V``."""
     r = torch.mv(rb.t(), top_ritz(rb))
@@ -447,9 +432,7 @@ class Rule:
         st.v_used``, ``total``), then (``advance``) ``V <- orth(W^T R)``; ``w`` the
         detached weight. Sets ``st.lam = |r|^2``."""
         rb, vb = st.r, st.v_used  # R^T, V^T: 2 x m, 2 x n
-        y = top_ritz(rb)
-        r, v = torch.mv(rb.t(), y), torch.mv(vb.t(), y)
-        st.lam = torch.dot(r, r)
+        r, v, st.lam = ritz_pair(rb, vb)
         c, d = self.coefs(st.lam, st.total, n)
         if scale != 1.0:
             c = c * scale
@@ -476,13 +459,16 @@ class RankOneFused:
     ``>= fuse_min`` entries), else in ``accumulate_grad`` by two thin products (the
     identical step). No host sync."""
 
-    def _init_fused(self, fuse_min: int, label: str, extra: int = 0) -> None:
+    def _init_fused(self, fuse_min: int, label: str, extra: int = 0,
+                    total: bool = True) -> None:
+        """Check ``fuse_min``, set the empty layer states and the :class:`Rule` (``extra``
+        block steps, ``total``: whether the penalty has a ``||W||_F^2`` term)."""
         if isinstance(fuse_min, bool) or not isinstance(fuse_min, int) or fuse_min < 0:
             raise ValueError(f"{label}: fuse_min must be an integer >= 0 (the fewest weight "
                              f"entries a fused layer has), got {fuse_min!r}")
         self.fuse_min = fuse_min
         self._fused: dict[str, LayerState] = {}
-        self._rule = Rule(self._rank_one_coefs, total=True, extra=extra)
+        self._rule = Rule(self._rank_one_coefs, total=total, extra=extra)
         self._cadence: Cadence | None = None  # the Regularizer's (every=k), set by attach
 
     def _catch_up(self) -> int:
@@ -535,8 +521,10 @@ class RankOneFused:
         else:
             w2 = w.reshape(w.shape[0], -1)
             st.v = advance(w2, st.v, self._catch_up())
-            flat = w.reshape(-1)
-            st.v_used, st.r, st.total = st.v, torch.mm(st.v, w2.t()), torch.dot(flat, flat)
+            st.v_used, st.r = st.v, torch.mm(st.v, w2.t())
+            if self._rule.total:
+                flat = w.reshape(-1)
+                st.total = torch.dot(flat, flat)
             self._rule.add(st, g2d, w, n, scale)
         value = self._rank_one_value(st.lam, st.total, n)
         return value if scale == 1.0 else scale * value
@@ -558,7 +546,8 @@ class RankOneFused:
             rb = torch.mm(vb, w2.detach().t())
             v = torch.mv(vb.t(), top_ritz(rb))
         r = torch.mv(w2, v)
-        value = self._rank_one_value(torch.dot(r, r), weight.square().sum(), n)
+        total = weight.square().sum() if self._rule.total else None
+        value = self._rank_one_value(torch.dot(r, r), total, n)
         st.v = orth2(torch.mm(rb, w2.detach()))
         return value
 

@@ -6,7 +6,7 @@ prior, stable rank) and a kept orthonormal ``n x 2`` block ``V`` (stored as its 
 rows ``V^T``), one call of :func:`rank_one_penalty` on an ``m x n`` weight ``W``:
 
 * forward: ``R^T = V^T W^T`` (``2 x m``), ``y`` the top eigenvector of the ``2 x 2``
-  ``R^T R`` in closed form (:func:`~bayes_spectral.penalties.fused.top_ritz`), ``v = V y``,
+  ``R^T R`` in closed form (:func:`top_ritz`), ``v = V y``,
   ``r = R y = W v``, ``lambda = |r|^2`` (a Rayleigh-Ritz value, ``<= lambda_max``),
   ``total = ||W||_F^2``; returns ``R(lambda, total)`` and the next block
   ``orth(W^T R)`` (one block power step);
@@ -15,8 +15,9 @@ rows ``V^T``), one call of :func:`rank_one_penalty` on an ``m x n`` weight ``W``
 
 Three passes over ``W`` forward (two thin products, one dot), one or two backward; no
 ``eigh``, no host sync; differentiable once (a Hessian, e.g. a Laplace approximation's,
-needs another path); the same maths as the hooks' :meth:`Rule.add` (which could call
-:func:`ritz_pair`). This is the path of weights that no ``nn.Linear`` hook sees: Pyro's
+needs another path); the same maths as the hooks' :meth:`Rule.add` (which calls
+:func:`ritz_pair`; :func:`orth2` / :func:`top_ritz` live here, re-exported by
+``fused``). This is the path of weights that no ``nn.Linear`` hook sees: Pyro's
 sampled / MAP weights of :func:`~bayes_spectral.bayesian` with ``tracked_mode="fused"``
 (:func:`rank_one_loss`, the state kept in the penalty's fused layers, so its
 ``state_dict`` carries it).
@@ -30,12 +31,28 @@ from typing import TYPE_CHECKING
 import torch
 from torch.autograd.function import once_differentiable
 
-from .fused import orth2, top_ritz
-
 if TYPE_CHECKING:
     from .fused import RankOneFused
 
-__all__ = ["RankOnePenalty", "rank_one_loss", "rank_one_penalty", "ritz_pair"]
+__all__ = ["RankOnePenalty", "orth2", "rank_one_loss", "rank_one_penalty", "ritz_pair",
+           "top_ritz"]
+
+
+def orth2(g: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the two rows of ``g`` (Gram-Schmidt; no host sync)."""
+    a = g[0] / torch.linalg.vector_norm(g[0]).clamp_min(1e-30)
+    b = g[1] - a * torch.dot(a, g[1])
+    return torch.stack([a, b / torch.linalg.vector_norm(b).clamp_min(1e-30)])
+
+
+def top_ritz(rb: torch.Tensor) -> torch.Tensor:
+    """Unit top eigenvector ``y = (cos t, sin t)`` of the 2 x 2 ``H = R^T R`` (``rb = R^T =
+    V^T W^T``, rows), ``t = atan2(2 h_01, h_00 - h_11) / 2``: the rotation that diagonalises
+    ``H``, on the larger eigenvalue's side (``e_1`` for a multiple of the identity); a few
+    dispatches, no eigh, no host sync."""
+    a, b, _, c = (rb @ rb.t()).reshape(4).unbind()
+    t = torch.atan2(b + b, a - c).mul(0.5)
+    return torch.stack([t.cos(), t.sin()])
 
 
 def ritz_pair(rb: torch.Tensor, vb: torch.Tensor

@@ -10,14 +10,15 @@ from torch import nn
 from .._checks import check_positive
 from ..spectra.spectrum import PowerIteration
 from .base import Penalty, layer_states
-from .fused import STRATEGIES, Cadence, FusedHooks, LayerState, advance, hook_rows
+from .fused import STRATEGIES, Cadence, FusedHooks, LayerState, RankOneFused, advance, hook_rows
 
 __all__ = ["SpectralNorm"]
 
 _MODES = ("inplace", "fused")
+_BLOCKS = (1, 2)
 
 
-class SpectralNorm(Penalty):
+class SpectralNorm(RankOneFused, Penalty):
     """``coef/2 * sigma_max(W)^2`` per layer, ``sigma_max`` by persistent power iteration.
 
     One power-iteration step per call (``n_iter``) with the left vector kept per layer
@@ -53,37 +54,89 @@ class SpectralNorm(Penalty):
     be 1. ``Regularizer(..., every=k)``: the hooks act on calls ``0, k, 2k, ...`` only (both
     strategies), where ``min(k - 1, 4)`` power steps at the current weights come first and
     the backward adds ``k`` times the gradient; off steps run plain
-    (:class:`~bayes_spectral.penalties.fused.Cadence`). One vector trails where the top two
-    singular values cross: along the digits Adam trajectory of
-    ``tests/penalties/test_fused_every.py`` the value is 7-11% off with every=1 or every=8
-    alike (the 2-column block of ``FrechetPrior`` / ``StableRank`` resolves that).
+    (:class:`~bayes_spectral.penalties.fused.Cadence`).
+
+    ``block=2`` (fused mode, ``fuse="adjacent"`` only): a kept orthonormal 2-column block
+    ``V`` instead of one vector (:class:`~bayes_spectral.penalties.fused.RankOneFused`, the
+    Frechet prior's / stable rank's step): after the forward GEMM ``n_iter - 1`` block steps
+    ``V <- orth(W^T W V)`` at the current weights, then ``R = W V``; after the backward the
+    top Ritz pair in closed form (``v = V y``, ``r = R y``, ``lambda = |r|^2 <= sigma_max^2``),
+    ``grad += coef r v^T``, value ``coef/2 lambda`` and ``V <- orth(W^T R)``; no host sync.
+    ``n_iter`` defaults to 2 there. The state is ``{"mode": "fused", "block": 2, "layers":
+    {layer: {"v": 2 x n}}}``; a state of the other block width is refused.
+    One vector (``block=1``, the default) trails where the top two singular values cross.
+    Along the digits Adam trajectory (``tests/penalties/test_fused_spectral_block.py``,
+    every due step from step 20; worst relative value error / smallest gradient cosine
+    against ``coef/2 ||W||_2^2``):
+
+    ============================  =================  =================
+    fused                         every=1            every=8
+    ============================  =================  =================
+    block=1                       0.11 / 0.011       0.069 / 0.081
+    block=2, n_iter=1             2.4e-3 / 0.9931    7.5e-4 / 0.9975
+    block=2, n_iter=2             4.3e-4 / 0.9986    4.0e-4 / 0.9987
+    block=2, n_iter=3             1.2e-4 / 0.9996    2.1e-4 / 0.9993
+    ============================  =================  =================
+
+    Cost, ratio over a plain step (``benchmarks/bench_penalties.py --quick --threads 1 --rows
+    spectral --interleave``, 2-core CPU, 3 runs, ``[grad]``; MLP 784-512-512-10 /
+    784-1024-1024-10): block=1 1.09-1.12x / 1.02-1.09x, block=2 n_iter=1 1.19-1.20x /
+    1.12-1.13x, block=2 n_iter=2 1.27-1.30x / 1.18-1.20x, block=2 every=8 1.07-1.08x /
+    1.07x. A 2-row product with ``W`` costs twice a matrix-vector product on this CPU and
+    the closed-form Ritz / Gram-Schmidt steps are dispatch-bound, so block=2 meets the
+    1e-3 / 0.99 accuracy but not 1.1x a plain step: block=1 stays the default (use
+    ``block=2`` where the value must be right, or with ``every=8``).
     """
 
     label = "spectral norm"
 
-    def __init__(self, coef: float = 1.0, n_iter: int = 1, seed: int = 0,
+    def __init__(self, coef: float = 1.0, n_iter: int | None = None, seed: int = 0,
                  mode: str = "inplace", fuse_min: int = 65536,
-                 fuse: str = "adjacent") -> None:
+                 fuse: str = "adjacent", block: int = 1) -> None:
         self.coef = check_positive(coef, "coef")
-        self.n_iter = int(n_iter)
         self.seed = int(seed)
         if mode not in _MODES:
             raise ValueError(f"SpectralNorm: mode must be one of {_MODES}, got {mode!r}")
-        if mode == "fused" and self.n_iter != 1:
-            raise ValueError(f"SpectralNorm: mode='fused' runs one power-iteration step per "
-                             f"training step, n_iter must be 1, got {n_iter}")
         self.mode = mode
-        if isinstance(fuse_min, bool) or not isinstance(fuse_min, int) or fuse_min < 0:
-            raise ValueError(f"SpectralNorm: fuse_min must be an integer >= 0 (the fewest "
-                             f"weight entries a fused layer has), got {fuse_min!r}")
-        self.fuse_min = fuse_min
+        self.block = self._checked_block(block, mode, fuse)
+        self.n_iter = self._checked_n_iter(n_iter)
         if fuse not in STRATEGIES:
             raise ValueError(f"SpectralNorm: fuse must be one of {sorted(STRATEGIES)}, got "
                              f"{fuse!r}")
         self.fuse = fuse
         self._iters: dict[str, PowerIteration] = {}
-        self._fused: dict[str, LayerState] = {}
-        self._cadence: Cadence | None = None  # the Regularizer's (every=k), set by attach
+        # fuse_min, _fused (layer states), _cadence (the Regularizer's, set by attach), _rule
+        # (block=2: n_iter - 1 extra block steps, no ||W||_F^2 term)
+        self._init_fused(fuse_min, "SpectralNorm", extra=self.n_iter - 1 if self.block == 2
+                         else 0, total=False)
+
+    @staticmethod
+    def _checked_block(block, mode: str, fuse: str) -> int:
+        """``block`` (1 or 2; 2 only for ``mode="fused"`` with ``fuse="adjacent"``)."""
+        if isinstance(block, bool) or block not in _BLOCKS:
+            raise ValueError(f"SpectralNorm: block must be 1 (one vector) or 2 (a 2-column "
+                             f"block, mode='fused'), got {block!r}")
+        if block == 2 and mode != "fused":
+            raise ValueError(f"SpectralNorm: block=2 is the fused mode's 2-column block, "
+                             f"mode={mode!r} keeps one vector (block=1)")
+        if block == 2 and fuse != "adjacent":
+            raise ValueError(f"SpectralNorm: block=2 rides beside the GEMMs (fuse='adjacent'); "
+                             f"fuse={fuse!r} carries one vector as an extra GEMM row")
+        return int(block)
+
+    def _checked_n_iter(self, n_iter) -> int:
+        """Power steps per call: default 1 (block=2: 2 block steps per training step); the
+        fused mode's one vector needs 1, its 2-column block >= 1."""
+        if n_iter is None:
+            return 2 if self.block == 2 else 1
+        n = int(n_iter)
+        if self.mode == "fused" and self.block == 1 and n != 1:
+            raise ValueError(f"SpectralNorm: mode='fused' runs one power-iteration step per "
+                             f"training step, n_iter must be 1, got {n_iter}")
+        if self.block == 2 and n < 1:
+            raise ValueError(f"SpectralNorm: block=2 needs n_iter >= 1 block steps per "
+                             f"training step, got {n_iter}")
+        return n
 
     def _iteration(self, weight: torch.Tensor, name: str | None) -> PowerIteration:
         key = self._key(weight, name)
@@ -120,14 +173,21 @@ class SpectralNorm(Penalty):
         ``None`` in place mode."""
         if self.mode != "fused":
             return None
+        if self.block == 2:
+            return super().attach(rows, cadence)
         self._cadence = cadence
         return hook_rows(rows, self.fuse_min, self._layer, self.coef, self.fuse, self._fused,
                          cadence)
 
-    def _catch_up(self) -> int:
-        return 0 if self._cadence is None else self._cadence.catch_up
+    def _rank_one_value(self, lam, total, n):
+        """block=2: ``coef/2 lambda`` (``lambda = |W v|^2``, ``v`` the top Ritz vector)."""
+        return (0.5 * self.coef) * lam
 
-    def _fused_grad(self, weight, grad, name, scale):
+    def _rank_one_coefs(self, lam, total, n):
+        """``(2 dR/dlambda, no ||W||_F^2 term) = (coef, None)``."""
+        return self.coef, None
+
+    def _vector_grad(self, weight, grad, name, scale):
         """Fused mode's ``accumulate_grad``: the hooks' value, or the same step by two
         matrix-vector products (``r = W v``, ``grad += scale coef r v^T``, ``v <- W^T r /
         |W^T r|``; ``every=k``: after the catch-up power steps)."""
@@ -146,7 +206,7 @@ class SpectralNorm(Penalty):
         st.set_v(torch.mv(w.t(), r))
         return (0.5 * scale * self.coef) * r.dot(r)
 
-    def _fused_value(self, weight, name):
+    def _vector_value(self, weight, name):
         """Fused mode's loss-path value: the hooks' (detached: their gradient is already
         in the backward), or ``coef/2 (u^T W v)^2`` with graph after the same step."""
         st = self._layer(name, weight)
@@ -166,7 +226,9 @@ class SpectralNorm(Penalty):
         power-iteration step as a call); returns ``scale coef/2 sigma^2``. Fused mode: see
         the class docstring (no host sync)."""
         if self.mode == "fused":
-            return self._fused_grad(weight, grad, name, scale)
+            if self.block == 2:
+                return self._fused_grad(weight, grad, name, scale)
+            return self._vector_grad(weight, grad, name, scale)
         w = weight.detach()
         sigma, u, v = self._iteration(w, name).estimate(w)
         s = float(sigma)  # the one device sync of the call
@@ -177,14 +239,19 @@ class SpectralNorm(Penalty):
 
     def weight_penalty(self, weight, name=None):
         if self.mode == "fused":
-            return self._fused_value(weight, name)
+            if self.block == 2:
+                return self._fused_loss_value(weight, name)
+            return self._vector_value(weight, name)
         return 0.5 * self.coef * self.sigma(weight, name).square()
 
     stateful = True
 
     def state_dict(self) -> dict:
         """``{"layers": {layer: {"u": left vector}}}`` (copies); fused mode
-        ``{"mode": "fused", "layers": {layer: {"v": right vector}}}``."""
+        ``{"mode": "fused", "layers": {layer: {"v": right vector}}}``; block=2 ``{"mode":
+        "fused", "block": 2, "layers": {layer: {"v": the block's 2 x n rows}}}``."""
+        if self.mode == "fused" and self.block == 2:
+            return {"mode": "fused", "block": 2, "layers": self._fused_state()}
         if self.mode == "fused":
             return {"mode": "fused",
                     "layers": {k: {"v": st.v.detach().clone()} for k, st in self._fused.items()}}
@@ -198,7 +265,14 @@ class SpectralNorm(Penalty):
             raise ValueError(f"SpectralNorm: the state is for mode {mode!r}, this penalty's "
                              f"mode is {self.mode!r}")
         if self.mode == "fused":
-            return {"_fused": self._restored_fused(state)}
+            saved = state.get("block", 1) if isinstance(state, dict) else 1
+            if saved != self.block:
+                raise ValueError(f"SpectralNorm: the fused state is for block={saved!r}, this "
+                                 f"penalty's block is {self.block}")
+            if self.block == 2:
+                return {"_fused": self._restored_fused(
+                    layer_states(state, "SpectralNorm", ("v",)), "SpectralNorm")}
+            return {"_fused": self._restored_vectors(state)}
         if isinstance(state, dict):
             state = {k: v for k, v in state.items() if k != "mode"}
         out: dict[str, PowerIteration] = {}
@@ -214,7 +288,7 @@ class SpectralNorm(Penalty):
         return {"_iters": out}
 
     @staticmethod
-    def _restored_fused(state: dict) -> dict[str, LayerState]:
+    def _restored_vectors(state: dict) -> dict[str, LayerState]:
         """The fused mode's layer states from ``state`` (``{"layers": {layer: {"v"}}}``)."""
         out = {}
         for key, st in layer_states(state, "SpectralNorm", ("v",)).items():
