@@ -34,8 +34,10 @@ fused Adam`` (every row against a plain step with the same kernel as ``[fused]``
 ``--rows modes``: only ``plain`` and, for the Normal prior and the Frechet prior in each
 ``tracked_mode`` (``"tracked"``: 2 power iterations; ``"fast"``: the 8-column block
 iteration; ``"fused"``: the rank-one closed-form step,
-:func:`~bayes_spectral.penalties.rank_one.rank_one_penalty`), the priors alone (``prior
-only``: every weight's ``log_prob(W).backward()``, the spectral work a step adds), the MAP
+:func:`~bayes_spectral.penalties.rank_one.rank_one_penalty`), and the power-law prior
+(``alpha = 3``, ``xmin = tau = 0.5``) in ``"fast"`` (Hutchinson x Chebyshev) and
+``"subspace"`` (the warm tail block, ``PowerLawPrior(mode="subspace")``), the priors alone
+(``prior only``: every weight's ``log_prob(W).backward()``, the spectral work a step adds), the MAP
 step (guide ``"delta"``), ``trace_elbo`` and ``fused``, with the first of ``--optims``.
 
     python benchmarks/bench_svi.py [--quick] [--steps 10] [--repeats 5] [--sizes 512 1024]
@@ -56,7 +58,7 @@ from torch import nn
 import bayes_spectral as bs
 from bayes_spectral.apps.nets import make_mlp
 from bayes_spectral.bnn.multi_optim import OPTIMIZERS, svi_optim
-from bayes_spectral.distributions import FrechetTopEigenvalue
+from bayes_spectral.distributions import FrechetTopEigenvalue, PowerLawSpectrum
 
 N = 60000
 
@@ -140,6 +142,11 @@ def frechet_law(shape):
     return FrechetTopEigenvalue(2.0, 1.0, 0.5, shape)
 
 
+def powerlaw_law(shape):
+    """Fixed ``xmin = tau = 0.5`` (``bench_penalties``' rows; ~27% of the init spectrum)."""
+    return PowerLawSpectrum(3.0, 0.5, shape, xmin=0.5)
+
+
 #: ``--rows modes``: MAP and SVI with the Frechet prior in each ``tracked_mode`` (and
 #: the i.i.d. Normal prior: the same step without spectral work), ``(row, guide)``
 MODE_ROWS = (("map", "delta"), ("trace_elbo", "normal"), ("fused", "fused_normal"))
@@ -165,11 +172,12 @@ def prior_only(width: int, law, tracked: bool, mode: str):
 
 def mode_configs(width: int, x, y, args) -> dict:
     """``--rows modes``: plain, then per prior (Normal; Frechet ``tracked``, ``fast``,
-    ``fused``) the priors alone, the MAP step and the SVI steps of :data:`MODE_ROWS` with
-    ``fit``'s Adam."""
+    ``fused``; power law ``fast``, ``subspace``) the priors alone, the MAP step and the SVI
+    steps of :data:`MODE_ROWS` with ``fit``'s Adam."""
     configs = {"plain": plain_step(width, x, y)}
     priors = [("Normal", normal_law, False, "tracked")] + [
-        (f"Frechet {mode}", frechet_law, True, mode) for mode in ("tracked", "fast", "fused")]
+        (f"Frechet {mode}", frechet_law, True, mode) for mode in ("tracked", "fast", "fused")
+    ] + [(f"power law {mode}", powerlaw_law, True, mode) for mode in ("fast", "subspace")]
     for prior, law, tracked, mode in priors:
         configs[f"prior only ({prior})"] = prior_only(width, law, tracked, mode)
         for row, kind in MODE_ROWS:

@@ -88,8 +88,9 @@ def run_fingerprint(model, method: str, guide, *, lr: float, batch_size: int, sh
     if prior_every != 1:
         out["prior_every"] = int(prior_every)
     modes = {n: p.mode for n, p in sorted(getattr(model, "_tail_penalties", {}).items())
-             if getattr(p, "mode", None) in ("fast", "fused")}
-    if modes:  # recorded only when used, so older checkpoints still resume
+             if getattr(p, "mode", None) in ("fast", "fused", "subspace")}
+    if modes:  # recorded only when used, so older checkpoints still resume (the penalty's
+        # mode: a Frechet row under tracked_mode="subspace" records "fast", the same state)
         out["tracked_mode"] = modes
     return out
 

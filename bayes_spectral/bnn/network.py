@@ -110,7 +110,7 @@ class BayesianNetwork(PyroModule):
         like = next((p for p in net.parameters() if p.is_floating_point()), torch.zeros(()))
         self.register_buffer("_device_like", torch.zeros((), device=like.device,
                                                          dtype=like.dtype), persistent=False)
-        self._tail_penalties: dict[str, Any] = {}  # tracked power-law, fast and fused layers
+        self._tail_penalties: dict[str, Any] = {}  # tracked power-law, fast/fused/subspace
         self.output_fn: Callable[[Any], torch.Tensor] | None = None  # set by bayesian()
         self.noise_value: float | None = None
         self.noise_prior: dist.Distribution | None = None
@@ -175,7 +175,8 @@ class BayesianNetwork(PyroModule):
 
     def renew_tracking(self) -> None:
         """Start the tail trackers of tracked power-law layers (and the penalties of
-        ``tracked_mode="fast"`` / ``"fused"``) afresh (their next call re-decomposes or re-warms).
+        ``tracked_mode="fast"`` / ``"fused"`` / ``"subspace"``) afresh (their next call
+        re-decomposes or re-warms).
         :func:`~bayes_spectral.fit` calls it at its start (a second fit of the same model
         repeats the first) and the samplers at each chain's (:mod:`~bayes_spectral.bnn.chains`);
         :func:`~bayes_spectral.fit`'s checkpoints save and restore this state instead of

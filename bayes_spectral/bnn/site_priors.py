@@ -41,6 +41,7 @@ __all__ = [
     "FUSED_LAWS",
     "LOG_JACOBIAN_TO_SV",
     "MODE_LAWS",
+    "SUBSPACE_LAWS",
     "TRACKED_MODES",
     "TRACKED_LAWS",
     "SingularValuePrior",
@@ -141,7 +142,7 @@ def _gaussian_tracked(base: GaussianSpectrum, power: Any, value: torch.Tensor):
 
 def _powerlaw_tracked(base: SpectralDistribution, power: Any, value: torch.Tensor):
     """``-power(W)``, ``power`` the law's penalty (``PowerLawPrior(tracked=True)``, or a
-    ``mode="fast"`` penalty): one weight matrix per call."""
+    ``mode="fast"`` / ``"subspace"`` penalty): one weight matrix per call."""
     if value.dim() != 2:
         raise ValueError(f"a tracked {type(base).__name__} prior takes one weight matrix per "
                          f"call, got shape {tuple(value.shape)} (no vectorised particles)")
@@ -178,7 +179,7 @@ TRACKED_LAWS: dict[type, TrackedLaw] = {
 
 
 #: ``tracked_mode`` values of :func:`~bayes_spectral.bayesian`
-TRACKED_MODES = ("tracked", "fast", "fused")
+TRACKED_MODES = ("tracked", "fast", "fused", "subspace")
 
 #: law class -> how ``tracked_mode="fast"`` evaluates it: ``"penalty"`` (the law's
 #: ``mode="fast"`` penalty, :func:`_tail_penalty_for`) or ``"tracked"`` (the tracked
@@ -198,15 +199,33 @@ FUSED_LAWS: dict[type, str] = {
     GaussianSpectrum: "tracked",
 }
 
+#: law class -> how ``tracked_mode="subspace"`` evaluates it: ``"penalty"`` (the penalty of
+#: :func:`_tail_penalty_for` in that mode: ``PowerLawPrior(mode="subspace")`` for the power
+#: law, a warm tail block with the gradient through its Ritz pairs; for Frechet, whose
+#: penalty has no subspace mode, ``FrechetPrior(mode="fast")``: its warm 8-column block and
+#: top Ritz value, the same deterministic block method) or ``"tracked"`` (exact formula)
+SUBSPACE_LAWS: dict[type, str] = {
+    FrechetTopEigenvalue: "penalty",
+    GaussianSpectrum: "tracked",
+    PowerLawSpectrum: "penalty",
+}
+
 #: ``tracked_mode`` (other than ``"tracked"``) -> its table of laws
-MODE_LAWS: dict[str, dict[type, str]] = {"fast": FAST_LAWS, "fused": FUSED_LAWS}
+MODE_LAWS: dict[str, dict[type, str]] = {"fast": FAST_LAWS, "fused": FUSED_LAWS,
+                                         "subspace": SUBSPACE_LAWS}
 
 #: ``tracked_mode`` -> the log-density of a law going through its mode's penalty
-_PENALTY_LOG_PROB = {"fast": _powerlaw_tracked, "fused": _fused_tracked}
+_PENALTY_LOG_PROB = {"fast": _powerlaw_tracked, "fused": _fused_tracked,
+                     "subspace": _powerlaw_tracked}
+
+#: ``tracked_mode`` -> the mode of the Frechet penalty it builds (``"subspace"``: the
+#: Frechet penalty's deterministic ``"fast"`` block, it has no subspace mode)
+_FRECHET_PENALTY_MODE = {"fast": "fast", "fused": "fused", "subspace": "fast"}
 
 
 def mode_choices() -> str:
-    """``"'tracked', 'fast' or 'fused'"``: the ``tracked_mode`` values, for messages."""
+    """``"'tracked', 'fast', 'fused' or 'subspace'"``: the ``tracked_mode`` values, for
+    messages."""
     names = [repr(m) for m in TRACKED_MODES]
     return ", ".join(names[:-1]) + " or " + names[-1]
 
@@ -265,6 +284,17 @@ class TrackedSpectralPrior(dist.TorchDistribution):
     d W``; no hooks, no host sync), deterministic, equal to the exact prior at
     convergence; ``GaussianSpectrum``: the tracked formula; ``PowerLawSpectrum`` has no
     fused form (refused).
+
+    ``mode="subspace"`` (``power``: :func:`_tail_penalty_for`'s penalty,
+    :data:`SUBSPACE_LAWS`): power law (fixed ``xmin``) ``-PowerLawPrior(mode="subspace")(W)``
+    = ``-coef (||W||_F^2/tau - sum_i h(theta_i) + N log Z)`` over the Ritz values
+    ``theta_i = |W u_i|^2`` of a warm fixed-size tail block
+    (:class:`~bayes_spectral.spectra.subspace.TailSubspace`, one shifted power step and a
+    Rayleigh-Ritz step per call, ``u_i`` detached, so autograd gives the exact gradient
+    through the Ritz pairs ``2 W U diag(dR/dtheta) U^T + 2 (coef/tau) W``); deterministic,
+    ``theta_i <= lambda_i``, equal to the exact prior once the block has converged.
+    Frechet: its ``"fast"`` block (the Frechet penalty has no subspace mode);
+    ``GaussianSpectrum``: the tracked formula.
     """
 
     arg_constraints: dict = {}
@@ -286,7 +316,7 @@ class TrackedSpectralPrior(dist.TorchDistribution):
         if kind is None:
             raise ValueError(f"tracked_mode={mode!r} has no form for {type(base).__name__} "
                              f"(fused laws: {', '.join(c.__name__ for c in FUSED_LAWS)}); "
-                             "use tracked_mode='fast' or 'tracked'")
+                             "use tracked_mode='subspace', 'fast' or 'tracked'")
         if kind == "penalty":
             law = TrackedLaw(_PENALTY_LOG_PROB[mode], mode)
         self.base, self.power, self._law, self.tracked_mode = base, power, law, mode
@@ -307,19 +337,22 @@ def _tail_penalty_for(law: PowerLawSpectrum | FrechetTopEigenvalue, mode: str = 
                      ) -> PowerLawPrior | FrechetPrior:
     """The penalty equal to ``-law.log_prob`` (penalty measure, same xmin rule) in ``mode``
     (``"tracked"``: a power law's tail tracker; ``"fast"``: the penalty's fast mode;
-    ``"fused"``: Frechet's rank-one fused mode)."""
+    ``"fused"``: Frechet's rank-one fused mode; ``"subspace"``: the power law's warm tail
+    block, Frechet's ``"fast"`` block, :data:`SUBSPACE_LAWS`)."""
     if isinstance(law, FrechetTopEigenvalue):
-        if mode not in ("fast", "fused"):
+        if mode not in _FRECHET_PENALTY_MODE:
             raise ValueError("a tracked FrechetTopEigenvalue prior uses a power iteration, "
-                             "not a penalty; only tracked_mode='fast' or 'fused' builds one")
+                             "not a penalty; only tracked_mode='fast', 'fused' or 'subspace' "
+                             "builds one")
         return FrechetPrior(float(law.concentration), float(law.scale), float(law.tau),
-                            loc=float(law.loc), mode=mode)
+                            loc=float(law.loc), mode=_FRECHET_PENALTY_MODE[mode])
     if mode == "fused":
         raise ValueError(f"tracked_mode='fused' has no form for {type(law).__name__}; use "
-                         "tracked_mode='fast'")
-    if mode == "fast" and law.xmin_quantile is not None:
-        raise ValueError("tracked_mode='fast' needs a PowerLawSpectrum with a fixed xmin "
-                         f"(xmin=...), got xmin_quantile={law.xmin_quantile}")
+                         "tracked_mode='subspace' or 'fast'")
+    if mode in ("fast", "subspace") and law.xmin_quantile is not None:
+        raise ValueError(f"tracked_mode={mode!r} needs a PowerLawSpectrum with a fixed xmin "
+                         f"(xmin=...), got xmin_quantile={law.xmin_quantile} (a quantile "
+                         "xmin is a counting problem: use tracked_mode='tracked')")
     kw = ({"xmin_quantile": law.xmin_quantile} if law.xmin_quantile is not None
           else {"xmin": float(law.xmin)})
     return PowerLawPrior(alpha=float(law.alpha), tau=float(law.tau), mode=mode, **kw)

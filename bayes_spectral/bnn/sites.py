@@ -215,8 +215,9 @@ def _tail_tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
 
 
 def _mode_tracker(mode: str) -> Callable[..., PriorMaker]:
-    """``tracked_mode="fast"`` / ``"fused"``: the law's penalty in that mode (its
-    warm-started block / probe generator state; fused: the 2-column block) held by the
+    """``tracked_mode="fast"`` / ``"fused"`` / ``"subspace"``: the law's penalty in that mode
+    (its warm-started block / probe generator state; fused: the 2-column block; subspace:
+    the power law's tail block, Frechet's fast block) held by the
     network as the tail trackers are (checkpointed and renewed as they are)."""
 
     def tracker(bn, slot, law, weight, n_iter: int) -> PriorMaker:
@@ -230,13 +231,14 @@ def _mode_tracker(mode: str) -> Callable[..., PriorMaker]:
 _fast_tracker = _mode_tracker("fast")
 
 
-#: tracker kind (``TrackedLaw.tracker``, or the mode ``"fast"`` / ``"fused"``) -> builder
-#: of the tracking state and the prior
+#: tracker kind (``TrackedLaw.tracker``, or the mode ``"fast"`` / ``"fused"`` /
+#: ``"subspace"``) -> builder of the tracking state and the prior
 TRACKERS: dict[str, Callable[..., PriorMaker]] = {
     "power_iteration": _power_iteration_tracker,
     "tail": _tail_tracker,
     "fast": _fast_tracker,
     "fused": _mode_tracker("fused"),
+    "subspace": _mode_tracker("subspace"),
 }
 
 
@@ -253,7 +255,7 @@ class TrackedSite(SiteInstaller):
 
     def _through_penalty(self, prior) -> bool:
         """Whether the layer's prior goes through its law's penalty in ``self.mode``
-        (``"fast"`` or ``"fused"``)."""
+        (``"fast"``, ``"fused"`` or ``"subspace"``)."""
         return mode_kind(self.mode, prior) == "penalty"
 
     def check(self, name, prior, selected):

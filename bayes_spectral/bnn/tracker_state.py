@@ -3,7 +3,9 @@ checkpoints (key ``"trackers"``, :mod:`~bayes_spectral.bnn.checkpoint`).
 
 The tracked power-law priors (tail trackers), the ``tracked_mode="fast"`` priors (the
 warm-started block of :class:`~bayes_spectral.spectra.subspace.TopEigen`, the probe
-generators) and the ``tracked_mode="fused"`` priors (the 2-column block ``v``) keep their
+generators), the ``tracked_mode="fused"`` priors (the 2-column block ``v``) and the
+``tracked_mode="subspace"`` power-law priors (the tail block ``V``, its call count,
+``need`` and weight-stack shape) keep their
 state in the penalty behind each row (``BayesianNetwork._tail_penalties``, not a buffer).
 Their state is saved as::
 
@@ -15,7 +17,8 @@ tensors and plain data only (``torch.load(weights_only=True)``; column-major blo
 their strides, so a resumed run is bit for bit). Restoring checks first, changing nothing:
 the rows, each row's law, penalty class, mode and weight shape, the shapes of the saved
 blocks (a tracker's ``(1, min(m, n), k)``, a fast block's ``(1, n, k)``, a fused block's
-``(2, n)``) and the penalty's own check (:meth:`~bayes_spectral.penalties.Penalty.check_state`);
+``(2, n)``, a subspace block's ``(1, min(m, n), k)`` with the stack shape ``[1, m, n]``)
+and the penalty's own check (:meth:`~bayes_spectral.penalties.Penalty.check_state`);
 a ``ValueError`` names the file, the layer and what differs. Tracked Frechet / Gaussian
 priors on a power iteration keep theirs in a buffer of the layer (saved with the buffers),
 not here.
@@ -56,7 +59,7 @@ def tracker_state(model) -> dict:
 def _block_problems(state: dict, shape: list[int]) -> list[str]:
     """The saved blocks whose shape does not fit an ``m x n`` weight."""
     m, n = shape
-    expected = {"tracker": (1, min(m, n)), "top": (1, n)}
+    expected = {"tracker": (1, min(m, n)), "top": (1, n), "subspace": (1, min(m, n))}
     out = []
     for key, parts in state.get("layers", {}).items() if isinstance(state, dict) else ():
         for part, lead in expected.items():
@@ -66,10 +69,24 @@ def _block_problems(state: dict, shape: list[int]) -> list[str]:
                         t.dim() != 3 or tuple(t.shape[:2]) != lead):
                     out.append(f"{part} {name} of {key!r} has shape {tuple(t.shape)}, "
                                f"expected (1, {lead[1]}, k)")
+        out += _subspace_shape_problem(parts, key, [1, m, n])
         v = parts.get("v") if isinstance(parts, dict) else None
         if isinstance(v, torch.Tensor) and tuple(v.shape) != (2, n):
             out.append(f"fused block v of {key!r} has shape {tuple(v.shape)}, expected (2, {n})")
     return out
+
+
+def _subspace_shape_problem(parts: Any, key: str, stack: list[int]) -> list[str]:
+    """A subspace part whose saved weight-stack ``shape`` is not ``stack`` (``[1, m, n]``)."""
+    sub = parts.get("subspace") if isinstance(parts, dict) else None
+    got = sub.get("shape") if isinstance(sub, dict) else None
+    if got is None:
+        return []
+    try:
+        got = [int(d) for d in got]
+    except (TypeError, ValueError):
+        pass
+    return [] if got == stack else [f"subspace shape of {key!r} is {got!r}, expected {stack}"]
 
 
 def _row_problems(model, row: str, pen, saved: Any) -> list[str]:

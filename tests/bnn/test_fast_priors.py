@@ -134,7 +134,7 @@ def test_fingerprint_records_the_fast_mode(digits, tmp_path):
 
 @pytest.mark.parametrize("kw, err, match", [
     ({"tracked": True, "tracked_mode": "quick"}, ValueError,
-     r"tracked_mode must be 'tracked', 'fast' or 'fused', got 'quick'"),
+     r"tracked_mode must be 'tracked', 'fast', 'fused' or 'subspace', got 'quick'"),
     ({"tracked_mode": "fast"}, ValueError, r"tracked_mode='fast' needs tracked="),
     ({"tracked": True, "tracked_mode": None}, ValueError, "tracked_mode must be"),
 ])

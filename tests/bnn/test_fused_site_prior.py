@@ -252,7 +252,7 @@ def test_a_checkpoint_of_another_mode_is_refused_naming_tracked_mode(data, tmp_p
 
 @pytest.mark.parametrize("kw, match", [
     ({"tracked": True, "tracked_mode": "quick"},
-     r"tracked_mode must be 'tracked', 'fast' or 'fused', got 'quick'"),
+     r"tracked_mode must be 'tracked', 'fast', 'fused' or 'subspace', got 'quick'"),
     ({"tracked_mode": "fused"}, r"tracked_mode='fused' needs tracked="),
 ])
 def test_bad_tracked_modes_name_the_choices(kw, match):
