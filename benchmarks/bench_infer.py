@@ -62,14 +62,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pyro
 import pyro.distributions as dist
 import torch
+from own_models import own_models as _own_models  # benchmarks/own_models.py
 from torch import nn
 
 import bayes_spectral as bs
@@ -330,29 +329,6 @@ def mlp_table(args) -> None:
 # ----------------------------------------------------------------------------- five models
 
 N_SMALL = 1000
-
-
-def _own_models():
-    """``{name: (make, x, y, likelihood)}``: the models of ``tests/test_own_models.py``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import test_own_models as om  # noqa: PLC0415
-
-    g = torch.Generator().manual_seed(0)
-    img, seq = torch.rand(128, 1, 8, 8, generator=g), torch.rand(128, 8, 8, generator=g)
-    labels = torch.randint(0, 10, (128,), generator=g)
-    tok = torch.randint(0, 10, (128, 6), generator=g)
-    xr = torch.rand(128, 1, generator=g) * 4 - 2
-    return {
-        "cnn + BatchNorm, residual": (om.ResCNN, img, labels, "categorical"),
-        "embedding + transformer": (om.TokenTransformer, tok, (tok == 3).any(1).long(),
-                                    "categorical"),
-        "lstm": (lambda: om.Recurrent(nn.LSTM), seq, labels, "categorical"),
-        "gru": (lambda: om.Recurrent(nn.GRU), seq, labels, "categorical"),
-        "regression mlp, learned noise": (om.regression_mlp, xr, torch.sin(2 * xr[:, 0]),
-                                          "gaussian"),
-        "mlp + dropout": (om.dropout_mlp, torch.rand(128, 64, generator=g), labels,
-                          "categorical"),
-    }
 
 
 def _normal(shape):
