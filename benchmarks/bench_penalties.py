@@ -104,6 +104,20 @@ on this CPU no method that keeps the tail eigenpairs current reaches the issue's
 step, nor 1.15x with ``every=8`` on the 1024-wide MLP. Per call at 1024 x 1024 (block
 351, one thread, unloaded minimum): three products 32 ms, the gradient update 10, QR 17,
 ``eigh`` 12, ``Y^T Y`` and the Ritz rotations 13, against 3.1 ms for one 128-row GEMM.
+Tried for a cheaper call and not kept (per call, one thread, 784 x 512 block 167 / 1024 x
+1024 block 351: the call 12.2 / 66.9 ms; accuracy along the digits Adam trajectory of
+``tests/penalties/test_subspace_mode.py``, power law called every step, from step 9, where
+the call is within 4.6e-6 relative, cosine 0.999998): the next block's power step from the
+call's own ``W V`` (three products, the Ritz step on a block one step behind the weights)
+10.0 / 55.5 ms, but 8.8e-5 / 0.99994 (2.3e-2 at step 2); the same with the Ritz step of
+``W W^T`` on ``span(W V)`` (half a power step at the current weights, a Cholesky of ``Y^T
+Y`` and ``Z^T Z`` instead of the rotations) 11.6 / 64.6 ms, 3.8e-5 / 0.99999 (3.6e-3 at
+step 2), and in this bench no faster (power law 5.06x vs 5.11x, 8.14x vs 8.17x; Hill
+11.5x vs 10.5x, 17.3x vs 16.0x); the power step on every 2nd / 4th call only (the Ritz
+step alone 32.6 ms at 1024) 1.5e-4 / 3.8e-4, cosine down to 0.975 in the first steps;
+one Cholesky QR pass for the QR (-6 / -9%) lost orthogonality (0.27) and 10% of the Ritz
+values in float32 on a heavy-tailed spectrum (Householder: 3e-6); ``W^T Y`` as ``(Y^T
+W)^T``: -2%.
 
 The own-models nets (``--rows own --nets own`` or ``--nets cnn,transformer,lstm,gru,
 regression,dropout``, ``--interleave`` only; issue 20's targets on the own-models issue's
