@@ -52,6 +52,30 @@ def train(model, reg, steps, x, y, lr=0.05, in_place=True):
         opt.step()
 
 
+def steps_without_host_sync(monkeypatch, model, reg, x, y, steps, lr=0.1):
+    """One step creating the states, then ``steps`` SGD steps of ``model`` with ``reg``'s
+    penalty in place while every tensor-to-Python read (``item``, ``float``, ``bool``,
+    ``int``, ``tolist``) raises; the last ``accumulate_grad`` value."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss(model, x, y).backward()
+    reg.accumulate_grad()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync")
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    try:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss(model, x, y).backward()
+            value = reg.accumulate_grad()
+            opt.step()
+    finally:
+        monkeypatch.undo()
+    return value
+
+
 def roundtrip(obj):
     """``obj`` through ``torch.save`` / ``torch.load(weights_only=True)``."""
     buf = io.BytesIO()

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from fused_helpers import check_fused_resume
+from fused_helpers import check_fused_resume, steps_without_host_sync
 from fused_helpers import data as _data
 from fused_helpers import loss as _loss
 from fused_helpers import mlp as _mlp
@@ -208,22 +208,8 @@ def test_fused_step_reads_nothing_back_from_the_device(monkeypatch, kind):
            else P.StableRank(COEF, mode="fused"))
     reg = P.Regularizer(model, pen, log=False)
     assert reg.fused == ["0"]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 784), torch.randn(8, 10)
-    _loss(model, x, y).backward()
-    reg.accumulate_grad()
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("host sync")
-
-    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    for _ in range(2):
-        opt.zero_grad(set_to_none=True)
-        _loss(model, x, y).backward()
-        value = reg.accumulate_grad()
-        opt.step()
-    monkeypatch.undo()
+    value = steps_without_host_sync(monkeypatch, model, reg, x, y, 2)
     assert math.isfinite(float(value))
     reg.remove_hooks()
 

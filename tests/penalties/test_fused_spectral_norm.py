@@ -10,7 +10,7 @@ import gc
 
 import pytest
 import torch
-from fused_helpers import check_fused_resume
+from fused_helpers import check_fused_resume, steps_without_host_sync
 from fused_helpers import data as _data
 from fused_helpers import loss as _loss
 from fused_helpers import train as _train
@@ -332,22 +332,8 @@ def test_fused_step_reads_nothing_back_from_the_device(monkeypatch, fuse):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 96), nn.ReLU(), nn.Linear(96, 10))
     reg = P.Regularizer(model, P.SpectralNorm(COEF, mode="fused", fuse=fuse), log=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 784), torch.randn(8, 10)
-    _loss(model, x, y).backward()  # first step: states created
-    reg.accumulate_grad()
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("host sync")
-
-    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    for _ in range(2):
-        opt.zero_grad(set_to_none=True)
-        _loss(model, x, y).backward()
-        value = reg.accumulate_grad()
-        opt.step()
-    monkeypatch.undo()
+    value = steps_without_host_sync(monkeypatch, model, reg, x, y, 2)
     assert float(value) > 0
     reg.remove_hooks()
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fused_helpers import data as _data
-from fused_helpers import loss as _loss
-from fused_helpers import roundtrip
+from fused_helpers import roundtrip, steps_without_host_sync
 from fused_helpers import run as _run
 from test_fast_mode import _grad, _worst_along
 from torch import nn
@@ -164,22 +163,8 @@ def test_no_host_sync_between_refreshes(monkeypatch, kind):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 96), nn.ReLU(), nn.Linear(96, 40))
     reg = P.Regularizer(model, KINDS[kind](coef=1e-3), log=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 784), torch.randn(8, 40)
-    _loss(model, x, y).backward()
-    reg.accumulate_grad()
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("host sync")
-
-    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    for _ in range(3):
-        opt.zero_grad(set_to_none=True)
-        _loss(model, x, y).backward()
-        value = reg.accumulate_grad()
-        opt.step()
-    monkeypatch.undo()
+    value = steps_without_host_sync(monkeypatch, model, reg, x, y, 3)
     assert torch.isfinite(value)
 
 
