@@ -91,7 +91,10 @@ def test_prediction_runs_in_eval_mode_and_restores_the_users_mode():
     stats = [t.clone() for t in (net[1].running_mean, net[1].running_var)]
     p1, p2 = res.predict(x), res.predict(x)
     assert torch.equal(p1, p2)
-    assert torch.equal(res.predict(x[:5])[0], p1[0, :5])  # independent of the batch
+    # independent of the batch (eval mode: BatchNorm's running statistics, no dropout). Not
+    # bit for bit: the GEMM kernel, and so the rounding, may depend on the batch size (seen
+    # under pytest-xdist); train-mode BatchNorm would be ~1e-2 off
+    torch.testing.assert_close(res.predict(x[:5])[0], p1[0, :5], rtol=1e-5, atol=1e-6)
     res.evaluate(x, y)
     with pytest.warns(UserWarning, match="one draw"):
         bs.to_inference_data(res, (x, y))
