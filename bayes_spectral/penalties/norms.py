@@ -173,6 +173,9 @@ class StableRank(RankOneFused, Penalty):
                 for key, st in layers.items() if "top" in st or "v" not in st}
         return {"_tops": tops, "_fused": self._restored_fused(layers, "StableRank")}
 
+    #: ``coef total / lambda`` does not depend on ``N`` (batched rows: no per-``N`` masks)
+    _rank_one_uses_n = False
+
     def _rank_one_value(self, lam, total, n):
         """Fused mode: ``coef total / lambda``."""
         return self.coef * total / lam

@@ -34,15 +34,25 @@ from torch.autograd.function import once_differentiable
 if TYPE_CHECKING:
     from .fused import RankOneFused
 
-__all__ = ["RankOnePenalty", "orth2", "rank_one_loss", "rank_one_penalty", "ritz_pair",
-           "top_ritz"]
+__all__ = ["RankOnePenalty", "block_step_rows", "orth2", "orth2_rows", "rank_one_loss",
+           "rank_one_penalty", "ritz_pair", "top_ritz", "top_ritz_rows"]
+
+
+def _floor(g1: torch.Tensor, dim=None) -> torch.Tensor:
+    """``max(sqrt(eps) |g_1|, 1e-30)``: the smallest norm :func:`orth2` divides the second
+    row by (``dim``: per row of a stack)."""
+    n = torch.linalg.vector_norm(g1, dim=dim, keepdim=dim is not None)
+    return n.mul_(torch.finfo(g1.dtype).eps ** 0.5).clamp_min_(1e-30)
 
 
 def orth2(g: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the two rows of ``g`` (Gram-Schmidt; no host sync)."""
+    """Orthonormal basis of the two rows of ``g`` (Gram-Schmidt; no host sync). A second
+    row within ``sqrt(eps)`` of the first's span (``W^T R`` of a rank-one ``W``: what is
+    left is rounding noise) is divided by ``sqrt(eps) |g_1|`` instead of its norm: it stays
+    ``<= 1`` and of rounding size, not a unit vector in a direction set by rounding."""
     a = g[0] / torch.linalg.vector_norm(g[0]).clamp_min(1e-30)
     b = g[1] - a * torch.dot(a, g[1])
-    return torch.stack([a, b / torch.linalg.vector_norm(b).clamp_min(1e-30)])
+    return torch.stack([a, b / torch.linalg.vector_norm(b).clamp_min(_floor(g[1]))])
 
 
 def top_ritz(rb: torch.Tensor) -> torch.Tensor:
@@ -53,6 +63,54 @@ def top_ritz(rb: torch.Tensor) -> torch.Tensor:
     a, b, _, c = (rb @ rb.t()).reshape(4).unbind()
     t = torch.atan2(b + b, a - c).mul(0.5)
     return torch.stack([t.cos(), t.sin()])
+
+
+def orth2_rows(g: torch.Tensor) -> torch.Tensor:
+    """:func:`orth2` of every ``2 x n`` block of an ``(L, 2, n)`` stack (zero columns, the
+    padding of a stack of narrower blocks, stay exactly zero)."""
+    g0, g1 = g.unbind(1)
+    a = g0 / torch.linalg.vector_norm(g0, dim=1, keepdim=True).clamp_min(1e-30)
+    b = torch.addcmul(g1, a, torch.linalg.vecdot(a, g1).unsqueeze(1), value=-1.0)
+    nb = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    return torch.stack([a, b / torch.maximum(nb, _floor(g1, 1))], dim=1)
+
+
+def top_ritz_rows(rb: torch.Tensor) -> torch.Tensor:
+    """:func:`top_ritz` of every ``2 x m`` block of an ``(L, 2, m)`` stack: ``(L, 2)``,
+    ``y_l = (cos t_l, sin t_l)``, ``t_l = atan2(2 h_01, h_00 - h_11) / 2``."""
+    a, b, _, c = torch.bmm(rb, rb.transpose(1, 2)).reshape(-1, 4).unbind(1)
+    t = torch.atan2(b + b, a - c).mul(0.5)
+    return torch.stack([t.cos(), t.sin()], dim=1)
+
+
+def block_step_rows(w: torch.Tensor, vb: torch.Tensor, coefs: Callable, scale: float = 1.0,
+                    total: bool = True, steps: int = 0, out: torch.Tensor | None = None):
+    """The fused rank-one step of ``L`` layers at once: ``w`` the ``(L, M, N)`` stack of the
+    weights (zero-padded), ``vb`` their blocks' rows ``(L, 2, N)``. ``steps`` block steps
+    ``V <- orth(V W^T W)``, then ``R^T = V W^T``, ``y = top_ritz(R^T)``, ``r = y^T R^T``,
+    ``v = y^T V``, ``lambda = |r|^2``, ``total = ||W||_F^2``, ``(c, d) = coefs(lambda,
+    total)`` (``(L,)`` tensors, floats or ``d = None``), both times ``scale``. Returns
+    ``(delta = c r v^T + d W, lambda, total, next = orth(W^T R))`` (``delta`` written into
+    ``out`` when given); zero padding stays zero in ``delta`` and ``next``. No host sync."""
+    wt = w.transpose(1, 2)
+    for _ in range(steps):
+        vb = orth2_rows(torch.bmm(torch.bmm(vb, wt), w))
+    rb = torch.bmm(vb, wt)
+    y = top_ritz_rows(rb).unsqueeze(1)
+    r, v = torch.bmm(y, rb), torch.bmm(y, vb)  # (L, 1, M), (L, 1, N)
+    lam = r.square().sum((1, 2))
+    tot = w.square().sum((1, 2)) if total else None
+    c, d = coefs(lam, tot)
+    if scale != 1.0:
+        c = c * scale
+        d = None if d is None else d * scale
+    cr = r * (c.view(-1, 1, 1) if isinstance(c, torch.Tensor) else c)
+    delta = torch.bmm(cr.transpose(1, 2), v, out=out)
+    if isinstance(d, torch.Tensor):
+        delta.addcmul_(w, d.view(-1, 1, 1))
+    elif d is not None:
+        delta.add_(w, alpha=d)
+    return delta, lam, tot, orth2_rows(torch.bmm(rb, w))
 
 
 def ritz_pair(rb: torch.Tensor, vb: torch.Tensor

@@ -12,8 +12,21 @@ from torch import nn
 from ..select import LeftOut, WeightRow
 from .base import Penalty, penalty_rows
 from .fused import Cadence
+from .fused_rows import DEFAULT
 
 __all__ = ["Regularizer"]
+
+
+def _sliced_param(row: WeightRow) -> nn.Parameter | None:
+    """The parameter of a row that is a dim-0 slice of it (``in_proj_weight[q]``, a
+    recurrent gate), else ``None``: its gradient is added to the parameter's ``.grad``
+    slice directly (what autograd of the slice adds, without the graph)."""
+    if not isinstance(row.index, slice) or row.module is None:
+        return None
+    full = row.module._parameters.get(row.attr)
+    leaves = row.leaves()
+    ok = isinstance(full, nn.Parameter) and len(leaves) == 1 and leaves[0] is full
+    return full if ok else None
 
 
 class Regularizer:
@@ -92,16 +105,33 @@ class Regularizer:
     thread, 3 runs on MLPs 784-512-512-10 / 784-1024-1024-10) spectral norm 1.00-1.08x vs
     1.03-1.12x, Frechet 1.01-1.15x vs 1.09-1.21x, stable rank 1.01-1.15x vs 1.12-1.23x:
     skipping is the default. Without the catch-up the stable-rank value was 0.21 off.
+
+    ``batch`` (fused rank-one penalties: ``FrechetPrior`` / ``StableRank`` ``mode="fused"``,
+    ``SpectralNorm(mode="fused", block=2)``): ``accumulate_grad`` runs the step of every
+    row no hook served (small layers under ``fuse_min``, attention slices, recurrent
+    matrices, ``conv="flatten"`` kernels) in one batched pass
+    (:mod:`~bayes_spectral.penalties.fused_rows`) instead of one row at a time, equal to it
+    to rounding (float64: value, gradient and state within 1e-12 relative; the state stays
+    per layer, resumes bit for bit). ``True`` / ``"pad"``: the rows zero-padded to one
+    stack per device / dtype (grouped by shape where padding would more than double the
+    entries), ``"shape"``: one stack per exact shape, ``False``: one row at a time; a
+    bucket of one row takes the per-row step. Measured on the own-models nets (1 thread,
+    ``accumulate_grad`` alone, transformer / LSTM / dropout MLP, Frechet): per row 2.46 /
+    0.78 / 0.53 ms, padded 0.85 / 0.50 / 0.42 ms, by shape 1.91 / 0.90 / 0.62 ms.
     """
 
     def __init__(self, model: nn.Module, penalty: Penalty, *,
                  types: type | tuple[type, ...] | None = None,
                  names: str | Iterable[str] | None = None,
                  pattern: str | None = None, hide: type | tuple[type, ...] = (),
-                 log: bool = True, every: int = 1) -> None:
+                 log: bool = True, every: int = 1, batch: bool | str = True) -> None:
         if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
             raise ValueError(f"Regularizer: every must be an integer >= 1 (apply the penalty "
                              f"every k-th call, scaled by k), got {every!r}")
+        if not (isinstance(batch, bool) or batch in ("pad", "shape")):
+            raise ValueError(f"Regularizer: batch must be True, False, 'pad' or 'shape' (the "
+                             f"fused penalties' unhooked rows in one batched pass), got "
+                             f"{batch!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Regularizer needs an nn.Module, got {type(model).__name__}")
         if not isinstance(penalty, Penalty):
@@ -110,6 +140,7 @@ class Regularizer:
         self.penalty = penalty
         self.log = bool(log)
         self.every = int(every)
+        self.batch = DEFAULT if batch is True else batch
         # calls so far (self.calls); call c evaluates the penalty when c % every == 0; shared
         # with fused hooks, which add the gradient in the backward of a due step
         self._cadence = Cadence(self.every)
@@ -318,9 +349,11 @@ class Regularizer:
         if not self._due():
             return self._zero()
         scale = scale * self.every if self.every != 1 else scale
-        vals = {}
+        vals, batched = {}, self._accumulate_rows(scale)
         for n, row in self.layers.items():
-            if row.is_leaf():
+            if n in batched:
+                vals[n] = batched[n]
+            elif row.is_leaf():
                 w = row.leaves()[0]
                 if not w.requires_grad:  # frozen: its value counts, its .grad stays as is
                     vals[n] = self.penalty.accumulate_grad(w, torch.zeros_like(w), name=n,
@@ -332,6 +365,36 @@ class Regularizer:
             else:
                 vals[n] = self._accumulate_view(row, scale)
         return self._record(vals, self.every)
+
+    def _accumulate_rows(self, scale: float) -> dict[str, torch.Tensor]:
+        """``batch``: the penalty's batched step (``accumulate_grad_rows``: the fused rank-one
+        penalties' unhooked rows, :mod:`~bayes_spectral.penalties.fused_rows`) on every row
+        it takes; a slice / parametrized row's gradient is pulled back by autograd. Returns
+        ``{name: scale R}`` of the rows taken."""
+        rows_fn = getattr(self.penalty, "accumulate_grad_rows", None)
+        if not self.batch or not callable(rows_fn) \
+                or not getattr(self.penalty, "batches_rows", False):
+            return {}
+        items, views = [], {}
+        for n, row in self.layers.items():
+            w = _sliced_param(row)
+            if row.is_leaf() or w is not None:
+                w = row.leaves()[0] if w is None else w
+                if w.requires_grad and w.grad is None:
+                    w.grad = torch.zeros_like(w)
+                g = w.grad if w.requires_grad else None
+                if row.index is not None:  # a dim-0 slice of a parameter: its grad's slice
+                    w, g = w.detach()[row.index], None if g is None else g[row.index]
+                items.append((n, w, g))
+            else:
+                with torch.enable_grad():
+                    views[n] = row.read()
+                items.append((n, views[n].detach(), None))
+        got = rows_fn(items, scale, mode=self.batch)
+        for n, value in views.items():
+            if n in got and value.requires_grad:
+                value.backward(got[n][1].view(value.shape))
+        return {n: v for n, (v, _) in got.items()}
 
     def _accumulate_view(self, row: WeightRow, scale: float) -> torch.Tensor:
         """A slice or parametrized row: the penalty's gradient ``G`` w.r.t. the row's value,

@@ -1125,6 +1125,34 @@ class FrechetPrior(RankOneFused, _TailPenalty):
             return c.sub(k / self.tau), k / self.tau
         return c, None
 
+    def _rank_one_rows_consts(self, ns: list, like: torch.Tensor) -> dict:
+        """Batched rows (:mod:`~bayes_spectral.penalties.fused_rows`) of sizes ``ns``: per
+        row ``kd = 2 coef / tau`` (0 where ``N = 1``), the bulk weight ``1/(tau (1+a))``
+        (0 where ``N = 1``) and ``coef * const`` (:meth:`_rank_one_value`)."""
+        a, s, tau, k = self.concentration, self.scale, self.tau, 2.0 * self.coef
+        base = math.log(a) + a * math.log(s)
+        kw = {"device": like.device, "dtype": like.dtype}
+        return {"kd": torch.tensor([k / tau if n > 1 else 0.0 for n in ns], **kw),
+                "bulk": torch.tensor([1.0 / (tau * (1.0 + a)) if n > 1 else 0.0 for n in ns],
+                                     **kw),
+                "const": torch.tensor([self.coef * (base - (n - 1) * math.log(tau) if n > 1
+                                                    else base) for n in ns], **kw)}
+
+    def _rank_one_rows_coefs(self, lam, total, consts):
+        """:meth:`_rank_one_coefs` of all rows at once (``lam``, ``total``: ``(L,)``)."""
+        a, s, k = self.concentration, self.scale, 2.0 * self.coef
+        x = lam if self.loc == 0.0 else lam - self.loc
+        c = torch.add(x.reciprocal(), x.pow(-a - 1.0), alpha=-a * s ** a / (1.0 + a))
+        return c.mul(k * (1.0 + a)).sub(consts["kd"]), consts["kd"]
+
+    def _rank_one_rows_value(self, lam, total, consts):
+        """:meth:`_rank_one_value` of all rows at once."""
+        a, s = self.concentration, self.scale
+        x = lam if self.loc == 0.0 else lam - self.loc
+        v = torch.add(torch.log(x), x.pow(-a), alpha=s ** a / (1.0 + a))
+        v = torch.addcmul(v, total - lam, consts["bulk"])
+        return v.mul(self.coef * (1.0 + a)).sub(consts["const"])
+
     def _one_vector(self, weight):
         """Fused mode: whether the row is one matrix (2-D, or ``conv="flatten"``)."""
         return weight.dim() == 2 or self.conv == "flatten"

@@ -1,0 +1,156 @@
+"""The fused rank-one step of many unhooked rows in one batched pass (issue 20).
+
+On small nets no weight reaches ``fuse_min``: every row's fused step (Frechet prior, stable
+rank, spectral norm ``block=2``) ran in ``accumulate_grad`` one row at a time, ~58 small
+ops each, dispatch-bound. Here the rows of one step are stacked: the weights zero-padded to
+one ``(L, M, N)`` stack (``"pad"``) or grouped by exact shape (``"shape"``), the blocks as
+``(L, 2, N)``, and :func:`~bayes_spectral.penalties.rank_one.block_step_rows` runs the
+step for all of them. Zero padding keeps the nonzero singular values, and the padded
+coordinates of the blocks, products and gradients stay exactly zero, so each row's result
+equals its own step to rounding.
+
+The stacks live in a :class:`Bucket` cached on the penalty: the weights are copied into a
+persistent padded buffer with one ``_foreach_copy_``, the gradients added back with one
+``_foreach_add_`` from a persistent buffer, and each layer's block ``v`` is a view of the
+bucket's block buffer (its state stays per layer: ``state_dict`` clones the views). A layer
+whose ``v`` is no longer the bucket's view (restored, moved, stepped elsewhere) makes the
+bucket rebuild from the layers' states. No host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .rank_one import block_step_rows
+
+__all__ = ["BATCH_MODES", "Bucket", "buckets", "rows_coefs", "step_rows"]
+
+#: ``Regularizer(batch=...)``: ``True`` = :data:`DEFAULT`, ``"pad"`` one zero-padded stack
+#: (per device / dtype, while padding at most doubles the entries), ``"shape"`` one stack
+#: per exact shape, ``False`` one row at a time
+BATCH_MODES = (True, False, "pad", "shape")
+DEFAULT = "pad"
+#: padded entries a ``"pad"`` stack may add beyond the rows' own (else grouped by shape)
+PAD_SLACK = 65536
+
+
+class Bucket:
+    """Rows stepped together: ``names``, 2-D ``shapes`` ``(m, n)``, ``ns = min(m, n)``, the
+    padded weight buffer ``w`` ``(L, M, N)``, the gradient buffer ``delta`` and the block
+    buffer ``v`` ``(L, 2, N)`` with their per-row views, and the per-``N`` masks of the
+    rule's coefficients (none when the penalty's ``R`` does not depend on ``N``,
+    ``uses_n=False``), or a penalty's own per-row constants (``consts``: a penalty with
+    ``_rank_one_rows_consts(ns, like)``, ``_rank_one_rows_coefs(lambda, total, consts)``
+    and ``_rank_one_rows_value(lambda, total, consts)`` takes every ``N`` at once)."""
+
+    def __init__(self, names: tuple, shapes: tuple, like: torch.Tensor,
+                 uses_n: bool = True) -> None:
+        self.names, self.shapes = names, shapes
+        self.ns = [min(s) for s in shapes]
+        big_m, big_n = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        kw = {"device": like.device, "dtype": like.dtype}
+        self.w = torch.zeros(len(names), big_m, big_n, **kw)
+        self.delta = torch.zeros_like(self.w)
+        self.v = torch.zeros(len(names), 2, big_n, **kw)
+        self.wviews = [self.w[i, :m, :n] for i, (m, n) in enumerate(shapes)]
+        self.dviews = [self.delta[i, :m, :n] for i, (m, n) in enumerate(shapes)]
+        self.vviews = [self.v[i, :, :n] for i, (_, n) in enumerate(shapes)]
+        self.consts = None  # a penalty's per-row constants (_rank_one_rows_consts), lazily
+        distinct = sorted(set(self.ns)) if uses_n else [self.ns[0]]
+        self.masks = {} if len(distinct) == 1 else {
+            k: torch.tensor([n == k for n in self.ns], device=like.device) for k in distinct}
+
+    def load_blocks(self, states: list) -> None:
+        """Copy the layers' blocks in (a rebuild) and make each layer's ``v`` its view."""
+        self.v.zero_()
+        torch._foreach_copy_(self.vviews, [st.v for st in states])
+        for st, view in zip(states, self.vviews, strict=True):
+            st.v = view
+
+
+def rows_coefs(fn: Callable, lam: torch.Tensor, total, bucket: Bucket):
+    """``fn(lambda, total, N)`` (a rule's ``coefs`` or a penalty's value) per row: one call
+    for a bucket of one ``N``, else one per distinct ``N`` merged by its row mask (tuples
+    elementwise; ``None`` counts as 0 where another ``N`` has a term)."""
+    if not bucket.masks:
+        return fn(lam, total, bucket.ns[0])
+    out = None
+    for k, mask in bucket.masks.items():
+        got = fn(lam, total, k)
+        out = got if out is None else _merge(mask, got, out, lam)
+    return out
+
+
+def _merge(mask, a, b, like: torch.Tensor):
+    """``where(mask, a, b)`` on ``like``'s dtype (``None`` as 0, equal floats kept)."""
+    if isinstance(a, tuple):
+        return tuple(_merge(mask, x, y, like) for x, y in zip(a, b, strict=True))
+    if a is None and b is None:
+        return None
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b:
+        return a
+    a, b = (like.new_full((), 0.0 if x is None else x) if not isinstance(x, torch.Tensor)
+            else x for x in (a, b))
+    return torch.where(mask, a, b)
+
+
+def buckets(items: list, mode: str) -> list[list]:
+    """Group ``(name, w2d, ...)`` items: per device / dtype, then one padded stack
+    (``"pad"``, while the padding adds at most the rows' entries + :data:`PAD_SLACK`) or one
+    stack per exact shape."""
+    groups: dict = {}
+    for it in items:
+        groups.setdefault((it[1].device, it[1].dtype), []).append(it)
+    out = []
+    for group in groups.values():
+        own = sum(it[1].numel() for it in group)
+        padded = len(group) * max(it[1].shape[0] for it in group) \
+            * max(it[1].shape[1] for it in group)
+        if mode == "pad" and padded <= 2 * own + PAD_SLACK:
+            out.append(group)
+            continue
+        by_shape: dict = {}
+        for it in group:
+            by_shape.setdefault(tuple(it[1].shape), []).append(it)
+        out += list(by_shape.values())
+    return out
+
+
+def step_rows(pen, bucket_items: list, scale: float) -> tuple:
+    """One bucket's step (``pen`` a :class:`~bayes_spectral.penalties.fused.RankOneFused`,
+    ``bucket_items`` ``(name, w2d, g2d-or-None, layer state)``): returns ``(values (L,),
+    the per-row gradient views)``; the gradients are added to the given ``g2d`` in place."""
+    states = [it[3] for it in bucket_items]
+    names = tuple(it[0] for it in bucket_items)
+    shapes = tuple(tuple(it[1].shape) for it in bucket_items)
+    key = (names, shapes, bucket_items[0][1].device, bucket_items[0][1].dtype)
+    cache = pen.__dict__.setdefault("_rows_cache", {})
+    b = cache.get(key)
+    if b is None:
+        if len(cache) > 8:
+            cache.clear()
+        b = cache[key] = Bucket(names, shapes, bucket_items[0][1],
+                                getattr(pen, "_rank_one_uses_n", True))
+    if any(st.v is not view for st, view in zip(states, b.vviews, strict=True)):
+        b.load_blocks(states)
+    torch._foreach_copy_(b.wviews, [it[1] for it in bucket_items])
+    rule = pen._rule
+    consts = getattr(pen, "_rank_one_rows_consts", None)
+    if consts is not None:  # the penalty's own per-row form: (c, d) and R for all N at once
+        if b.consts is None:
+            b.consts = consts(b.ns, b.w)
+        coefs = lambda la, to: pen._rank_one_rows_coefs(la, to, b.consts)  # noqa: E731
+    else:
+        coefs = lambda la, to: rows_coefs(rule.coefs, la, to, b)  # noqa: E731
+    delta, lam, total, nxt = block_step_rows(b.w, b.v, coefs, scale, rule.total,
+                                             pen._catch_up(), out=b.delta)
+    b.v.copy_(nxt)
+    grads = [it[2] for it in bucket_items]
+    pairs = [(g, d) for g, d in zip(grads, b.dviews, strict=True) if g is not None]
+    if pairs:
+        torch._foreach_add_([g for g, _ in pairs], [d for _, d in pairs])
+    value = pen._rank_one_rows_value(lam, total, b.consts) if consts is not None else \
+        rows_coefs(pen._rank_one_value, lam, total, b)
+    return (value if scale == 1.0 else value * scale), b.dviews
