@@ -347,14 +347,17 @@ PENALTIES = {
 }
 
 
-def _parse(pen_name: str) -> tuple[str, bool, int]:
-    """``(penalty key, in place, every)`` of a row name like ``"X every=8 [grad]"``."""
+def _parse(pen_name: str) -> tuple[str, bool, int, bool]:
+    """``(penalty key, in place, every, batch)`` of a row name like ``"X every=8 [grad]"``;
+    ``" per-row"`` before the suffixes: ``Regularizer(batch=False)`` (the fused rank-one
+    penalties' unhooked rows one at a time instead of the batched pass)."""
     in_place = pen_name.endswith(" [grad]")
     key = pen_name.removesuffix(" [grad]")
     every = 1
     if key.endswith(f" every={LAZY}"):
         key, every = key.removesuffix(f" every={LAZY}"), LAZY
-    return key, in_place, every
+    batch = not key.endswith(" per-row")
+    return key.removesuffix(" per-row"), in_place, every, batch
 
 
 def bench(make_net, x_shape, batch, name, pen_name):
@@ -363,9 +366,9 @@ def bench(make_net, x_shape, batch, name, pen_name):
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     xs = torch.randn(8, batch, *x_shape, device=DEVICE)
     ys = torch.randint(0, 10, (8, batch), device=DEVICE)
-    key, in_place, every = _parse(pen_name)
+    key, in_place, every, batch = _parse(pen_name)
     pen = PENALTIES[key]()
-    holder = [P.Regularizer(net, pen, log=False, every=every)]
+    holder = [P.Regularizer(net, pen, log=False, every=every, batch=batch)]
     block = BLOCK if every == 1 else every * max(1, round(BLOCK / every))
     i = [0]
 
@@ -375,7 +378,7 @@ def bench(make_net, x_shape, batch, name, pen_name):
         if holder[0].fused and not on:
             holder[0].remove_hooks()
         elif on and getattr(pen, "mode", None) == "fused" and not holder[0].fused:
-            holder[0] = P.Regularizer(net, pen, log=False, every=every)
+            holder[0] = P.Regularizer(net, pen, log=False, every=every, batch=batch)
 
     def step(regularised):
         reg = holder[0]
@@ -465,9 +468,12 @@ SUBSPACE_ROWS = ["power-law xmin=tau tracked [grad]", "power-law xmin=tau fast [
 
 #: issue 20's fast modes on the own-models issue's nets (``--rows own --nets own``)
 OWN_ROWS = ["spectral norm [grad]", "spectral norm fused [grad]",
-            f"spectral norm fused every={LAZY} [grad]", "Frechet fused [grad]",
-            f"Frechet fused every={LAZY} [grad]", "stable rank fused [grad]",
-            f"stable rank fused every={LAZY} [grad]", "power law subspace [grad]",
+            f"spectral norm fused every={LAZY} [grad]", "spectral norm fused block2 [grad]",
+            "Frechet fused per-row [grad]", f"Frechet fused per-row every={LAZY} [grad]",
+            "Frechet fused [grad]",
+            f"Frechet fused every={LAZY} [grad]", "stable rank fused per-row [grad]",
+            "stable rank fused [grad]", f"stable rank fused every={LAZY} [grad]",
+            "power law subspace [grad]",
             f"power law subspace every={LAZY} [grad]", "weighted alpha subspace [grad]",
             f"weighted alpha subspace every={LAZY} [grad]"]
 
@@ -515,15 +521,16 @@ def bench_interleaved(make_net, x_shape, batch, name, pen_names, rounds=None, da
         opt.zero_grad(set_to_none=True)
         task(net(xs[j % nb]), ys[j % nb]).backward()
         opt.step()
-    kinds = {"plain": (None, False, 1)}
+    kinds = {"plain": (None, False, 1, True)}
     for pen_name in pen_names:
-        key, in_place, every = _parse(pen_name)
-        kinds[pen_name] = (PENALTIES[key](), in_place, every)
+        key, in_place, every, batch = _parse(pen_name)
+        kinds[pen_name] = (PENALTIES[key](), in_place, every, batch)
     times = {k: [] for k in kinds}
     n = max(2, BLOCK // 2)
     for r in range(1 + (rounds or 4 * REPEATS)):
-        for kind, (pen, in_place, every) in kinds.items():
-            reg = None if pen is None else P.Regularizer(net, pen, log=False, every=every)
+        for kind, (pen, in_place, every, batch) in kinds.items():
+            reg = None if pen is None else P.Regularizer(net, pen, log=False, every=every,
+                                                         batch=batch)
             steps = n if every == 1 else every  # a lazy block: one whole window
             _sync()
             t0 = time.perf_counter()

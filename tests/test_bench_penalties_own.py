@@ -45,10 +45,15 @@ def test_own_group_prints_one_finite_row_per_net_and_penalty(capsys, threads):
 
 def test_own_rows_cover_the_issue_penalties():
     keys = {bp._parse(r)[0] for r in bp.OWN_ROWS}
-    assert keys == {"spectral norm", "spectral norm fused", "Frechet fused", "stable rank fused",
-                    "power law subspace", "weighted alpha subspace"}
+    assert keys == {"spectral norm", "spectral norm fused", "spectral norm fused block2",
+                    "Frechet fused", "stable rank fused", "power law subspace",
+                    "weighted alpha subspace"}
     lazy = {bp._parse(r)[0] for r in bp.OWN_ROWS if bp._parse(r)[2] == bp.LAZY}
-    assert lazy == keys - {"spectral norm"}
+    assert lazy == keys - {"spectral norm", "spectral norm fused block2"}
+    # the batched fallback beside the per-row one (Regularizer(batch=False)) for the
+    # rank-one penalties whose unhooked rows it batches
+    per_row = {bp._parse(r)[0] for r in bp.OWN_ROWS if not bp._parse(r)[3]}
+    assert per_row == {"Frechet fused", "stable rank fused"}
     assert all(bp._parse(r)[1] for r in bp.OWN_ROWS)  # all in place ([grad])
 
 
