@@ -164,6 +164,23 @@ transformer). Hooking those small Linears (``fuse_min=0``) costs more, not less
 1.36 / 1.29x in the same run; Frechet fused 2.11 / 2.68 / 2.24x against 2.02 / 2.39 /
 2.04x): on these nets only fewer op calls per row (batching the small rows of one net
 into one block-diagonal or padded batch) can reach the targets.
+That batch is now ``Regularizer(batch=True)`` (the default; rows ``... per-row``:
+``batch=False``). Same group, three runs of ``--rounds 30`` (session 8; this box was ~3x
+slower that day: plain ResCNN 7.3-10.4 ms, transformer 6.3-10.4, LSTM 2.6-4.8, GRU 4.6-9.1,
+regression 1.0-1.8, dropout 1.1-2.0), per row -> batched: Frechet fused ResCNN 1.53-1.67 ->
+1.68-1.79x (only its head is batched: the kernels keep conv="pool"'s block), transformer
+1.81-1.90 -> 1.15-1.19x, LSTM 1.75-1.79 -> 1.38-1.45x, GRU 1.18-1.44 -> 1.02-1.22x,
+regression 2.68-2.88 -> 1.94-2.21x, dropout 2.21-2.30 -> 1.77-1.93x; stable rank fused
+1.62-1.79 -> 1.61-1.80, 1.75-2.06 -> 1.13-1.23, 1.83-1.90 -> 1.45-1.49, 1.26-1.46 ->
+1.10-1.26, 3.00-3.23 -> 2.04-2.18, 2.32-2.47 -> 1.94-2.08x; every=8 batched Frechet
+1.12-1.13 / 0.92-1.04 / 1.11-1.13 / 0.96-1.05 / 1.21-1.30 / 1.20-1.23x (per row 1.07-1.13
+/ 1.15-1.23 / 1.23-1.25 / 0.98-1.16 / 1.45-1.55 / 1.33-1.36x). The same runs, unchanged
+paths: spectral norm in place 1.02-1.12 / 1.34-1.43 / 1.25-1.39 / 1.16-1.36 / 1.71-1.75 /
+1.49-1.62x, fused 1.07-1.11 / 1.21-1.30 / 1.22-1.24 / 1.11-1.22 / 1.45-1.53 / 1.31-1.38x
+(every=8 <= 1.18x), power law subspace 1.42-1.52 / 2.01-2.25 / 1.99-2.06 / 1.43-1.61 /
+3.36-3.76 / 2.78-2.99x, Hill subspace 1.54-1.66 / 2.36-2.44 / 2.21-2.28 / 1.53-1.75 /
+2.17-2.20 / 3.11-3.47x. The batched call on the dropout MLP's two rows is ~60 ops (0.7-0.8
+ms here against a ~1 ms plain step), so the tiny nets stay above 1.5x.
 """
 
 from __future__ import annotations
