@@ -120,8 +120,9 @@ def test_batched_mixes_with_hooked_rows():
             assert _rel(db[k], da[k]) <= 1e-12, k
 
 
-def test_batched_path_is_taken(monkeypatch):
-    """With batch=True no unhooked row goes through the per-row step."""
+@pytest.fixture
+def per_row_calls(monkeypatch) -> list:
+    """The names of the rows that went through the per-row step (``_fused_grad``)."""
     calls = []
     orig = F.RankOneFused._fused_grad
 
@@ -130,6 +131,12 @@ def test_batched_path_is_taken(monkeypatch):
         return orig(self, *a, **k)
 
     monkeypatch.setattr(F.RankOneFused, "_fused_grad", spy)
+    return calls
+
+
+def test_batched_path_is_taken(per_row_calls):
+    """With batch=True no unhooked row goes through the per-row step."""
+    calls = per_row_calls
     _run("transformer", "stable_rank", True, 2)
     assert calls == []
     _run("transformer", "stable_rank", False, 1)
@@ -288,17 +295,10 @@ def test_grouped_by_shape_and_frozen_rows(mode):
         assert _rel(sb[k], sa[k]) <= 1e-12, k
 
 
-def test_single_row_bucket_takes_the_per_row_step(monkeypatch):
+def test_single_row_bucket_takes_the_per_row_step(per_row_calls):
     """A bucket of one row (here: the only unhooked row of an MLP whose other layers are
     hooked) goes through the per-row step: it is cheaper there."""
-    calls = []
-    orig = F.RankOneFused._fused_grad
-
-    def spy(self, *a, **k):
-        calls.append(a[2])
-        return orig(self, *a, **k)
-
-    monkeypatch.setattr(F.RankOneFused, "_fused_grad", spy)
+    calls = per_row_calls
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
     reg = _reg(model, PENS["frechet"], True, fuse_min=1000)
     assert reg.fused == ["0"]
