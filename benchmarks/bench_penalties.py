@@ -484,7 +484,8 @@ SUBSPACE_ROWS = ["power-law xmin=tau tracked [grad]", "power-law xmin=tau fast [
 
 
 #: issue 20's fast modes on the own-models issue's nets (``--rows own --nets own``)
-OWN_ROWS = ["spectral norm [grad]", "spectral norm fused [grad]",
+OWN_ROWS = ["spectral norm [grad]", "spectral norm fused per-row [grad]",
+            "spectral norm fused [grad]",
             f"spectral norm fused every={LAZY} [grad]", "spectral norm fused block2 [grad]",
             "Frechet fused per-row [grad]", f"Frechet fused per-row every={LAZY} [grad]",
             "Frechet fused [grad]",

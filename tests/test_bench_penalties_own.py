@@ -53,7 +53,7 @@ def test_own_rows_cover_the_issue_penalties():
     # the batched fallback beside the per-row one (Regularizer(batch=False)) for the
     # rank-one penalties whose unhooked rows it batches
     per_row = {bp._parse(r)[0] for r in bp.OWN_ROWS if not bp._parse(r)[3]}
-    assert per_row == {"Frechet fused", "stable rank fused"}
+    assert per_row == {"spectral norm fused", "Frechet fused", "stable rank fused"}
     assert all(bp._parse(r)[1] for r in bp.OWN_ROWS)  # all in place ([grad])
 
 

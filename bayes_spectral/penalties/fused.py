@@ -539,6 +539,10 @@ class RankOneFused:
         """Whether :meth:`_fused_grad` is this row's fused step (one matrix)."""
         return self._one_vector(weight)
 
+    def _row_state(self, name, weight: torch.Tensor) -> LayerState:
+        """The state a batched row steps: the 2-column block (:meth:`_fused_layer`)."""
+        return self._fused_layer(name, weight)
+
     def accumulate_grad_rows(self, items: list, scale: float = 1.0, mode: str = "pad") -> dict:
         """The fused step of the rows among ``items`` ``(name, weight, grad or None)`` that
         no hook served this step, in batched passes (:mod:`~bayes_spectral.penalties.
@@ -553,7 +557,7 @@ class RankOneFused:
             if not self._batchable(w) or (g is not None and (
                     not g.is_contiguous() or g.shape != w.shape)):
                 continue
-            st = self._fused_layer(name, w)
+            st = self._row_state(name, w)
             if st.injected:
                 continue
             m = w.shape[0]

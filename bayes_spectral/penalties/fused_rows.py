@@ -1,11 +1,12 @@
 """The fused rank-one step of many unhooked rows in one batched pass (issue 20).
 
 On small nets no weight reaches ``fuse_min``: every row's fused step (Frechet prior, stable
-rank, spectral norm ``block=2``) ran in ``accumulate_grad`` one row at a time, ~58 small
-ops each, dispatch-bound. Here the rows of one step are stacked: the weights zero-padded to
-one ``(L, M, N)`` stack (``"pad"``) or grouped by exact shape (``"shape"``), the blocks as
-``(L, 2, N)``, and :func:`~bayes_spectral.penalties.rank_one.block_step_rows` runs the
-step for all of them. Zero padding keeps the nonzero singular values, and the padded
+rank, spectral norm ``block=2``: ~58 small ops each; the spectral norm's one vector: ~11)
+ran in ``accumulate_grad`` one row at a time, dispatch-bound. Here the rows of one step are
+stacked: the weights zero-padded to one ``(L, M, N)`` stack (``"pad"``) or grouped by exact
+shape (``"shape"``), the blocks as ``(L, 2, N)`` (the one vectors as ``(L, 1, N)``), and
+:func:`~bayes_spectral.penalties.rank_one.block_step_rows` (:func:`vector_step_rows`) runs
+the step for all of them. Zero padding keeps the nonzero singular values, and the padded
 coordinates of the blocks, products and gradients stay exactly zero, so each row's result
 equals its own step to rounding.
 
@@ -25,7 +26,7 @@ import torch
 
 from .rank_one import block_step_rows
 
-__all__ = ["BATCH_MODES", "Bucket", "buckets", "rows_coefs", "step_rows"]
+__all__ = ["BATCH_MODES", "Bucket", "buckets", "rows_coefs", "step_rows", "vector_step_rows"]
 
 #: ``Regularizer(batch=...)``: ``True`` = :data:`DEFAULT`, ``"pad"`` one zero-padded stack
 #: (per device / dtype, while padding at most doubles the entries), ``"shape"`` one stack
@@ -46,17 +47,19 @@ class Bucket:
     and ``_rank_one_rows_value(lambda, total, consts)`` takes every ``N`` at once)."""
 
     def __init__(self, names: tuple, shapes: tuple, like: torch.Tensor,
-                 uses_n: bool = True) -> None:
-        self.names, self.shapes = names, shapes
+                 uses_n: bool = True, width: int = 2) -> None:
+        self.names, self.shapes, self.width = names, shapes, width
         self.ns = [min(s) for s in shapes]
         big_m, big_n = max(s[0] for s in shapes), max(s[1] for s in shapes)
         kw = {"device": like.device, "dtype": like.dtype}
         self.w = torch.zeros(len(names), big_m, big_n, **kw)
         self.delta = torch.zeros_like(self.w)
-        self.v = torch.zeros(len(names), 2, big_n, **kw)
+        self.v = torch.zeros(len(names), width, big_n, **kw)
         self.wviews = [self.w[i, :m, :n] for i, (m, n) in enumerate(shapes)]
         self.dviews = [self.delta[i, :m, :n] for i, (m, n) in enumerate(shapes)]
-        self.vviews = [self.v[i, :, :n] for i, (_, n) in enumerate(shapes)]
+        # width 1 (the spectral norm's one vector): each layer's v is 1-D
+        self.vviews = [self.v[i, :, :n] if width == 2 else self.v[i, 0, :n]
+                       for i, (_, n) in enumerate(shapes)]
         self.consts = None  # a penalty's per-row constants (_rank_one_rows_consts), lazily
         distinct = sorted(set(self.ns)) if uses_n else [self.ns[0]]
         self.masks = {} if len(distinct) == 1 else {
@@ -118,24 +121,67 @@ def buckets(items: list, mode: str) -> list[list]:
     return out
 
 
-def step_rows(pen, bucket_items: list, scale: float) -> tuple:
-    """One bucket's step (``pen`` a :class:`~bayes_spectral.penalties.fused.RankOneFused`,
-    ``bucket_items`` ``(name, w2d, g2d-or-None, layer state)``): returns ``(values (L,),
-    the per-row gradient views)``; the gradients are added to the given ``g2d`` in place."""
+def _unit_rows(g: torch.Tensor) -> torch.Tensor:
+    """Each row of an ``(L, 1, N)`` stack over ``max(|g_l|, 1e-30)`` (``LayerState.set_v``)."""
+    return g / torch.linalg.vector_norm(g, dim=2, keepdim=True).clamp_min_(1e-30)
+
+
+def vector_step_rows(w: torch.Tensor, v: torch.Tensor, c: float, steps: int = 0,
+                     out: torch.Tensor | None = None) -> tuple:
+    """The spectral norm's fused one-vector step (``SpectralNorm._vector_grad``) of ``L``
+    layers at once: ``w`` ``(L, M, N)`` (zero-padded), ``v`` ``(L, 1, N)``. ``steps`` power
+    steps ``v <- W^T W v / |W^T W v|``, then ``r = W v``, ``delta = c r v^T``, ``R = c/2
+    |r|^2`` and ``next = W^T r / |W^T r|``. Returns ``(delta, R (L,), next)``; padding stays
+    zero. No host sync."""
+    wt = w.transpose(1, 2)
+    for _ in range(steps):
+        v = _unit_rows(torch.bmm(torch.bmm(v, wt), w))
+    r = torch.bmm(v, wt)  # (L, 1, M)
+    delta = torch.bmm(r.transpose(1, 2).mul(c), v, out=out)
+    return delta, r.square().sum((1, 2)).mul_(0.5 * c), _unit_rows(torch.bmm(r, w))
+
+
+def _bucket(pen, bucket_items: list) -> Bucket:
+    """The cached :class:`Bucket` of these rows (built on first use, the layers' states
+    loaded in whenever one of them is no longer the bucket's view)."""
     states = [it[3] for it in bucket_items]
     names = tuple(it[0] for it in bucket_items)
     shapes = tuple(tuple(it[1].shape) for it in bucket_items)
-    key = (names, shapes, bucket_items[0][1].device, bucket_items[0][1].dtype)
+    like = bucket_items[0][1]
+    width = 1 if states[0].v.dim() == 1 else 2
+    key = (names, shapes, like.device, like.dtype, width)
     cache = pen.__dict__.setdefault("_rows_cache", {})
     b = cache.get(key)
     if b is None:
         if len(cache) > 8:
             cache.clear()
-        b = cache[key] = Bucket(names, shapes, bucket_items[0][1],
-                                getattr(pen, "_rank_one_uses_n", True))
+        b = cache[key] = Bucket(names, shapes, like, getattr(pen, "_rank_one_uses_n", True),
+                                width)
     if any(st.v is not view for st, view in zip(states, b.vviews, strict=True)):
         b.load_blocks(states)
+    return b
+
+
+def _add_grads(bucket_items: list, b: Bucket) -> None:
+    """``g += delta`` for every row given a gradient (one ``_foreach_add_``)."""
+    pairs = [(it[2], d) for it, d in zip(bucket_items, b.dviews, strict=True)
+             if it[2] is not None]
+    if pairs:
+        torch._foreach_add_([g for g, _ in pairs], [d for _, d in pairs])
+
+
+def step_rows(pen, bucket_items: list, scale: float) -> tuple:
+    """One bucket's step (``pen`` a :class:`~bayes_spectral.penalties.fused.RankOneFused`,
+    ``bucket_items`` ``(name, w2d, g2d-or-None, layer state)``): returns ``(values (L,),
+    the per-row gradient views)``; the gradients are added to the given ``g2d`` in place."""
+    b = _bucket(pen, bucket_items)
     torch._foreach_copy_(b.wviews, [it[1] for it in bucket_items])
+    if b.width == 1:  # the spectral norm's one vector
+        _, value, nxt = vector_step_rows(b.w, b.v, scale * pen.coef, pen._catch_up(),
+                                         out=b.delta)
+        b.v.copy_(nxt)
+        _add_grads(bucket_items, b)
+        return value, b.dviews
     rule = pen._rule
     consts = getattr(pen, "_rank_one_rows_consts", None)
     if consts is not None:  # the penalty's own per-row form: (c, d) and R for all N at once
@@ -147,10 +193,7 @@ def step_rows(pen, bucket_items: list, scale: float) -> tuple:
     delta, lam, total, nxt = block_step_rows(b.w, b.v, coefs, scale, rule.total,
                                              pen._catch_up(), out=b.delta)
     b.v.copy_(nxt)
-    grads = [it[2] for it in bucket_items]
-    pairs = [(g, d) for g, d in zip(grads, b.dviews, strict=True) if g is not None]
-    if pairs:
-        torch._foreach_add_([g for g, _ in pairs], [d for _, d in pairs])
+    _add_grads(bucket_items, b)
     value = pen._rank_one_rows_value(lam, total, b.consts) if consts is not None else \
         rows_coefs(pen._rank_one_value, lam, total, b)
     return (value if scale == 1.0 else value * scale), b.dviews

@@ -106,8 +106,8 @@ class Regularizer:
     1.03-1.12x, Frechet 1.01-1.15x vs 1.09-1.21x, stable rank 1.01-1.15x vs 1.12-1.23x:
     skipping is the default. Without the catch-up the stable-rank value was 0.21 off.
 
-    ``batch`` (fused rank-one penalties: ``FrechetPrior`` / ``StableRank`` ``mode="fused"``,
-    ``SpectralNorm(mode="fused", block=2)``): ``accumulate_grad`` runs the step of every
+    ``batch`` (fused penalties: ``FrechetPrior`` / ``StableRank`` / ``SpectralNorm``
+    ``mode="fused"``, either block width): ``accumulate_grad`` runs the step of every
     row no hook served (small layers under ``fuse_min``, attention slices, recurrent
     matrices, ``conv="flatten"`` kernels) in one batched pass
     (:mod:`~bayes_spectral.penalties.fused_rows`) instead of one row at a time, equal to it

@@ -179,17 +179,18 @@ class SpectralNorm(RankOneFused, Penalty):
         return hook_rows(rows, self.fuse_min, self._layer, self.coef, self.fuse, self._fused,
                          cadence)
 
-    #: the block=2 rule does not depend on ``N`` (batched rows: no per-``N`` masks)
+    #: the block=2 rule does not depend on ``N`` (batched rows: no per-``N`` masks; block=1
+    #: rows batch through :func:`~bayes_spectral.penalties.fused_rows.vector_step_rows`)
     _rank_one_uses_n = False
 
-    @property
-    def batches_rows(self) -> bool:
-        """Only the fused mode's 2-column block (``block=2``) has a batched step."""
-        return self.mode == "fused" and self.block == 2
-
     def _batchable(self, weight):
-        """block=2: every row's fused step is :meth:`_fused_grad` (batched rows)."""
-        return self.block == 2
+        """Every row's fused step batches: block=2 :meth:`_fused_grad`, block=1
+        :meth:`_vector_grad` (:func:`~bayes_spectral.penalties.fused_rows.vector_step_rows`)."""
+        return True
+
+    def _row_state(self, name, weight):
+        """block=1: the one vector (:meth:`_layer`); block=2: the 2-column block."""
+        return self._layer(name, weight) if self.block == 1 else self._fused_layer(name, weight)
 
     def _rank_one_value(self, lam, total, n):
         """block=2: ``coef/2 lambda`` (``lambda = |W v|^2``, ``v`` the top Ritz vector)."""

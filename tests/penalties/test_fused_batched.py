@@ -29,6 +29,7 @@ PENS = {
     "frechet": lambda **kw: P.FrechetPrior(2.0, 1.0, 0.5, coef=1e-2, mode="fused", **kw),
     "stable_rank": lambda **kw: P.StableRank(coef=1e-2, mode="fused", **kw),
     "spectral_block2": lambda **kw: P.SpectralNorm(1e-2, mode="fused", block=2, **kw),
+    "spectral": lambda **kw: P.SpectralNorm(1e-2, mode="fused", **kw),  # one vector
 }
 NETS = {
     "transformer": (om.TokenTransformer, lambda g: torch.randint(0, 10, (16, 6), generator=g),
@@ -102,7 +103,7 @@ def test_batched_equals_per_row(net, pen, every):
         assert sb[k].shape == sa[k].shape
         # a rank-one row (1 x n): the second block vector is rounding noise in W's null
         # space (any unit vector orthogonal to the first), so only the first is compared
-        rows = 1 if min(ra.layers[k].shape) == 1 else 2
+        rows = 1 if min(ra.layers[k].shape) == 1 or sa[k].dim() == 1 else 2
         assert _rel(sb[k][:rows], sa[k][:rows]) <= 1e-12, k
 
 
@@ -122,25 +123,30 @@ def test_batched_mixes_with_hooked_rows():
 
 @pytest.fixture
 def per_row_calls(monkeypatch) -> list:
-    """The names of the rows that went through the per-row step (``_fused_grad``)."""
+    """The names of the rows that went through a per-row step (``_fused_grad``, the spectral
+    norm's ``_vector_grad``)."""
     calls = []
-    orig = F.RankOneFused._fused_grad
 
-    def spy(self, *a, **k):
-        calls.append(a[2])
-        return orig(self, *a, **k)
+    def spy_on(orig):
+        def spy(self, *a, **k):
+            calls.append(a[2])
+            return orig(self, *a, **k)
+        return spy
 
-    monkeypatch.setattr(F.RankOneFused, "_fused_grad", spy)
+    for cls, attr in ((F.RankOneFused, "_fused_grad"), (P.SpectralNorm, "_vector_grad")):
+        monkeypatch.setattr(cls, attr, spy_on(getattr(cls, attr)))
     return calls
 
 
 def test_batched_path_is_taken(per_row_calls):
     """With batch=True no unhooked row goes through the per-row step."""
     calls = per_row_calls
-    _run("transformer", "stable_rank", True, 2)
-    assert calls == []
-    _run("transformer", "stable_rank", False, 1)
-    assert len(calls) == 8
+    for pen in ("stable_rank", "spectral"):
+        _run("transformer", pen, True, 2)
+        assert calls == []
+        _run("transformer", pen, False, 1)
+        assert len(calls) == 8
+        calls.clear()
 
 
 def test_flattened_conv_joins_pooled_conv_does_not():
@@ -169,16 +175,17 @@ def test_flattened_conv_joins_pooled_conv_does_not():
             assert _rel(gb[k], ga[k]) <= 1e-12, (conv, k)
 
 
+@pytest.mark.parametrize("pen", ["frechet", "spectral"])
 @pytest.mark.parametrize("every", [1, 3])
 @pytest.mark.parametrize("net", ["transformer", "lstm"])
-def test_batched_resume_bit_exact(net, every):
+def test_batched_resume_bit_exact(net, every, pen):
     """4 steps, Regularizer.state_dict, a fresh Regularizer on a copy of the model, 4 more:
     the uninterrupted 8 bit for bit (values, gradients, blocks)."""
-    vf, gf, _, rf = _run(net, "frechet", True, 8, every)
-    v1, _, model, r1 = _run(net, "frechet", True, 4, every)
+    vf, gf, _, rf = _run(net, pen, True, 8, every)
+    v1, _, model, r1 = _run(net, pen, True, 4, every)
     state = copy.deepcopy(r1.state_dict())
     r1.remove_hooks()
-    v2, g2, _, r2 = _run(net, "frechet", True, 4, every, model=copy.deepcopy(model),
+    v2, g2, _, r2 = _run(net, pen, True, 4, every, model=copy.deepcopy(model),
                          reg_state=state, start=4)
     assert all(torch.equal(a, b) for a, b in zip(vf, v1 + v2, strict=True))
     for da, db in zip(gf[4:], g2, strict=True):
@@ -201,12 +208,13 @@ def test_batched_resume_equals_per_row_resume():
         assert _rel(b, a) <= 1e-12
 
 
-def test_batched_step_reads_nothing_back_from_the_device(monkeypatch):
+@pytest.mark.parametrize("pen", ["frechet", "spectral"])
+def test_batched_step_reads_nothing_back_from_the_device(monkeypatch, pen):
     """No host sync: backward, accumulate_grad (log=False, batched) and the optimiser step
     with every tensor-to-Python read raising."""
     torch.manual_seed(0)
     model = om.TokenTransformer()
-    reg = _reg(model, PENS["frechet"], True)
+    reg = _reg(model, PENS[pen], True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randint(0, 10, (8, 6))
     model(x).square().mean().backward()
@@ -309,14 +317,15 @@ def test_single_row_bucket_takes_the_per_row_step(per_row_calls):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_batched_on_cuda_equals_cpu_without_sync():
+@pytest.mark.parametrize("pen", ["frechet", "spectral"])
+def test_batched_on_cuda_equals_cpu_without_sync(pen):
     """On CUDA the batched step runs under set_sync_debug_mode("error") (after the first
     call, which creates the states and buckets) and equals the CPU run (float64)."""
     runs = []
     for dev in ("cpu", "cuda"):
         torch.manual_seed(0)
         model = om.TokenTransformer().double().to(dev)
-        reg = _reg(model, PENS["frechet"], True)
+        reg = _reg(model, PENS[pen], True)
         vals = []
         for t in range(3):
             x = torch.randint(0, 10, (8, 6), generator=torch.Generator().manual_seed(t))
