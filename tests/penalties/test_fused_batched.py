@@ -316,6 +316,16 @@ def test_single_row_bucket_takes_the_per_row_step(per_row_calls):
     reg.remove_hooks()
 
 
+def test_fewer_than_four_vectors_take_their_own_steps(per_row_calls):
+    """The spectral norm's one vector batches from 4 rows on (2-3 rows: as fast or faster
+    one at a time): the dropout MLP's 2 rows and the LSTM's 3 go row by row, the
+    transformer's 8 in one pass."""
+    for net, want in (("dropout_mlp", 2), ("lstm", 3), ("transformer", 0)):
+        _run(net, "spectral", True, 1)
+        assert len(per_row_calls) == want, net
+        per_row_calls.clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pen", ["frechet", "spectral"])
 def test_batched_on_cuda_equals_cpu_without_sync(pen):
