@@ -530,10 +530,16 @@ class RankOneFused:
         value = self._rank_one_value(st.lam, st.total, n)
         return value if scale == 1.0 else scale * value
 
+    #: whether ``R`` depends on ``N = min(m, n)``: then only a penalty with per-row constants
+    #: (``_rank_one_rows_consts``, :mod:`~bayes_spectral.penalties.fused_rows`) batches
+    _rank_one_uses_n = True
+
     @property
     def batches_rows(self) -> bool:
-        """Whether :meth:`accumulate_grad_rows` can take any row (the fused mode)."""
-        return self.mode == "fused"
+        """Whether :meth:`accumulate_grad_rows` can take any row: the fused mode, with an
+        ``R`` independent of ``N`` or per-row constants."""
+        return self.mode == "fused" and (not self._rank_one_uses_n
+                                         or hasattr(self, "_rank_one_rows_consts"))
 
     def _batchable(self, weight: torch.Tensor) -> bool:
         """Whether :meth:`_fused_grad` is this row's fused step (one matrix)."""

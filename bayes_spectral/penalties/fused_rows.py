@@ -20,13 +20,11 @@ bucket rebuild from the layers' states. No host sync.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .rank_one import block_step_rows
 
-__all__ = ["BATCH_MODES", "Bucket", "buckets", "rows_coefs", "step_rows", "vector_step_rows"]
+__all__ = ["BATCH_MODES", "Bucket", "buckets", "step_rows", "vector_step_rows"]
 
 #: ``Regularizer(batch=...)``: ``True`` = :data:`DEFAULT`, ``"pad"`` one zero-padded stack
 #: (per device / dtype, while padding at most doubles the entries), ``"shape"`` one stack
@@ -40,14 +38,13 @@ PAD_SLACK = 65536
 class Bucket:
     """Rows stepped together: ``names``, 2-D ``shapes`` ``(m, n)``, ``ns = min(m, n)``, the
     padded weight buffer ``w`` ``(L, M, N)``, the gradient buffer ``delta`` and the block
-    buffer ``v`` ``(L, 2, N)`` with their per-row views, and the per-``N`` masks of the
-    rule's coefficients (none when the penalty's ``R`` does not depend on ``N``,
-    ``uses_n=False``), or a penalty's own per-row constants (``consts``: a penalty with
+    buffer ``v`` ``(L, width, N)`` with their per-row views, and a penalty's own per-row
+    constants (``consts``: a penalty whose ``R`` depends on ``N`` batches through
     ``_rank_one_rows_consts(ns, like)``, ``_rank_one_rows_coefs(lambda, total, consts)``
-    and ``_rank_one_rows_value(lambda, total, consts)`` takes every ``N`` at once)."""
+    and ``_rank_one_rows_value(lambda, total, consts)``)."""
 
     def __init__(self, names: tuple, shapes: tuple, like: torch.Tensor,
-                 uses_n: bool = True, width: int = 2) -> None:
+                 width: int = 2) -> None:
         self.names, self.shapes, self.width = names, shapes, width
         self.ns = [min(s) for s in shapes]
         big_m, big_n = max(s[0] for s in shapes), max(s[1] for s in shapes)
@@ -61,9 +58,6 @@ class Bucket:
         self.vviews = [self.v[i, :, :n] if width == 2 else self.v[i, 0, :n]
                        for i, (_, n) in enumerate(shapes)]
         self.consts = None  # a penalty's per-row constants (_rank_one_rows_consts), lazily
-        distinct = sorted(set(self.ns)) if uses_n else [self.ns[0]]
-        self.masks = {} if len(distinct) == 1 else {
-            k: torch.tensor([n == k for n in self.ns], device=like.device) for k in distinct}
 
     def load_blocks(self, states: list) -> None:
         """Copy the layers' blocks in (a rebuild) and make each layer's ``v`` its view."""
@@ -71,32 +65,6 @@ class Bucket:
         torch._foreach_copy_(self.vviews, [st.v for st in states])
         for st, view in zip(states, self.vviews, strict=True):
             st.v = view
-
-
-def rows_coefs(fn: Callable, lam: torch.Tensor, total, bucket: Bucket):
-    """``fn(lambda, total, N)`` (a rule's ``coefs`` or a penalty's value) per row: one call
-    for a bucket of one ``N``, else one per distinct ``N`` merged by its row mask (tuples
-    elementwise; ``None`` counts as 0 where another ``N`` has a term)."""
-    if not bucket.masks:
-        return fn(lam, total, bucket.ns[0])
-    out = None
-    for k, mask in bucket.masks.items():
-        got = fn(lam, total, k)
-        out = got if out is None else _merge(mask, got, out, lam)
-    return out
-
-
-def _merge(mask, a, b, like: torch.Tensor):
-    """``where(mask, a, b)`` on ``like``'s dtype (``None`` as 0, equal floats kept)."""
-    if isinstance(a, tuple):
-        return tuple(_merge(mask, x, y, like) for x, y in zip(a, b, strict=True))
-    if a is None and b is None:
-        return None
-    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b:
-        return a
-    a, b = (like.new_full((), 0.0 if x is None else x) if not isinstance(x, torch.Tensor)
-            else x for x in (a, b))
-    return torch.where(mask, a, b)
 
 
 def buckets(items: list, mode: str) -> list[list]:
@@ -155,8 +123,7 @@ def _bucket(pen, bucket_items: list) -> Bucket:
     if b is None:
         if len(cache) > 8:
             cache.clear()
-        b = cache[key] = Bucket(names, shapes, like, getattr(pen, "_rank_one_uses_n", True),
-                                width)
+        b = cache[key] = Bucket(names, shapes, like, width)
     if any(st.v is not view for st, view in zip(states, b.vviews, strict=True)):
         b.load_blocks(states)
     return b
@@ -182,18 +149,18 @@ def step_rows(pen, bucket_items: list, scale: float) -> tuple:
         b.v.copy_(nxt)
         _add_grads(bucket_items, b)
         return value, b.dviews
-    rule = pen._rule
+    rule, n = pen._rule, b.ns[0]  # n: only where R does not depend on N (_rank_one_uses_n)
     consts = getattr(pen, "_rank_one_rows_consts", None)
     if consts is not None:  # the penalty's own per-row form: (c, d) and R for all N at once
         if b.consts is None:
             b.consts = consts(b.ns, b.w)
         coefs = lambda la, to: pen._rank_one_rows_coefs(la, to, b.consts)  # noqa: E731
     else:
-        coefs = lambda la, to: rows_coefs(rule.coefs, la, to, b)  # noqa: E731
+        coefs = lambda la, to: rule.coefs(la, to, n)  # noqa: E731
     delta, lam, total, nxt = block_step_rows(b.w, b.v, coefs, scale, rule.total,
                                              pen._catch_up(), out=b.delta)
     b.v.copy_(nxt)
     _add_grads(bucket_items, b)
     value = pen._rank_one_rows_value(lam, total, b.consts) if consts is not None else \
-        rows_coefs(pen._rank_one_value, lam, total, b)
+        pen._rank_one_value(lam, total, n)
     return (value if scale == 1.0 else value * scale), b.dviews
