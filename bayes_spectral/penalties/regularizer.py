@@ -12,7 +12,7 @@ from torch import nn
 from ..select import LeftOut, WeightRow
 from .base import Penalty, penalty_rows
 from .fused import Cadence
-from .fused_rows import DEFAULT
+from .fused_rows import BATCH_MODES, DEFAULT
 
 __all__ = ["Regularizer"]
 
@@ -130,7 +130,7 @@ class Regularizer:
         if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
             raise ValueError(f"Regularizer: every must be an integer >= 1 (apply the penalty "
                              f"every k-th call, scaled by k), got {every!r}")
-        if not (isinstance(batch, bool) or batch in ("pad", "shape")):
+        if not (isinstance(batch, bool) or isinstance(batch, str) and batch in BATCH_MODES):
             raise ValueError(f"Regularizer: batch must be True, False, 'pad' or 'shape' (the "
                              f"fused penalties' unhooked rows in one batched pass), got "
                              f"{batch!r}")
@@ -351,7 +351,8 @@ class Regularizer:
         if not self._due():
             return self._zero()
         scale = scale * self.every if self.every != 1 else scale
-        vals, batched = {}, self._accumulate_rows(scale)
+        vals = {}
+        batched, read = self._accumulate_rows(scale)
         for n, row in self.layers.items():
             if n in batched:
                 vals[n] = batched[n]
@@ -365,18 +366,19 @@ class Regularizer:
                     w.grad = torch.zeros_like(w)
                 vals[n] = self.penalty.accumulate_grad(w, w.grad, name=n, scale=scale)
             else:
-                vals[n] = self._accumulate_view(row, scale)
+                vals[n] = self._accumulate_view(row, scale, read.get(n))
         return self._record(vals, self.every)
 
-    def _accumulate_rows(self, scale: float) -> dict[str, torch.Tensor]:
+    def _accumulate_rows(self, scale: float) -> tuple[dict, dict]:
         """``batch``: the penalty's batched step (``accumulate_grad_rows``: the fused rank-one
         penalties' unhooked rows, :mod:`~bayes_spectral.penalties.fused_rows`) on every row
         it takes; a slice / parametrized row's gradient is pulled back by autograd. Returns
-        ``{name: scale R}`` of the rows taken."""
+        ``({name: scale R} of the rows taken, {name: value with graph} of the parametrized
+        rows it read but did not take, for :meth:`_accumulate_view`)."""
         rows_fn = getattr(self.penalty, "accumulate_grad_rows", None)
         if not self.batch or not callable(rows_fn) \
                 or not getattr(self.penalty, "batches_rows", False):
-            return {}
+            return {}, {}
         items, views = [], {}
         for n, row in self.layers.items():
             w = _sliced_param(row)
@@ -396,14 +398,18 @@ class Regularizer:
         for n, value in views.items():
             if n in got and value.requires_grad:
                 value.backward(got[n][1].view(value.shape))
-        return {n: v for n, (v, _) in got.items()}
+        return ({n: v for n, (v, _) in got.items()},
+                {n: value for n, value in views.items() if n not in got})
 
-    def _accumulate_view(self, row: WeightRow, scale: float) -> torch.Tensor:
-        """A slice or parametrized row: the penalty's gradient ``G`` w.r.t. the row's value,
-        then ``G`` pulled back to the parameters by autograd (``sum(W * G)`` backward: the
-        slice of ``in_proj_weight``, a parametrization's originals)."""
-        with torch.enable_grad():
-            value = row.read()
+    def _accumulate_view(self, row: WeightRow, scale: float,
+                         value: torch.Tensor | None = None) -> torch.Tensor:
+        """A slice or parametrized row: the penalty's gradient ``G`` w.r.t. the row's value
+        (``value``: already read, with graph), then ``G`` pulled back to the parameters by
+        autograd (``sum(W * G)`` backward: the slice of ``in_proj_weight``, a
+        parametrization's originals)."""
+        if value is None:
+            with torch.enable_grad():
+                value = row.read()
         g = torch.zeros_like(value, memory_format=torch.contiguous_format)
         out = self.penalty.accumulate_grad(value.detach(), g, name=row.name, scale=scale)
         if value.requires_grad:
