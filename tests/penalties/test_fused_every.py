@@ -177,6 +177,36 @@ def digits_trajectory():
 ALONG_TOL = {"frechet": (1e-3, 0.99), "stable rank": (1e-3, 0.99)}
 
 
+def replay(model, plain, trajectory):
+    """Each step of ``trajectory`` (the digits MLP's weights ``"0"``, ``"2"``) copied into the
+    two Linears of ``model`` and of its ``plain`` twin, then ``net(x).sum().backward()`` on a
+    fixed 4 x 64 batch; yields ``(step, weights)``."""
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for step, ws in enumerate(trajectory):
+        for net in (model, plain):
+            with torch.no_grad():
+                net[0].weight.copy_(ws["0"])
+                net[1].weight.copy_(ws["2"])
+            net.zero_grad(set_to_none=True)
+            net(x).sum().backward()
+        yield step, ws
+
+
+def layer_errors(model, plain, reg, ws, exact):
+    """Per layer of a :func:`replay` step: ``(relative error of the logged value, cosine of
+    the penalty gradient)`` against autograd of ``exact`` at the same weights."""
+    out = []
+    for i, key in ((0, "0"), (1, "2")):
+        leaf = ws[key].clone().requires_grad_(True)
+        r = exact(leaf)
+        (g_ref,) = torch.autograd.grad(r, leaf)
+        ref = float(r.detach())
+        g = (model[i].weight.grad - plain[i].weight.grad).flatten()
+        out.append((abs(reg.history[str(i)][-1] - ref) / abs(ref),
+                    float(nn.functional.cosine_similarity(g, g_ref.flatten(), dim=0))))
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(ALONG_TOL))
 def test_every_8_along_a_digits_trajectory(name, digits_trajectory):
     """The trajectory's weights (MLP 64-64-64-10, 120 Adam steps on digits) copied into two
@@ -190,15 +220,8 @@ def test_every_8_along_a_digits_trajectory(name, digits_trajectory):
     plain = copy.deepcopy(model)  # a deep copy runs plain (the hooks check their module)
     reg = P.Regularizer(model, make(fuse_min=0), every=8)
     assert reg.fused == ["0", "1"]
-    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     worst, low = 0.0, 1.0
-    for step, ws in enumerate(digits_trajectory):
-        for net in (model, plain):
-            with torch.no_grad():
-                net[0].weight.copy_(ws["0"])
-                net[1].weight.copy_(ws["2"])
-            net.zero_grad(set_to_none=True)
-            net(x).sum().backward()
+    for step, ws in replay(model, plain, digits_trajectory):
         task = [plain[i].weight.grad for i in (0, 1)]
         value = reg.accumulate_grad()
         if step % 8:
@@ -207,15 +230,8 @@ def test_every_8_along_a_digits_trajectory(name, digits_trajectory):
             continue
         if step < 20:
             continue
-        for i, key in ((0, "0"), (1, "2")):
-            leaf = ws[key].clone().requires_grad_(True)
-            r = exact(leaf)
-            (g_ref,) = torch.autograd.grad(r, leaf)
-            got = reg.history[str(i)][-1]  # the unscaled value of the due call
-            worst = max(worst, abs(got - float(r.detach())) / abs(float(r.detach())))
-            g = model[i].weight.grad - task[i]
-            low = min(low, float(nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(),
-                                                                 dim=0)))
+        for err, cos in layer_errors(model, plain, reg, ws, exact):
+            worst, low = max(worst, err), min(low, cos)
     tol_value, tol_cos = ALONG_TOL[name]
     assert worst <= tol_value and low >= tol_cos, (worst, low)
     reg.remove_hooks()

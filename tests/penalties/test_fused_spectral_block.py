@@ -57,26 +57,13 @@ def along(trajectory, pen, every=1, start=20):
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).double()
     plain = copy.deepcopy(model)  # a deep copy runs plain
     reg = P.Regularizer(model, pen, every=every)
-    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     worst, low = 0.0, 1.0
-    for step, ws in enumerate(trajectory):
-        for net in (model, plain):
-            with torch.no_grad():
-                net[0].weight.copy_(ws["0"])
-                net[1].weight.copy_(ws["2"])
-            net.zero_grad(set_to_none=True)
-            net(x).sum().backward()
+    for step, ws in E.replay(model, plain, trajectory):
         reg.accumulate_grad()
         if step % every or step < start:
             continue
-        for i, key in ((0, "0"), (1, "2")):
-            leaf = ws[key].clone().requires_grad_(True)
-            r = E.exact_spectral(leaf)
-            (g_ref,) = torch.autograd.grad(r, leaf)
-            ref = float(r.detach())
-            worst = max(worst, abs(reg.history[str(i)][-1] - ref) / ref)
-            g = (model[i].weight.grad - plain[i].weight.grad).flatten()
-            low = min(low, float(nn.functional.cosine_similarity(g, g_ref.flatten(), dim=0)))
+        for err, cos in E.layer_errors(model, plain, reg, ws, E.exact_spectral):
+            worst, low = max(worst, err), min(low, cos)
     reg.remove_hooks()
     return worst, low
 
